@@ -1,0 +1,1 @@
+"""Fused kernels (Pallas) with plain-jnp reference twins."""
