@@ -1,0 +1,106 @@
+"""Encoder blocks, registered by name; a layout string arranges them by depth.
+
+Every block is one :class:`Block` configured by a :class:`BlockSpec`: which token
+mixer it has (self-attention, Fourier mixing, sparse attention, or none), whether it
+has a feed-forward sublayer, whether the two read the same input (parallel) or run one
+after the other (serial), and where the LayerNorm sits (after the residual sum, as in
+BERT, or before the sublayer, as in pre-LN models).
+
+Parameter names inside a block: ``mixer`` (e.g. ``mixer.query``), ``mixer_norm``,
+``mlp`` (``mlp.up``, ``mlp.down``), ``mlp_norm``; parallel blocks have one ``norm``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxformers.config import EncoderConfig
+from jaxformers.layers import FeedForward, FourierMixing, SelfAttention, Sequences
+from jaxformers.layers.common import layer_norm
+from jaxformers.registry import Registry
+
+MIXERS: Registry = Registry("token mixer")
+MIXERS.register("attention")(SelfAttention)
+MIXERS.register("fourier")(FourierMixing)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+  mixer: str | None
+  mlp: bool
+  parallel: bool = False
+  pre_ln: bool = False
+  doc: str = ""
+
+
+BLOCKS: Registry = Registry("block")
+for _name, _spec in {
+    "serial": BlockSpec("attention", True, doc="BERT/RoBERTa: LN(x + Attn(x)), then LN(h + FFN(h))"),
+    "serial_preln": BlockSpec("attention", True, pre_ln=True, doc="x + Attn(LN(x)), then h + FFN(LN(h))"),
+    "parallel": BlockSpec("attention", True, parallel=True, doc="PAF-RoBERTa: LN(x + Attn(x) + FFN(x))"),
+    "parallel_preln": BlockSpec("attention", True, parallel=True, pre_ln=True,
+                                doc="PaLM / GPT-J: x + Attn(LN(x)) + FFN(LN(x))"),
+    "fourier": BlockSpec("fourier", True, doc="FNet: LN(x + Re(DFT(x))), then LN(h + FFN(h))"),
+    "ffn": BlockSpec(None, True, doc="feed-forward sublayer only: LN(x + FFN(x))"),
+    "attention": BlockSpec("attention", False, doc="attention sublayer only: LN(x + Attn(x))"),
+}.items():
+  BLOCKS.register(_name)(_spec)
+
+
+def register_block(name: str, spec: BlockSpec) -> None:
+  """Add a block type usable in layouts."""
+  if spec.mixer is not None:
+    MIXERS.get(spec.mixer)
+  BLOCKS.register(name)(spec)
+
+
+class Block(nnx.Module):
+  """One encoder block as described by its :class:`BlockSpec`."""
+
+  def __init__(self, cfg: EncoderConfig, spec: BlockSpec, *, rngs: nnx.Rngs):
+    self.spec = spec
+    d = cfg.hidden_size
+    self.mixer = MIXERS.get(spec.mixer)(cfg, rngs=rngs) if spec.mixer else None
+    self.mlp = FeedForward(cfg, rngs=rngs) if spec.mlp else None
+    if spec.parallel:
+      self.norm = layer_norm(cfg, d, rngs=rngs)
+    else:
+      self.mixer_norm = layer_norm(cfg, d, rngs=rngs) if spec.mixer else None
+      self.mlp_norm = layer_norm(cfg, d, rngs=rngs) if spec.mlp else None
+    self.dropout = nnx.Dropout(cfg.hidden_dropout, rngs=rngs)
+    self.fuse = bool(cfg.fuse_projections and spec.parallel and spec.mixer == "attention")
+
+  def _sublayer(self, x_BLD, fn, norm):
+    if self.spec.pre_ln:
+      return x_BLD + self.dropout(fn(norm(x_BLD)))
+    return norm(x_BLD + self.dropout(fn(x_BLD)))
+
+  def _fused_branches(self, h_BLD: jax.Array, seq: Sequences) -> tuple[jax.Array, jax.Array]:
+    """Q, K, V and the FFN up-projection of the same input as one matmul."""
+    att, mlp = self.mixer, self.mlp
+    kernel = jnp.concatenate([att.query.kernel[...], att.key.kernel[...], att.value.kernel[...],
+                              mlp.up.kernel[...]], axis=1)
+    bias = jnp.concatenate([att.query.bias[...], att.key.bias[...], att.value.bias[...], mlp.up.bias[...]])
+    z = h_BLD @ kernel.astype(h_BLD.dtype) + bias.astype(h_BLD.dtype)
+    d = h_BLD.shape[-1]
+    q, k, v, up = jnp.split(z, [d, 2 * d, 3 * d], axis=-1)
+    return att(h_BLD, seq, qkv_BLD=(q, k, v)), mlp(h_BLD, hidden_BLF=up)
+
+  def __call__(self, x_BLD: jax.Array, seq: Sequences) -> jax.Array:
+    spec = self.spec
+    if spec.parallel:
+      h_BLD = self.norm(x_BLD) if spec.pre_ln else x_BLD
+      if self.fuse:
+        mix, ff = self._fused_branches(h_BLD, seq)
+      else:
+        mix, ff = self.mixer(h_BLD, seq), self.mlp(h_BLD)
+      y_BLD = x_BLD + self.dropout(mix) + self.dropout(ff)
+      return y_BLD if spec.pre_ln else self.norm(y_BLD)
+    if self.mixer is not None:
+      x_BLD = self._sublayer(x_BLD, lambda h: self.mixer(h, seq), self.mixer_norm)
+    if self.mlp is not None:
+      x_BLD = self._sublayer(x_BLD, self.mlp, self.mlp_norm)
+    return x_BLD

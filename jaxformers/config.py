@@ -1,0 +1,115 @@
+"""The encoder's configuration: one frozen dataclass, serialisable to JSON."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from pathlib import Path
+from typing import Any
+
+from jaxformers.layout import parse_layout
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+POSITION_STYLES = ("absolute", "roberta")
+FOURIER_IMPLS = ("auto", "fft", "matmul")
+FOURIER_PADDINGS = ("per_sequence", "fnet")
+DTYPES = ("float32", "bfloat16", "float16")
+FAMILIES = ("bert", "roberta")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  """Everything that fixes an encoder's parameters and computation.
+
+  ``layout`` lists the blocks by depth (see :mod:`jaxformers.layout`); the number of
+  layers is the number of blocks it expands to. ``family`` says which checkpoint
+  format the model exports to (``bert`` or ``roberta``) and implies position and
+  head conventions when a model is converted.
+  """
+
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_heads: int = 12
+  intermediate_size: int = 3072
+  layout: str = "serial*12"
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  pad_token_id: int = 0
+  position_style: str = "absolute"
+  layer_norm_eps: float = 1e-12
+  hidden_act: str = "gelu"
+  hidden_dropout: float = 0.1
+  attention_dropout: float = 0.1
+  initializer_range: float = 0.02
+  attention_impl: str = "auto"
+  fourier_impl: str = "auto"
+  fourier_padding: str = "per_sequence"
+  fuse_projections: bool = False
+  sparse_window: int = 128
+  sparse_global_tokens: tuple[int, ...] = (0,)
+  use_pooler: bool = True
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  family: str = "bert"
+
+  def __post_init__(self):
+    from jaxformers.blocks import BLOCKS  # blocks import this module
+
+    def bad(field: str, why: str):
+      raise ValueError(f"EncoderConfig.{field}={getattr(self, field)!r}: {why}")
+
+    for f in ("vocab_size", "hidden_size", "num_heads", "intermediate_size", "max_position_embeddings"):
+      if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
+        bad(f, "must be a positive integer")
+    if self.hidden_size % self.num_heads:
+      bad("num_heads", f"must divide hidden_size={self.hidden_size}")
+    for f, allowed in (("hidden_act", ACTIVATIONS), ("position_style", POSITION_STYLES),
+                       ("fourier_impl", FOURIER_IMPLS), ("fourier_padding", FOURIER_PADDINGS),
+                       ("dtype", DTYPES), ("param_dtype", DTYPES), ("family", FAMILIES)):
+      if getattr(self, f) not in allowed:
+        bad(f, f"expected one of {', '.join(allowed)}")
+    for f in ("hidden_dropout", "attention_dropout"):
+      if not 0.0 <= getattr(self, f) < 1.0:
+        bad(f, "must be in [0, 1)")
+    if self.sparse_window < 1:
+      bad("sparse_window", "must be a positive number of tokens")
+    object.__setattr__(self, "sparse_global_tokens", tuple(int(t) for t in self.sparse_global_tokens))
+    parse_layout(self.layout, BLOCKS.names())
+
+  @property
+  def blocks(self) -> tuple[str, ...]:
+    from jaxformers.blocks import BLOCKS
+    return parse_layout(self.layout, BLOCKS.names())
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.blocks)
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  def replace(self, **changes: Any) -> "EncoderConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["sparse_global_tokens"] = list(self.sparse_global_tokens)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any], source: str = "config") -> "EncoderConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      hints = {k: difflib.get_close_matches(k, names, n=2) for k in unknown}
+      msg = "; ".join(f"{k!r}" + (f" (did you mean {', '.join(v)}?)" if v else "") for k, v in hints.items())
+      raise ValueError(f"{source}: unknown EncoderConfig keys {msg}")
+    return cls(**d)
+
+  def save(self, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+  @classmethod
+  def load(cls, path: str | Path) -> "EncoderConfig":
+    return cls.from_dict(json.loads(Path(path).read_text()), source=str(path))

@@ -1,0 +1,39 @@
+"""Multi-head self-attention sublayer; the attention itself comes from :mod:`jaxformers.kernels.attention`."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxformers.config import EncoderConfig
+from jaxformers.kernels.attention import attention
+from jaxformers.layers.common import Sequences, linear
+
+
+class SelfAttention(nnx.Module):
+  """Q, K, V projections, masked softmax attention, output projection (HF ``attention.self`` + ``attention.output.dense``)."""
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    d = cfg.hidden_size
+    self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+    self.query = linear(cfg, d, d, ("embed", "heads"), rngs=rngs)
+    self.key = linear(cfg, d, d, ("embed", "heads"), rngs=rngs)
+    self.value = linear(cfg, d, d, ("embed", "heads"), rngs=rngs)
+    self.out = linear(cfg, d, d, ("heads", "embed"), rngs=rngs)
+    self.impl = cfg.attention_impl
+    self.dropout_rate = cfg.attention_dropout
+    self.deterministic = False
+    self.rngs = rngs
+
+  def __call__(self, x_BLD: jax.Array, seq: Sequences, qkv_BLD: tuple | None = None) -> jax.Array:
+    """``qkv_BLD`` lets a block that fused the input projections pass q, k, v in."""
+    if qkv_BLD is None:
+      qkv_BLD = (self.query(x_BLD), self.key(x_BLD), self.value(x_BLD))
+    b, l, _ = x_BLD.shape
+    q_BLNH, k_BLNH, v_BLNH = (t.reshape(b, l, self.num_heads, self.head_dim) for t in qkv_BLD)
+    train_dropout = self.dropout_rate > 0.0 and not self.deterministic
+    out_BLNH = attention(
+        q_BLNH, k_BLNH, v_BLNH, segment_ids=seq.segment_ids, impl=self.impl,
+        dropout_rate=self.dropout_rate if train_dropout else 0.0,
+        dropout_rng=self.rngs.dropout() if train_dropout else None)
+    return self.out(out_BLNH.reshape(b, l, -1))

@@ -1,0 +1,126 @@
+"""FNet's parameter-free token mixing: the real part of a 2-D DFT over (sequence, hidden).
+
+Two padding modes:
+
+* ``per_sequence`` (default): each sequence is transformed over its own true length
+  ``n``, so a sentence's output never depends on how much padding its batch has, and
+  packed rows (several sequences per row) mix each sequence on its own.
+* ``fnet``: the official FNet behaviour, a DFT over the padded length with padding
+  tokens mixed in; kept for fidelity to FNet checkpoints.
+
+Two implementations, picked by ``fourier_impl``:
+
+* ``fft``: ``jnp.fft`` along the hidden axis, and along the sequence axis a chirp-z
+  (Bluestein) transform, which computes a length-``n`` DFT for a different ``n`` in
+  every row with fixed-size FFTs of length ``>= 2L - 1``; one sequence per row.
+* ``matmul``: DFT matrices applied as matmuls, ``Re(F_n X F_D) = C_n X C_D - S_n X S_D``,
+  with block-diagonal per-sequence ``C_n, S_n`` built from segment ids; handles packed rows.
+
+``auto`` uses ``matmul`` for packed rows and on TPU up to length 4096 (the MXU makes
+the matmuls cheap there), ``fft`` otherwise.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxformers.config import EncoderConfig
+from jaxformers.layers.common import Sequences
+
+
+@functools.lru_cache(maxsize=32)
+def dft_matrices(n: int) -> tuple[np.ndarray, np.ndarray]:
+  """``(cos, sin)`` of ``2 pi j k / n`` as float32 ``[n, n]``, exact phases via ``j k mod n``."""
+  jk = np.outer(np.arange(n), np.arange(n)) % n
+  theta = 2.0 * np.pi * jk / n
+  return np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
+
+
+def _chirp(m: jax.Array, n: jax.Array) -> jax.Array:
+  """``exp(i pi m^2 / n)`` with the phase reduced exactly in integers (``m^2 mod 2n``)."""
+  n = jnp.maximum(n, 1)
+  r = (m * m) % (2 * n)
+  angle = jnp.pi * r.astype(jnp.float32) / n.astype(jnp.float32)
+  return jax.lax.complex(jnp.cos(angle), jnp.sin(angle))
+
+
+def _hidden_mix(x_BLD: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``X C_D`` and ``X S_D`` (the real and minus-imaginary parts of the hidden-axis DFT) as one matmul."""
+  c, s = dft_matrices(x_BLD.shape[-1])
+  cs_DE = jnp.asarray(np.concatenate([c, s], axis=1))
+  xcs = jnp.einsum("bld,de->ble", x_BLD, cs_DE)
+  return jnp.split(xcs, 2, axis=-1)
+
+
+def fourier_fnet_fft(x_BLD: jax.Array) -> jax.Array:
+  return jnp.real(jnp.fft.fftn(x_BLD.astype(jnp.complex64), axes=(-2, -1))).astype(x_BLD.dtype)
+
+
+def fourier_fnet_matmul(x_BLD: jax.Array) -> jax.Array:
+  c_LL, s_LL = (jnp.asarray(m) for m in dft_matrices(x_BLD.shape[1]))
+  xc, xs = _hidden_mix(x_BLD.astype(jnp.float32))
+  out = jnp.einsum("jk,bkd->bjd", c_LL, xc) - jnp.einsum("jk,bkd->bjd", s_LL, xs)
+  return out.astype(x_BLD.dtype)
+
+
+def fourier_per_sequence_matmul(x_BLD: jax.Array, seq: Sequences) -> jax.Array:
+  """Block-diagonal DFT per sequence (padding rows and columns are zero)."""
+  seg_BL, pos_BL, n_BL = seq.segment_ids, seq.positions, seq.lengths()
+  same_BLL = (seg_BL[:, :, None] == seg_BL[:, None, :]) & (seg_BL[:, :, None] != 0)
+  jk = (pos_BL[:, :, None] * pos_BL[:, None, :]) % jnp.maximum(n_BL, 1)[:, :, None]
+  theta = (2.0 * jnp.pi) * jk.astype(jnp.float32) / jnp.maximum(n_BL, 1)[:, :, None].astype(jnp.float32)
+  c_BLL = jnp.where(same_BLL, jnp.cos(theta), 0.0)
+  s_BLL = jnp.where(same_BLL, jnp.sin(theta), 0.0)
+  xc, xs = _hidden_mix(x_BLD.astype(jnp.float32))
+  out = jnp.einsum("bjk,bkd->bjd", c_BLL, xc) - jnp.einsum("bjk,bkd->bjd", s_BLL, xs)
+  return out.astype(x_BLD.dtype)
+
+
+def fourier_per_sequence_fft(x_BLD: jax.Array, seq: Sequences) -> jax.Array:
+  """Bluestein DFT of each row over its own length; one contiguous sequence per row."""
+  b, l, _ = x_BLD.shape
+  valid_BL = seq.segment_ids != 0
+  n_B = jnp.sum(valid_BL, axis=-1, dtype=jnp.int32)
+  m = 1 << (2 * l - 2).bit_length()  # smallest power of two >= 2l - 1
+  y_BLD = jnp.fft.fft(x_BLD.astype(jnp.complex64), axis=-1)
+  w_BL = _chirp(seq.positions, n_B[:, None])
+  a_BLD = jnp.where(valid_BL[..., None], y_BLD * jnp.conj(w_BL)[..., None], 0)
+  shift_M = jnp.arange(m, dtype=jnp.int32)
+  shift_M = jnp.abs(jnp.where(shift_M < l, shift_M, shift_M - m))
+  kernel_BM = jnp.where(shift_M[None] < n_B[:, None], _chirp(shift_M[None], n_B[:, None]), 0)
+  conv_BMD = jnp.fft.ifft(jnp.fft.fft(a_BLD, n=m, axis=1) * jnp.fft.fft(kernel_BM, axis=1)[..., None], axis=1)
+  out = jnp.real(jnp.conj(w_BL)[..., None] * conv_BMD[:, :l])
+  return jnp.where(valid_BL[..., None], out, 0).astype(x_BLD.dtype)
+
+
+def choose_fourier_impl(impl: str, packed: bool, length: int, backend: str | None = None) -> str:
+  if impl != "auto":
+    return impl
+  backend = backend or jax.default_backend()
+  if packed or (backend == "tpu" and length <= 4096):
+    return "matmul"
+  return "fft"
+
+
+class FourierMixing(nnx.Module):
+  """The FNet mixing sublayer (no parameters)."""
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs | None = None):
+    del rngs
+    self.impl, self.padding = cfg.fourier_impl, cfg.fourier_padding
+
+  def __call__(self, x_BLD: jax.Array, seq: Sequences) -> jax.Array:
+    impl = choose_fourier_impl(self.impl, seq.packed, x_BLD.shape[1])
+    if seq.packed and (impl == "fft" or self.padding == "fnet"):
+      raise ValueError(
+          f"Fourier mixing of packed rows needs fourier_impl='matmul' (or 'auto') and "
+          f"fourier_padding='per_sequence'; got fourier_impl={self.impl!r}, fourier_padding={self.padding!r}")
+    if self.padding == "fnet" or seq.segment_ids is None:
+      return fourier_fnet_fft(x_BLD) if impl == "fft" else fourier_fnet_matmul(x_BLD)
+    if impl == "fft":
+      return fourier_per_sequence_fft(x_BLD, seq)
+    return fourier_per_sequence_matmul(x_BLD, seq)

@@ -1,0 +1,32 @@
+"""Position-wise feed-forward sublayer: up-projection, activation, down-projection."""
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+from jaxformers.config import EncoderConfig
+from jaxformers.layers.common import linear
+
+
+def activation(name: str):
+  if name == "gelu":
+    return lambda x: jax.nn.gelu(x, approximate=False)
+  if name == "gelu_tanh":
+    return lambda x: jax.nn.gelu(x, approximate=True)
+  if name == "relu":
+    return jax.nn.relu
+  raise ValueError(f"unknown activation {name!r}; expected gelu, gelu_tanh or relu")
+
+
+class FeedForward(nnx.Module):
+  """``down(act(up(x)))``; ``up`` is HF's ``intermediate.dense``, ``down`` its ``output.dense``."""
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    self.up = linear(cfg, cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), rngs=rngs)
+    self.down = linear(cfg, cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), rngs=rngs)
+    self.act = activation(cfg.hidden_act)
+
+  def __call__(self, x_BLD: jax.Array, hidden_BLF: jax.Array | None = None) -> jax.Array:
+    """``hidden_BLF`` lets a caller that already computed ``up(x)`` (a fused projection) pass it in."""
+    h_BLF = self.up(x_BLD) if hidden_BLF is None else hidden_BLF
+    return self.down(self.act(h_BLF))

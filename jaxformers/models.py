@@ -1,0 +1,190 @@
+"""The encoder and its task heads.
+
+``Encoder(cfg)(input_ids, attention_mask=None, token_type_ids=None)`` returns an
+:class:`EncoderOutput` with ``last_hidden_state`` ``[batch, length, hidden]``; heads
+return logits. Packed rows (several sequences per row) are passed as ``segment_ids``
+(1, 2, ... per sequence, 0 for padding) instead of ``attention_mask``.
+Outputs at padding positions carry no meaning.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from jaxformers.blocks import BLOCKS, Block
+from jaxformers.config import EncoderConfig
+from jaxformers.layers import Embeddings, Sequences, position_ids
+from jaxformers.layers.common import dtype_of, layer_norm, linear
+from jaxformers.layers.mlp import activation
+
+
+@struct.dataclass
+class EncoderOutput:
+  last_hidden_state: jax.Array
+  pooler_output: jax.Array | None = None
+
+
+class Pooler(nnx.Module):
+  """BERT pooler: ``tanh(dense(h[:, 0]))``."""
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    self.dense = linear(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", None), rngs=rngs)
+
+  def __call__(self, first_BD: jax.Array) -> jax.Array:
+    return jnp.tanh(self.dense(first_BD))
+
+
+class Encoder(nnx.Module):
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    self.config = cfg
+    self.embeddings = Embeddings(cfg, rngs=rngs)
+    specs = [BLOCKS.get(name) for name in cfg.blocks]
+    self.blocks = nnx.List([Block(cfg, spec, rngs=rngs) for spec in specs])
+    self.final_norm = layer_norm(cfg, cfg.hidden_size, rngs=rngs) if specs[-1].pre_ln else None
+    self.pooler = Pooler(cfg, rngs=rngs) if cfg.use_pooler else None
+
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, segment_ids=None,
+               position_ids_override=None) -> EncoderOutput:
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    b, l = input_ids.shape
+    if l > self.config.max_position_embeddings:
+      raise ValueError(f"input length {l} exceeds max_position_embeddings={self.config.max_position_embeddings}")
+    seq = Sequences.build(b, l, attention_mask=attention_mask, segment_ids=segment_ids)
+    pos = position_ids(self.config, seq, attention_mask) if position_ids_override is None else position_ids_override
+    x_BLD = self.embeddings(input_ids, pos, token_type_ids)
+    for block in self.blocks:
+      x_BLD = block(x_BLD, seq)
+    if self.final_norm is not None:
+      x_BLD = self.final_norm(x_BLD)
+    pooled = self.pooler(x_BLD[:, 0]) if self.pooler is not None else None
+    return EncoderOutput(last_hidden_state=x_BLD, pooler_output=pooled)
+
+
+class MaskedLMHead(nnx.Module):
+  """dense -> activation -> LayerNorm -> tied decoder (word embeddings transposed) + bias."""
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    self.transform = linear(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", None), rngs=rngs)
+    self.norm = layer_norm(cfg, cfg.hidden_size, rngs=rngs)
+    self.bias = nnx.Param(jnp.zeros((cfg.vocab_size,), dtype_of(cfg.param_dtype)), logical_axes=("vocab",))
+    self.act = activation(cfg.hidden_act)
+
+  def __call__(self, h_BLD: jax.Array, word_embedding_VD: jax.Array) -> jax.Array:
+    h_BLD = self.norm(self.act(self.transform(h_BLD)))
+    return h_BLD @ word_embedding_VD.T.astype(h_BLD.dtype) + self.bias[...].astype(h_BLD.dtype)
+
+
+def _encoder_cfg(cfg: EncoderConfig, pooler: bool) -> EncoderConfig:
+  return cfg if cfg.use_pooler == pooler else cfg.replace(use_pooler=pooler)
+
+
+class MaskedLM(nnx.Module):
+  """Masked-LM model: logits ``[batch, length, vocab]``."""
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs, pooler: bool = False):
+    self.encoder = Encoder(_encoder_cfg(cfg, pooler), rngs=rngs)
+    self.lm_head = MaskedLMHead(cfg, rngs=rngs)
+
+  @property
+  def config(self) -> EncoderConfig:
+    return self.encoder.config
+
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, **kw) -> jax.Array:
+    out = self.encoder(input_ids, attention_mask, token_type_ids, **kw)
+    return self.lm_head(out.last_hidden_state, self.encoder.embeddings.word.embedding[...])
+
+
+class PreTraining(MaskedLM):
+  """BERT pre-training: masked-LM logits and next-sentence logits ``[batch, 2]``."""
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs, pooler=True)
+    self.nsp = linear(cfg, cfg.hidden_size, 2, ("embed", "labels"), rngs=rngs)
+
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, **kw) -> tuple[jax.Array, jax.Array]:
+    out = self.encoder(input_ids, attention_mask, token_type_ids, **kw)
+    mlm = self.lm_head(out.last_hidden_state, self.encoder.embeddings.word.embedding[...])
+    return mlm, self.nsp(out.pooler_output)
+
+
+class ClassifierHead(nnx.Module):
+  """``bert``: dropout -> out on the pooled output. ``roberta``: first token -> dropout -> dense -> tanh -> dropout -> out."""
+
+  def __init__(self, cfg: EncoderConfig, num_labels: int, style: str, *, rngs: nnx.Rngs):
+    if style not in ("bert", "roberta", "token"):
+      raise ValueError(f"classifier head style {style!r}: expected 'bert', 'roberta' or 'token'")
+    self.style = style
+    self.dense = linear(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", None), rngs=rngs) if style == "roberta" else None
+    self.out = linear(cfg, cfg.hidden_size, num_labels, ("embed", "labels"), rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.hidden_dropout, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.dense is not None:
+      x = jnp.tanh(self.dense(self.dropout(x)))
+    return self.out(self.dropout(x))
+
+
+class SequenceClassifier(nnx.Module):
+  """Sequence classification (``num_labels`` > 1) or regression (``num_labels`` = 1): logits ``[batch, num_labels]``."""
+
+  def __init__(self, cfg: EncoderConfig, num_labels: int = 2, head: str | None = None, *, rngs: nnx.Rngs):
+    head = head or cfg.family
+    self.num_labels = num_labels
+    self.encoder = Encoder(_encoder_cfg(cfg, head == "bert"), rngs=rngs)
+    self.classifier = ClassifierHead(cfg, num_labels, head, rngs=rngs)
+
+  @property
+  def config(self) -> EncoderConfig:
+    return self.encoder.config
+
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, **kw) -> jax.Array:
+    out = self.encoder(input_ids, attention_mask, token_type_ids, **kw)
+    if self.classifier.style == "bert":
+      return self.classifier(out.pooler_output)
+    return self.classifier(out.last_hidden_state[:, 0])
+
+
+class TokenClassifier(nnx.Module):
+  """Token tagging: logits ``[batch, length, num_labels]``."""
+
+  def __init__(self, cfg: EncoderConfig, num_labels: int = 2, *, rngs: nnx.Rngs):
+    self.num_labels = num_labels
+    self.encoder = Encoder(_encoder_cfg(cfg, False), rngs=rngs)
+    self.classifier = ClassifierHead(cfg, num_labels, "token", rngs=rngs)
+
+  @property
+  def config(self) -> EncoderConfig:
+    return self.encoder.config
+
+  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, **kw) -> jax.Array:
+    return self.classifier(self.encoder(input_ids, attention_mask, token_type_ids, **kw).last_hidden_state)
+
+
+TASKS = {
+    "base": Encoder,
+    "masked_lm": MaskedLM,
+    "pretraining": PreTraining,
+    "classification": SequenceClassifier,
+    "token_classification": TokenClassifier,
+}
+
+
+def build(task: str, cfg: EncoderConfig, *, num_labels: int | None = None, head: str | None = None,
+          rngs: nnx.Rngs | None = None):
+  """Construct a model for ``task`` (one of :data:`TASKS`)."""
+  if task not in TASKS:
+    raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+  rngs = rngs if rngs is not None else nnx.Rngs(params=0, dropout=1)
+  if task == "classification":
+    return SequenceClassifier(cfg, num_labels or 2, head, rngs=rngs)
+  if task == "token_classification":
+    return TokenClassifier(cfg, num_labels or 2, rngs=rngs)
+  return TASKS[task](cfg, rngs=rngs)
+
+
+def task_of(model) -> str:
+  for name, cls in TASKS.items():
+    if type(model) is cls:
+      return name
+  raise TypeError(f"{type(model).__name__} is not a jaxformers model")
