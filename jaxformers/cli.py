@@ -1,0 +1,76 @@
+"""``jaxformers convert|export|layouts``: checkpoint conversion from the command line."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _convert(args) -> int:
+  import jaxformers
+  t0 = time.perf_counter()
+  model, report = jaxformers.from_pretrained(args.src, layout=args.layout, task=args.task, num_labels=args.num_labels,
+                                             progress=True, return_report=True)
+  if report is not None:
+    print(report.summary())
+  out = jaxformers.save_pretrained(model, args.dst)
+  print(f"wrote {out} (layout {model.config.layout}, {_count(model):,} parameters) in {time.perf_counter() - t0:.1f}s")
+  return 0
+
+
+def _export(args) -> int:
+  import jaxformers
+  model = jaxformers.from_pretrained(args.src, progress=True)
+  out = jaxformers.export_hf(model, args.dst)
+  print(f"wrote {out}/config.json and model.safetensors ({_count(model):,} parameters)")
+  return 0
+
+
+def _layouts(args) -> int:
+  from jaxformers.blocks import BLOCKS
+  from jaxformers import layout
+  print(layout.__doc__)
+  for name in BLOCKS:
+    print(f"  {name:16s} {BLOCKS.get(name).doc}")
+  return 0
+
+
+def _count(model) -> int:
+  from flax import nnx
+  import jax
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(prog="jaxformers", description="Convert and export encoder checkpoints.")
+  sub = p.add_subparsers(dest="command", required=True)
+  c = sub.add_parser("convert", help="HF PyTorch (or native) checkpoint -> native jaxformers checkpoint",
+                     description="Read SRC (an HF directory with config.json and model.safetensors or "
+                                 "pytorch_model.bin, or a jaxformers directory) and write a jaxformers checkpoint to DST.")
+  c.add_argument("src")
+  c.add_argument("dst")
+  c.add_argument("--layout", help="re-arrange into this layout, e.g. 'parallel*12' or 'fourier*10,serial*2' "
+                                  "(run `jaxformers layouts` for the grammar)")
+  c.add_argument("--task", choices=["base", "masked_lm", "pretraining", "classification", "token_classification"],
+                 help="head to build (default: the checkpoint's own)")
+  c.add_argument("--num-labels", type=int, help="labels of a new classification head")
+  c.set_defaults(fn=_convert)
+  e = sub.add_parser("export", help="jaxformers checkpoint -> HF PyTorch directory (config.json + model.safetensors)")
+  e.add_argument("src")
+  e.add_argument("dst")
+  e.set_defaults(fn=_export)
+  l = sub.add_parser("layouts", help="print the layout grammar and the registered blocks")
+  l.set_defaults(fn=_layouts)
+  args = p.parse_args(argv)
+  from jaxformers.convert.io import CheckpointError
+  from jaxformers.layout import LayoutError
+  try:
+    return args.fn(args)
+  except (CheckpointError, LayoutError, KeyError, ValueError) as e:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    print(f"jaxformers {args.command}: error: {msg}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

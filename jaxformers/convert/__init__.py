@@ -1,0 +1,6 @@
+"""Checkpoint conversion: HF PyTorch BERT / RoBERTa / PAF-RoBERTa <-> jaxformers."""
+from jaxformers.convert.engine import Report
+from jaxformers.convert.hf import export_hf, load_hf, load_hf_state, to_hf_state
+from jaxformers.convert.io import CheckpointError
+
+__all__ = ["CheckpointError", "Report", "export_hf", "load_hf", "load_hf_state", "to_hf_state"]

@@ -1,0 +1,270 @@
+"""HF PyTorch BERT / RoBERTa / PAF-RoBERTa checkpoints <-> jaxformers models.
+
+Key tables (HF name -> jaxformers path; ``{i}`` is the layer):
+
+=============================================  =====================================
+``embeddings.word_embeddings``                 ``encoder.embeddings.word``
+``embeddings.position_embeddings``             ``encoder.embeddings.position``
+``embeddings.token_type_embeddings``           ``encoder.embeddings.token_type``
+``embeddings.LayerNorm``                       ``encoder.embeddings.norm``
+``encoder.layer.{i}.attention.self.query``     ``encoder.blocks.{i}.mixer.query`` (key, value alike)
+``encoder.layer.{i}.attention.output.dense``   ``encoder.blocks.{i}.mixer.out``
+``encoder.layer.{i}.attention.output.LayerNorm`` ``encoder.blocks.{i}.mixer_norm`` (PAF: unused)
+``encoder.layer.{i}.intermediate.dense``       ``encoder.blocks.{i}.mlp.up``
+``encoder.layer.{i}.output.dense``             ``encoder.blocks.{i}.mlp.down``
+``encoder.layer.{i}.output.LayerNorm``         ``encoder.blocks.{i}.mlp_norm``, or ``norm`` in parallel blocks
+``pooler.dense``                               ``encoder.pooler.dense``
+=============================================  =====================================
+
+Heads: BERT ``cls.predictions.*`` / RoBERTa ``lm_head.*`` -> ``lm_head``, BERT
+``cls.seq_relationship`` -> ``nsp``, ``classifier[.dense|.out_proj]`` -> ``classifier``.
+Linear weights are transposed (PyTorch stores ``[out, in]``); decoder weights tied to
+the word embeddings are checked for equality and not stored twice.
+
+Re-arrangement: loading a serial checkpoint into another layout reuses, for each
+layer, the parts the target block has (see :func:`jaxformers.convert.engine.layer_map`):
+attention projections and their LayerNorm go to blocks with attention, feed-forward
+weights and their LayerNorm to blocks with a feed-forward sublayer; a Fourier block
+reuses the post-mixing LayerNorm; a parallel block takes ``output.LayerNorm`` as its
+single norm. Attention sublayers the layout does not have are dropped and listed in
+the report; parameters with no source (a pre-LN stack's final norm, a new task head)
+are newly initialised and listed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+
+from jaxformers.blocks import BLOCKS
+from jaxformers.config import EncoderConfig
+from jaxformers.convert import engine
+from jaxformers.convert.engine import Ignore, Report, Rule, embedding, linear, norm
+from jaxformers.convert.io import CheckpointError, read_hf_config, read_hf_weights, write_hf_checkpoint
+from jaxformers.convert.params import get_params, param_shapes, set_params
+from jaxformers import models
+
+_L, _B = "encoder.layer.{i}", "blocks.{i}"
+
+BASE_RULES: list[Rule] = [
+    *embedding("embeddings.word_embeddings", "embeddings.word"),
+    *embedding("embeddings.position_embeddings", "embeddings.position"),
+    *embedding("embeddings.token_type_embeddings", "embeddings.token_type"),
+    *norm("embeddings.LayerNorm", "embeddings.norm"),
+    *(r for n in ("query", "key", "value") for r in linear(f"{_L}.attention.self.{n}", f"{_B}.mixer.{n}", group="mixer")),
+    *linear(f"{_L}.attention.output.dense", f"{_B}.mixer.out", group="mixer"),
+    *norm(f"{_L}.attention.output.LayerNorm", f"{_B}.mixer_norm", group="mixer"),
+    *linear(f"{_L}.intermediate.dense", f"{_B}.mlp.up", group="mlp"),
+    *linear(f"{_L}.output.dense", f"{_B}.mlp.down", group="mlp"),
+    *norm(f"{_L}.output.LayerNorm", (f"{_B}.mlp_norm", f"{_B}.norm"), group="mlp"),
+    *linear("pooler.dense", "pooler.dense"),
+]
+
+HEAD_RULES: dict[tuple[str, str], list[Rule]] = {
+    ("bert", "masked_lm"): [*linear("cls.predictions.transform.dense", "lm_head.transform", base=False),
+                            *norm("cls.predictions.transform.LayerNorm", "lm_head.norm", base=False),
+                            Rule("cls.predictions.bias", ("lm_head.bias",), base=False)],
+    ("roberta", "masked_lm"): [*linear("lm_head.dense", "lm_head.transform", base=False),
+                               *norm("lm_head.layer_norm", "lm_head.norm", base=False),
+                               Rule("lm_head.bias", ("lm_head.bias",), base=False)],
+    ("bert", "classification"): linear("classifier", "classifier.out", base=False),
+    ("roberta", "classification"): [*linear("classifier.dense", "classifier.dense", base=False),
+                                    *linear("classifier.out_proj", "classifier.out", base=False)],
+    ("bert", "token_classification"): linear("classifier", "classifier.out", base=False),
+    ("roberta", "token_classification"): linear("classifier", "classifier.out", base=False),
+}
+HEAD_RULES[("bert", "pretraining")] = HEAD_RULES[("bert", "masked_lm")] + linear("cls.seq_relationship", "nsp", base=False)
+HEAD_RULES[("bert", "base")] = HEAD_RULES[("roberta", "base")] = []
+
+IGNORES: dict[str, list[Ignore]] = {
+    "bert": [Ignore("embeddings.position_ids", "position-id buffer"),
+             Ignore("embeddings.token_type_ids", "token-type-id buffer"),
+             Ignore("cls.predictions.decoder.weight", "decoder tied to the word embeddings",
+                    tied_to="embeddings.word_embeddings.weight"),
+             Ignore("cls.predictions.decoder.bias", "decoder bias tied to cls.predictions.bias",
+                    tied_to="cls.predictions.bias")],
+    "roberta": [Ignore("embeddings.position_ids", "position-id buffer"),
+                Ignore("embeddings.token_type_ids", "token-type-id buffer"),
+                Ignore("lm_head.decoder.weight", "decoder tied to the word embeddings",
+                       tied_to="embeddings.word_embeddings.weight"),
+                Ignore("lm_head.decoder.bias", "decoder bias tied to lm_head.bias", tied_to="lm_head.bias")],
+}
+
+ARCHITECTURES = {
+    "Model": "base", "ForMaskedLM": "masked_lm", "ForPreTraining": "pretraining",
+    "ForSequenceClassification": "classification", "ForTokenClassification": "token_classification",
+}
+_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
+         "relu": "relu"}
+_NEW_OK = ("lm_head.", "nsp.", "classifier.", "encoder.pooler.", "pooler.", "encoder.final_norm.", "final_norm.")
+
+
+def family_and_task(hf: dict, where: str) -> tuple[str, str]:
+  family = hf.get("model_type")
+  if family not in ("bert", "roberta"):
+    raise CheckpointError(f"{where}: model_type {family!r} is not supported; expected 'bert' or 'roberta'")
+  archs = hf.get("architectures") or [f"{family.capitalize()}Model"]
+  arch = archs[0]
+  prefix = "Bert" if family == "bert" else "Roberta"
+  task = ARCHITECTURES.get(arch[len(prefix):]) if arch.startswith(prefix) else None
+  if task is None or (family, task) not in HEAD_RULES:
+    known = ", ".join(f"{prefix}{s}" for s, t in ARCHITECTURES.items() if (family, t) in HEAD_RULES)
+    raise CheckpointError(f"{where}: architecture {arch!r} is not supported; expected one of {known}")
+  return family, task
+
+
+def encoder_config(hf: dict, where: str, layout: str | None = None, **overrides) -> EncoderConfig:
+  """EncoderConfig from an HF config.json dict."""
+  family, _ = family_and_task(hf, where)
+  missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                         "intermediate_size", "max_position_embeddings") if k not in hf]
+  if missing:
+    raise CheckpointError(f"{where}: config.json lacks {', '.join(missing)}")
+  pet = hf.get("position_embedding_type", "absolute")
+  if pet != "absolute":
+    raise CheckpointError(f"{where}: position_embedding_type {pet!r} is not supported; expected 'absolute'")
+  act = hf.get("hidden_act", "gelu")
+  if act not in _ACTS:
+    raise CheckpointError(f"{where}: hidden_act {act!r} is not supported; expected one of {', '.join(_ACTS)}")
+  n = hf["num_hidden_layers"]
+  stored_layout = (hf.get("jaxformers") or {}).get("layout")
+  kw = dict(
+      vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_heads=hf["num_attention_heads"],
+      intermediate_size=hf["intermediate_size"], max_position_embeddings=hf["max_position_embeddings"],
+      type_vocab_size=hf.get("type_vocab_size", 2), pad_token_id=hf.get("pad_token_id", 0 if family == "bert" else 1),
+      position_style="roberta" if family == "roberta" else "absolute",
+      layer_norm_eps=hf.get("layer_norm_eps", 1e-12), hidden_act=_ACTS[act],
+      hidden_dropout=hf.get("hidden_dropout_prob", 0.1), attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+      initializer_range=hf.get("initializer_range", 0.02), family=family,
+      layout=layout or stored_layout or f"serial*{n}")
+  kw.update(overrides)
+  try:
+    return EncoderConfig(**kw)
+  except (ValueError, KeyError) as e:
+    raise CheckpointError(f"{where}: {e}") from None
+
+
+def _normalise(state: dict[str, np.ndarray], family: str) -> dict[str, np.ndarray]:
+  out = {}
+  for k, v in state.items():
+    if k.startswith(family + "."):
+      k = k[len(family) + 1:]
+    if k.endswith(".gamma"):
+      k = k[:-6] + ".weight"
+    elif k.endswith(".beta"):
+      k = k[:-5] + ".bias"
+    out[k] = v
+  return out
+
+
+def _num_layers(state: dict) -> int:
+  idx = [int(k.split(".")[2]) for k in state if k.startswith("encoder.layer.")]
+  return max(idx) + 1 if idx else 0
+
+
+def load_hf_state(state: dict[str, np.ndarray], hf: dict, *, where: str, layout: str | None = None,
+                  task: str | None = None, num_labels: int | None = None, head: str | None = None,
+                  rngs: nnx.Rngs | None = None, progress: bool = False, **overrides):
+  """Build a model from an in-memory HF state dict and config dict; returns ``(model, report)``."""
+  family, source_task = family_and_task(hf, where)
+  task = task or source_task
+  state = _normalise(state, family)
+  cfg = encoder_config(hf, where, layout, **overrides)
+  if num_labels is None and task in ("classification", "token_classification"):
+    num_labels = len(hf["id2label"]) if hf.get("id2label") else hf.get("num_labels", 2)
+  if task == "base" and "use_pooler" not in overrides:
+    cfg = cfg.replace(use_pooler="pooler.dense.weight" in state)
+  model = models.build(task, cfg, num_labels=num_labels, head=head, rngs=rngs)
+  shapes = param_shapes(model)
+  rules = BASE_RULES + [r for (fam, _), rs in HEAD_RULES.items() if fam == family for r in rs]
+  params, report = engine.load(
+      state, _dedupe(rules), IGNORES[family], target=shapes, target_blocks=[BLOCKS.get(b) for b in cfg.blocks],
+      num_source_layers=_num_layers(state) or hf["num_hidden_layers"], prefix="" if task == "base" else "encoder.",
+      may_be_new=lambda p: p.startswith(_NEW_OK), where=where, progress=progress)
+  set_params(model, params)
+  return model, report
+
+
+def _dedupe(rules: list[Rule]) -> list[Rule]:
+  seen, out = set(), []
+  for r in rules:
+    if r.hf not in seen:
+      seen.add(r.hf)
+      out.append(r)
+  return out
+
+
+def load_hf(directory: str | Path, *, progress: bool = False, **kw):
+  """Read an HF checkpoint directory into a jaxformers model; returns ``(model, report)``."""
+  hf = read_hf_config(directory)
+  family_and_task(hf, str(directory))
+  state = read_hf_weights(directory, progress=progress)
+  return load_hf_state(state, hf, where=str(directory), progress=progress, **kw)
+
+
+def _exportable(cfg: EncoderConfig, where: str) -> str:
+  kinds = set(cfg.blocks)
+  if kinds <= {"serial"}:
+    return "serial"
+  if kinds <= {"parallel"}:
+    return "parallel"
+  bad = sorted(kinds - {"serial", "parallel"}) or sorted(kinds)
+  raise CheckpointError(f"{where}: layout {cfg.layout!r} cannot be written as an HF checkpoint: the HF format has "
+                        f"one attention and one feed-forward per layer, serial (BERT/RoBERTa) or parallel (PAF); "
+                        f"found {', '.join(bad)}")
+
+
+def to_hf_state(model, where: str = "model") -> tuple[dict[str, np.ndarray], dict]:
+  """``(state_dict, config_dict)`` in HF layout for a serial (BERT/RoBERTa) or parallel (PAF) model."""
+  cfg: EncoderConfig = model.config if not isinstance(model, models.Encoder) else model.config
+  task = models.task_of(model)
+  kind = _exportable(cfg, where)
+  family = cfg.family
+  if task == "pretraining" and family != "bert":
+    raise CheckpointError(f"{where}: the pre-training head (masked LM + next sentence) exists only for BERT")
+  if task == "classification" and model.classifier.style != family:
+    raise CheckpointError(f"{where}: a {model.classifier.style}-style classifier head cannot be written as a "
+                          f"{family} checkpoint (HF's {family} classifier is {family}-style)")
+  params = get_params(model)
+  rules = BASE_RULES + HEAD_RULES[(family, task)]
+  state = engine.export(params, rules, num_layers=cfg.num_layers, prefix="" if task == "base" else "encoder.",
+                        hf_prefix="" if task == "base" else family + ".", where=where)
+  pre = "" if task == "base" else family + "."
+  if kind == "parallel":  # PAF checkpoints keep an (unused) attention LayerNorm per layer
+    for i in range(cfg.num_layers):
+      state[f"{pre}encoder.layer.{i}.attention.output.LayerNorm.weight"] = np.ones(cfg.hidden_size, np.float32)
+      state[f"{pre}encoder.layer.{i}.attention.output.LayerNorm.bias"] = np.zeros(cfg.hidden_size, np.float32)
+  return state, hf_config(cfg, task, getattr(model, "num_labels", None))
+
+
+def hf_config(cfg: EncoderConfig, task: str, num_labels: int | None = None) -> dict:
+  family = cfg.family
+  suffix = next(s for s, t in ARCHITECTURES.items() if t == task)
+  acts = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
+  out = {
+      "architectures": [f"{'Bert' if family == 'bert' else 'Roberta'}{suffix}"],
+      "model_type": family, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+      "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+      "intermediate_size": cfg.intermediate_size, "hidden_act": acts[cfg.hidden_act],
+      "hidden_dropout_prob": cfg.hidden_dropout, "attention_probs_dropout_prob": cfg.attention_dropout,
+      "max_position_embeddings": cfg.max_position_embeddings, "type_vocab_size": cfg.type_vocab_size,
+      "initializer_range": cfg.initializer_range, "layer_norm_eps": cfg.layer_norm_eps,
+      "pad_token_id": cfg.pad_token_id, "position_embedding_type": "absolute",
+      "tie_word_embeddings": True, "jaxformers": {"layout": cfg.layout},
+  }
+  if family == "roberta":
+    out.update(bos_token_id=0, eos_token_id=2)
+  if num_labels is not None:
+    out["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
+    out["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+    if num_labels == 1 and task == "classification":
+      out["problem_type"] = "regression"
+  return out
+
+
+def export_hf(model, directory: str | Path) -> Path:
+  """Write ``config.json`` + ``model.safetensors`` that transformers loads."""
+  state, config = to_hf_state(model, where=str(directory))
+  write_hf_checkpoint(directory, config, state)
+  return Path(directory)
