@@ -76,6 +76,7 @@ class Report:
   ignored: dict[str, str] = dataclasses.field(default_factory=dict)    # HF name -> reason
   dropped: dict[str, str] = dataclasses.field(default_factory=dict)    # HF name -> reason (layout has no such sublayer)
   new: list[str] = dataclasses.field(default_factory=list)             # jax paths freshly initialised
+  notes: list[str] = dataclasses.field(default_factory=list)           # other changes made while loading
 
   def summary(self) -> str:
     lines = [f"loaded {len(self.loaded)} parameters"]
@@ -87,6 +88,7 @@ class Report:
       lines.append(f"ignored {len(self.ignored)} tensors ({'; '.join(reasons)})")
     if self.new:
       lines.append(f"newly initialised {len(self.new)} parameters: {', '.join(self.new)}")
+    lines += self.notes
     return "\n".join(lines)
 
 

@@ -174,6 +174,7 @@ def load_hf_state(state: dict[str, np.ndarray], hf: dict, *, where: str, layout:
   task = task or source_task
   state, original = _normalise(state, family)
   cfg = encoder_config(hf, where, layout, **overrides)
+  extended = _extend_positions(state, cfg)
   if num_labels is None and task in ("classification", "token_classification"):
     num_labels = len(hf["id2label"]) if hf.get("id2label") else hf.get("num_labels", 2)
   if task == "base" and "use_pooler" not in overrides:
@@ -186,7 +187,23 @@ def load_hf_state(state: dict[str, np.ndarray], hf: dict, *, where: str, layout:
       num_source_layers=_num_layers(state) or hf["num_hidden_layers"], prefix="" if task == "base" else "encoder.",
       may_be_new=lambda p: p.startswith(_NEW_OK), where=where, progress=progress, display=original.__getitem__)
   set_params(model, params)
+  if extended:
+    report.notes.append(extended)
   return model, report
+
+
+def _extend_positions(state: dict[str, np.ndarray], cfg: EncoderConfig) -> str | None:
+  """Longformer's recipe for longer inputs: fill a larger position table by copying the learned one."""
+  key = "embeddings.position_embeddings.weight"
+  old = state.get(key)
+  if old is None or old.shape[0] >= cfg.max_position_embeddings:
+    return None
+  offset = cfg.pad_token_id + 1 if cfg.position_style == "roberta" else 0
+  learned = old[offset:]
+  reps = -(-(cfg.max_position_embeddings - offset) // len(learned))
+  state[key] = np.concatenate([old[:offset], np.tile(learned, (reps, 1))])[: cfg.max_position_embeddings]
+  return (f"position embeddings extended from {old.shape[0]} to {cfg.max_position_embeddings} positions by copying "
+          f"the learned ones (Longformer)")
 
 
 def _dedupe(rules: list[Rule]) -> list[Rule]:
