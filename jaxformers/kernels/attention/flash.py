@@ -41,6 +41,7 @@ from jaxformers.kernels.attention.masks import BlockSparseMask
 _NEG = -0.7 * float(np.finfo(np.float32).max)
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 128
+BACKENDS = ("interpret", "interpret_tpu", "triton", "mosaic")
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
@@ -213,10 +214,19 @@ def _compiler_params(cfg: _Cfg):
   if cfg.backend == "triton":
     from jax.experimental.pallas import triton as plgpu
     return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-  if cfg.backend == "mosaic":
+  if cfg.backend in ("mosaic", "interpret_tpu"):
     from jax.experimental.pallas import tpu as pltpu
     return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
   return None
+
+
+def _interpret_arg(cfg: _Cfg):
+  if cfg.backend == "interpret":
+    return True
+  if cfg.backend == "interpret_tpu":  # TPU semantics (SMEM scalar prefetch, Mosaic grid spec) emulated on CPU
+    from jax.experimental.pallas import tpu as pltpu
+    return pltpu.InterpretParams()
+  return False
 
 
 def _lists_arrays(cfg: _Cfg, transpose: bool):
@@ -232,17 +242,17 @@ def _lists_arrays(cfg: _Cfg, transpose: bool):
 def _launch(kernel, cfg: _Cfg, grid, in_specs, out_specs, out_shape, args, *, transpose_lists: bool, name: str):
   kernel = functools.partial(kernel, cfg=cfg)
   params = _compiler_params(cfg)
-  interpret = cfg.backend == "interpret"
+  interpret = _interpret_arg(cfg)
   if cfg.block_mask is None:
     return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
                           interpret=interpret, compiler_params=params, name=name)(*args)
   idx, cnt = _lists_arrays(cfg, transpose_lists)
-  if cfg.backend == "mosaic":
+  if cfg.backend in ("mosaic", "interpret_tpu"):
     from jax.experimental.pallas import tpu as pltpu
     grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=2, grid=grid, in_specs=in_specs,
                                              out_specs=out_specs)
     return pl.pallas_call(kernel, out_shape=out_shape, grid_spec=grid_spec, compiler_params=params,
-                          name=name)(idx, cnt, *args)
+                          interpret=interpret, name=name)(idx, cnt, *args)
   list_specs = [pl.BlockSpec(idx.shape, lambda *_: (0, 0)), pl.BlockSpec(cnt.shape, lambda *_: (0,))]
   return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=list_specs + list(in_specs),
                         out_specs=out_specs, interpret=interpret, compiler_params=params,
@@ -360,22 +370,23 @@ def flash_attention(q_BLND, k_BLND, v_BLND, *, segment_ids=None, kv_segment_ids=
   Differentiable in q, k, v through Pallas backward kernels. ``segment_ids`` ``[batch, q_len]``
   and ``kv_segment_ids`` ``[batch, kv_len]`` follow the reference convention (0 = padding).
   ``block_mask`` (its block sizes override ``block_sizes``) selects the block-sparse kernel.
-  ``backend`` is ``"interpret"``, ``"triton"`` or ``"mosaic"``; None picks from the current
-  JAX backend (interpret on CPU or when interpret is forced).
+  ``backend`` is ``"interpret"`` (generic Pallas interpreter), ``"interpret_tpu"`` (the Mosaic
+  call path, scalar-prefetched lists included, under the TPU interpreter on CPU), ``"triton"``
+  or ``"mosaic"``; None picks from the current JAX backend (interpret on CPU or when forced).
   """
   check_inputs(q_BLND, k_BLND, v_BLND, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
   B, Lq, N, D = q_BLND.shape
   Lk = k_BLND.shape[1]
   backend = backend or kernel_backend()
-  if backend not in ("interpret", "triton", "mosaic"):
-    raise ValueError(f"backend must be 'interpret', 'triton' or 'mosaic', got {backend!r}")
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
   if block_mask is not None:
     if (block_mask.q_len, block_mask.kv_len) != (Lq, Lk):
       raise ValueError(f"block_mask is for (q_len, kv_len) = ({block_mask.q_len}, {block_mask.kv_len}), "
                        f"inputs have ({Lq}, {Lk})")
     bs = BlockSizes(block_mask.block_q, block_mask.block_k)
   else:
-    platform = {"triton": "gpu", "mosaic": "tpu", "interpret": "cpu"}[backend]
+    platform = {"triton": "gpu", "mosaic": "tpu", "interpret": "cpu", "interpret_tpu": "cpu"}[backend]
     bs = block_sizes or default_block_sizes(platform, D)
   if backend == "triton" and (bs.block_q & (bs.block_q - 1) or bs.block_k & (bs.block_k - 1)):
     raise ValueError(f"block sizes must be powers of two on GPU (Triton), got {bs}")
