@@ -2,8 +2,8 @@
 
 Tolerances, as max |kernel - truth| / max |truth| over each tensor, where truth is the reference
 evaluated in float32 on the same (possibly bf16-rounded) inputs:
-  float32:  outputs 1e-5, gradients 1e-4
-  bfloat16: outputs 2e-2, gradients 4e-2  (bf16 has an 8-bit mantissa; the kernel rounds the
+  float32:  outputs 1e-5, gradients 1e-5   (observed <= 7e-7)
+  bfloat16: outputs 1e-2, gradients 2e-2   (observed <= 6e-3; bf16 has an 8-bit mantissa; the kernel rounds the
             unnormalised probabilities to bf16 before the PV matmul, the reference the normalised ones)
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from jaxformers.kernels.attention import (BlockSizes, BlockSparseMask, attention
                                           sliding_window_mask, token_pattern)
 from jaxformers.kernels.attention import dispatch
 
-TOL = {jnp.float32: (1e-5, 1e-4), jnp.bfloat16: (2e-2, 4e-2)}
+TOL = {jnp.float32: (1e-5, 1e-5), jnp.bfloat16: (1e-2, 2e-2)}
 REPO = Path(__file__).resolve().parents[1]
 
 
