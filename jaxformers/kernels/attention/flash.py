@@ -43,7 +43,6 @@ SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 128
 BACKENDS = ("interpret", "interpret_tpu", "triton", "mosaic")
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -69,20 +68,27 @@ class _Cfg:
   num_stages: int = 2
 
 
-def _tile_mask(cfg: _Cfg, qseg_Q1, kseg_1K, q_block, k_block):
-  """Boolean ``[block_q, block_k]``: which query/key pairs of this tile may attend."""
-  valid_QK = jnp.broadcast_to(kseg_1K != 0, (cfg.block_q, cfg.block_k))
+def _tile_mask(cfg: _Cfg, qseg, kseg, q_block, k_block, key_major: bool = False):
+  """Boolean tile of which query/key pairs may attend.
+
+  Query-major (``key_major=False``): ``[block_q, block_k]`` from ``qseg [block_q, 1]`` and
+  ``kseg [1, block_k]``. Key-major: ``[block_k, block_q]`` from ``qseg [1, block_q]`` and
+  ``kseg [block_k, 1]`` (the dk/dv kernel works on transposed tiles).
+  """
+  shape = (cfg.block_k, cfg.block_q) if key_major else (cfg.block_q, cfg.block_k)
+  q_axis, k_axis = (1, 0) if key_major else (0, 1)
+  valid = jnp.broadcast_to(kseg != 0, shape)
   if not cfg.q_any:
-    valid_QK = valid_QK & (qseg_Q1 == kseg_1K)
+    valid = valid & (qseg == kseg)
   bm = cfg.block_mask
   if bm is not None and bm.has_token_pattern:
-    qpos_QK = q_block * cfg.block_q + lax.broadcasted_iota(jnp.int32, (cfg.block_q, cfg.block_k), 0)
-    kpos_QK = k_block * cfg.block_k + lax.broadcasted_iota(jnp.int32, (cfg.block_q, cfg.block_k), 1)
-    pattern_QK = jnp.abs(qpos_QK - kpos_QK) <= bm.window
+    qpos = q_block * cfg.block_q + lax.broadcasted_iota(jnp.int32, shape, q_axis)
+    kpos = k_block * cfg.block_k + lax.broadcasted_iota(jnp.int32, shape, k_axis)
+    pattern = jnp.abs(qpos - kpos) <= bm.window
     if bm.num_global:
-      pattern_QK = pattern_QK | (qpos_QK < bm.num_global) | (kpos_QK < bm.num_global)
-    valid_QK = valid_QK & pattern_QK
-  return valid_QK
+      pattern = pattern | (qpos < bm.num_global) | (kpos < bm.num_global)
+    valid = valid & pattern
+  return valid
 
 
 def _loop_bounds(cfg: _Cfg, lists, row, dense_count):
@@ -137,6 +143,8 @@ def _fwd_kernel(*refs, cfg: _Cfg):
 
 
 def _dkv_kernel(*refs, cfg: _Cfg):
+  """dk, dv for one key block; tiles are key-major ``[block_k, block_q]`` so no matmul needs a transposed lhs
+  and the per-query vectors (lse, delta, segment ids) are lane-dense rows ``[1, length]``."""
   if cfg.block_mask is not None:
     idx_ref, cnt_ref, *refs = refs
     lists = (idx_ref, cnt_ref)
@@ -146,7 +154,7 @@ def _dkv_kernel(*refs, cfg: _Cfg):
   kj = pl.program_id(2)
   k_KD = k_ref[...]
   v_KD = v_ref[...]
-  kseg_1K = kseg_ref[...]
+  kseg_K1 = kseg_ref[...]
   bq = cfg.block_q
   count, block_at = _loop_bounds(cfg, lists, kj, cfg.num_q_blocks)
 
@@ -156,16 +164,16 @@ def _dkv_kernel(*refs, cfg: _Cfg):
     start = pl.multiple_of(qi * bq, bq)
     q_QD = q_ref[pl.ds(start, bq), :]
     do_QD = do_ref[pl.ds(start, bq), :]
-    lse_Q1 = lse_ref[pl.ds(start, bq), :]
-    delta_Q1 = delta_ref[pl.ds(start, bq), :]
-    qseg_Q1 = qseg_ref[pl.ds(start, bq), :]
-    s_QK = lax.dot_general(q_QD, k_KD, _NT, preferred_element_type=jnp.float32) * cfg.scale
-    valid_QK = _tile_mask(cfg, qseg_Q1, kseg_1K, qi, kj)
-    p_QK = jnp.where(valid_QK, jnp.exp(jnp.where(valid_QK, s_QK - lse_Q1, 0.0)), 0.0)
-    dv_KD = dv_KD + lax.dot_general(p_QK.astype(do_QD.dtype), do_QD, _TN, preferred_element_type=jnp.float32)
-    dp_QK = lax.dot_general(do_QD, v_KD, _NT, preferred_element_type=jnp.float32)
-    ds_QK = p_QK * (dp_QK - delta_Q1)
-    dk_KD = dk_KD + lax.dot_general(ds_QK.astype(q_QD.dtype), q_QD, _TN, preferred_element_type=jnp.float32)
+    lse_1Q = lse_ref[:, pl.ds(start, bq)]
+    delta_1Q = delta_ref[:, pl.ds(start, bq)]
+    qseg_1Q = qseg_ref[:, pl.ds(start, bq)]
+    s_KQ = lax.dot_general(k_KD, q_QD, _NT, preferred_element_type=jnp.float32) * cfg.scale
+    valid_KQ = _tile_mask(cfg, qseg_1Q, kseg_K1, qi, kj, key_major=True)
+    p_KQ = jnp.where(valid_KQ, jnp.exp(jnp.where(valid_KQ, s_KQ - lse_1Q, 0.0)), 0.0)
+    dv_KD = dv_KD + jnp.dot(p_KQ.astype(do_QD.dtype), do_QD, preferred_element_type=jnp.float32)
+    dp_KQ = lax.dot_general(v_KD, do_QD, _NT, preferred_element_type=jnp.float32)
+    ds_KQ = p_KQ * (dp_KQ - delta_1Q)
+    dk_KD = dk_KD + jnp.dot(ds_KQ.astype(q_QD.dtype), q_QD, preferred_element_type=jnp.float32)
     return dk_KD, dv_KD
 
   zeros_KD = jnp.zeros(k_KD.shape, jnp.float32)
@@ -264,16 +272,21 @@ def _row_spec(block, d):
   return pl.BlockSpec((None, None, block, d), lambda b, n, i, *_: (b, n, i, 0))
 
 
-def _full_spec(length, d):
-  """Spec for the full length of a ``[B, N, L, d]`` array (one head)."""
-  return pl.BlockSpec((None, None, length, d), lambda b, n, i, *_: (b, n, 0, 0))
+def _full_spec(cfg: _Cfg, shape):
+  """Spec for all of one head of a ``[B, N, *shape]`` array; its block index changes only with (b, n).
+
+  On TPU it is single-buffered: it is fetched once per head, and double buffering would double
+  the VMEM these full-length blocks take.
+  """
+  mode = pl.Buffered(1) if cfg.backend in ("mosaic", "interpret_tpu") else None
+  return pl.BlockSpec((None, None) + tuple(shape), lambda b, n, i, *_: (b, n, 0, 0), pipeline_mode=mode)
 
 
 def _fwd(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, cfg: _Cfg):
   B, N, Lq, D = q_BNQD.shape
   Lk = k_BNKD.shape[2]
   in_specs = [
-      _row_spec(cfg.block_q, D), _full_spec(Lk, D), _full_spec(Lk, D),
+      _row_spec(cfg.block_q, D), _full_spec(cfg, (Lk, D)), _full_spec(cfg, (Lk, D)),
       pl.BlockSpec((None, cfg.block_q, 1), lambda b, n, i, *_: (b, i, 0)),
       pl.BlockSpec((None, 1, Lk), lambda b, n, i, *_: (b, 0, 0)),
   ]
@@ -294,21 +307,23 @@ def _bwd(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, o_BNQD, lse_BNQ1, do_BNQD, 
   delta_BNQ1 = jnp.pad(delta_BNQ1, ((0, 0), (0, 0), (0, Lq - valid_rows), (0, 0)))
   lse_BNQ1 = jnp.where(jnp.arange(Lq)[:, None] < valid_rows, lse_BNQ1, 0.0)
 
+  # The dk/dv kernel reads per-query vectors as rows [1, Lq] and key segment ids as columns.
   kv_specs = [
-      _full_spec(Lq, D), _row_spec(cfg.block_k, D), _row_spec(cfg.block_k, D), _full_spec(Lq, D),
-      _full_spec(Lq, 1), _full_spec(Lq, 1),
-      pl.BlockSpec((None, Lq, 1), lambda b, n, j, *_: (b, 0, 0)),
-      pl.BlockSpec((None, 1, cfg.block_k), lambda b, n, j, *_: (b, 0, j)),
+      _full_spec(cfg, (Lq, D)), _row_spec(cfg.block_k, D), _row_spec(cfg.block_k, D), _full_spec(cfg, (Lq, D)),
+      _full_spec(cfg, (1, Lq)), _full_spec(cfg, (1, Lq)),
+      pl.BlockSpec((None, 1, Lq), lambda b, n, j, *_: (b, 0, 0)),
+      pl.BlockSpec((None, cfg.block_k, 1), lambda b, n, j, *_: (b, j, 0)),
   ]
   dk_BNKD, dv_BNKD = _launch(
       _dkv_kernel, cfg, (B, N, cfg.num_kv_blocks), kv_specs,
       [_row_spec(cfg.block_k, D), _row_spec(cfg.block_k, D)],
       [jax.ShapeDtypeStruct(k_BNKD.shape, k_BNKD.dtype), jax.ShapeDtypeStruct(v_BNKD.shape, v_BNKD.dtype)],
-      (q_BNQD, k_BNKD, v_BNKD, do_BNQD, lse_BNQ1, delta_BNQ1, qseg_BQ1, kseg_B1K),
+      (q_BNQD, k_BNKD, v_BNKD, do_BNQD, lse_BNQ1.reshape(B, N, 1, Lq), delta_BNQ1.reshape(B, N, 1, Lq),
+       qseg_BQ1.reshape(B, 1, Lq), kseg_B1K.reshape(B, Lk, 1)),
       transpose_lists=True, name="flash_bwd_dkv")
 
   q_specs = [
-      _row_spec(cfg.block_q, D), _full_spec(Lk, D), _full_spec(Lk, D), _row_spec(cfg.block_q, D),
+      _row_spec(cfg.block_q, D), _full_spec(cfg, (Lk, D)), _full_spec(cfg, (Lk, D)), _row_spec(cfg.block_q, D),
       _row_spec(cfg.block_q, 1), _row_spec(cfg.block_q, 1),
       pl.BlockSpec((None, cfg.block_q, 1), lambda b, n, i, *_: (b, i, 0)),
       pl.BlockSpec((None, 1, Lk), lambda b, n, i, *_: (b, 0, 0)),
