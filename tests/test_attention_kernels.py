@@ -153,14 +153,20 @@ def test_block_sparse_block_pattern_bf16_skips_unlisted_blocks():
   assert _rel_err(out, dense(q, k, v)) > 0.1  # the sparsity actually changed the result
 
 
-def test_block_sparse_tpu_call_path_in_tpu_interpreter():
-  """The Mosaic call path (scalar-prefetched block lists in SMEM) under the TPU interpreter."""
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "block_sparse"])
+def test_tpu_grid_driver_in_tpu_interpreter(sparse):
+  """The TPU driver (tile loop on the grid, VMEM scratch, scalar-prefetched lists) under the TPU interpreter."""
   B, L, N, D = 1, 40, 1, 32
   q, k, v, do = _qkv(B, L, L, N, D, jnp.float32, seed=11)
-  seg = jnp.asarray([[1] * 30 + [0] * 10], jnp.int32)
-  bm = sliding_window_mask(L, window=8, block_q=16, block_k=16)
-  kernel = lambda q, k, v: block_sparse_attention(q, k, v, bm, segment_ids=seg, backend="interpret_tpu")
-  ref = lambda q, k, v: block_sparse_reference(q, k, v, bm, segment_ids=seg)
+  seg = jnp.asarray([[1] * 12 + [2] * 18 + [0] * 10], jnp.int32)
+  if sparse:
+    bm = sliding_window_mask(L, window=8, block_q=16, block_k=16)
+    kernel = lambda q, k, v: block_sparse_attention(q, k, v, bm, segment_ids=seg, backend="interpret_tpu")
+    ref = lambda q, k, v: block_sparse_reference(q, k, v, bm, segment_ids=seg)
+  else:
+    kernel = lambda q, k, v: flash_attention(q, k, v, segment_ids=seg, block_sizes=BlockSizes(16, 16),
+                                             backend="interpret_tpu")
+    ref = lambda q, k, v: attention_reference(q, k, v, segment_ids=seg)
   _check_against(kernel, ref, q, k, v, do)
 
 

@@ -9,24 +9,26 @@ attends every non-zero key. A :class:`~jaxformers.kernels.attention.masks.BlockS
 restricts the visited (query block, key block) pairs and applies its token pattern exactly.
 Rows with no key to attend return zeros and get zero gradients.
 
-Design (one source for every backend): the grid is ``(batch, heads, query blocks)`` for the
-forward and dq kernels and ``(batch, heads, key blocks)`` for the dk/dv kernel. Each program
-keeps its own block of queries (or keys) and loops with ``lax.fori_loop`` over the other side,
-slicing it out of the full-length ref with ``pl.ds``: on GPU (Triton) the full-length ref
-lives in global memory and only the visited blocks are loaded; on TPU (Mosaic) it is a
-full-length VMEM block. The online softmax keeps running max ``m``, normaliser ``l`` and the
-float32 accumulator as loop carries, so no scratch memory and no cross-program accumulation
-is needed. The block-sparse variant loops over a per-block index list instead of
-``range(num_blocks)``; on TPU the lists are scalar-prefetched into SMEM
-(``PrefetchScalarGridSpec``), elsewhere they are ordinary int32 inputs.
+The per-tile math (:mod:`~jaxformers.kernels.attention.tiles`) is one source for all backends;
+two drivers walk the tiles:
 
-Lengths are padded to the block size (and, for Triton, full-length refs to a power of two)
-with segment id 0, so padded keys are masked and padded queries produce zeros that are
-sliced away. Matmuls take the input dtype (float32 or bfloat16) and accumulate in float32.
+* loop driver (this module; GPU via Triton, and the generic interpreter): grid
+  ``(batch, heads, own blocks)``; each program keeps its query (or key) block and runs a
+  ``lax.fori_loop`` over the other side, slicing it with ``pl.ds`` out of a full-length ref that
+  lives in global memory, so only visited blocks are loaded. The online-softmax state and the
+  accumulators are loop carries. Block-sparse: the loop runs over a per-block index list
+  (int32 inputs) instead of ``range(num_blocks)``. Triton needs power-of-two shapes, so the
+  full-length refs are padded to a power of two and head_dim to the next power of two.
+* grid driver (:mod:`~jaxformers.kernels.attention.flash_tpu`; TPU via Mosaic, and the TPU
+  interpreter): the tile loop is an ``"arbitrary"`` grid axis, block-sparse lists are
+  scalar-prefetched, accumulators live in VMEM scratch.
+
+Lengths are padded to the block size with segment id 0, so padded keys are masked and padded
+queries produce zeros that are sliced away. Matmuls take the input dtype (float32 or
+bfloat16) and accumulate in float32.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -35,14 +37,15 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jaxformers.kernels.attention import tiles
 from jaxformers.kernels.attention.config import BlockSizes, default_block_sizes, kernel_backend
 from jaxformers.kernels.attention.masks import BlockSparseMask
+from jaxformers.kernels.attention.tiles import KernelConfig
 
-_NEG = -0.7 * float(np.finfo(np.float32).max)
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 128
 BACKENDS = ("interpret", "interpret_tpu", "triton", "mosaic")
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+TPU_BACKENDS = ("mosaic", "interpret_tpu")
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -53,128 +56,58 @@ def _next_pow2(n: int) -> int:
   return 1 << max(0, int(n) - 1).bit_length()
 
 
-@dataclasses.dataclass(frozen=True)
-class _Cfg:
-  """Static settings of one kernel launch (hashable: a ``custom_vjp`` nondiff argument)."""
-  scale: float
-  block_q: int
-  block_k: int
-  num_q_blocks: int
-  num_kv_blocks: int
-  q_any: bool  # only kv segment ids: every query attends every non-padding key
-  backend: str  # "interpret" | "triton" | "mosaic"
-  block_mask: BlockSparseMask | None = None
-  num_warps: int = 4
-  num_stages: int = 2
+# ----------------------------------------------------------------------------- loop-driver kernels
 
 
-def _tile_mask(cfg: _Cfg, qseg, kseg, q_block, k_block, key_major: bool = False):
-  """Boolean tile of which query/key pairs may attend.
-
-  Query-major (``key_major=False``): ``[block_q, block_k]`` from ``qseg [block_q, 1]`` and
-  ``kseg [1, block_k]``. Key-major: ``[block_k, block_q]`` from ``qseg [1, block_q]`` and
-  ``kseg [block_k, 1]`` (the dk/dv kernel works on transposed tiles).
-  """
-  shape = (cfg.block_k, cfg.block_q) if key_major else (cfg.block_q, cfg.block_k)
-  q_axis, k_axis = (1, 0) if key_major else (0, 1)
-  valid = jnp.broadcast_to(kseg != 0, shape)
-  if not cfg.q_any:
-    valid = valid & (qseg == kseg)
-  bm = cfg.block_mask
-  if bm is not None and bm.has_token_pattern:
-    qpos = q_block * cfg.block_q + lax.broadcasted_iota(jnp.int32, shape, q_axis)
-    kpos = k_block * cfg.block_k + lax.broadcasted_iota(jnp.int32, shape, k_axis)
-    pattern = jnp.abs(qpos - kpos) <= bm.window
-    if bm.num_global:
-      pattern = pattern | (qpos < bm.num_global) | (kpos < bm.num_global)
-    valid = valid & pattern
-  return valid
+def _split_lists(cfg: KernelConfig, refs):
+  """(index-list refs or None, remaining refs)."""
+  if cfg.block_mask is None:
+    return None, refs
+  return refs[:2], refs[2:]
 
 
-def _loop_bounds(cfg: _Cfg, lists, row, dense_count):
+def _loop_bounds(lists, own, dense_count):
   """(trip count, block index of step t) for the dense or the block-sparse loop."""
   if lists is None:
     return dense_count, lambda t: t
   idx_ref, cnt_ref = lists
-  return cnt_ref[row], lambda t: idx_ref[row, t]
+  return cnt_ref[own], lambda t: idx_ref[own, t]
 
 
-# ----------------------------------------------------------------------------- kernels
-
-
-def _fwd_kernel(*refs, cfg: _Cfg):
-  if cfg.block_mask is not None:
-    idx_ref, cnt_ref, *refs = refs
-    lists = (idx_ref, cnt_ref)
-  else:
-    lists = None
+def _fwd_kernel(*refs, cfg: KernelConfig):
+  lists, refs = _split_lists(cfg, refs)
   q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref = refs
   qi = pl.program_id(2)
-  q_QD = q_ref[...]
-  qseg_Q1 = qseg_ref[...]
-  bq, bk = cfg.block_q, cfg.block_k
-  count, block_at = _loop_bounds(cfg, lists, qi, cfg.num_kv_blocks)
+  q_QD, qseg_Q1 = q_ref[...], qseg_ref[...]
+  bk = cfg.block_k
+  count, block_at = _loop_bounds(lists, qi, cfg.num_kv_blocks)
 
   def body(t, carry):
-    m_Q1, l_Q1, acc_QD = carry
     kj = block_at(t)
     start = pl.multiple_of(kj * bk, bk)
-    k_KD = k_ref[pl.ds(start, bk), :]
-    v_KD = v_ref[pl.ds(start, bk), :]
-    kseg_1K = kseg_ref[:, pl.ds(start, bk)]
-    s_QK = lax.dot_general(q_QD, k_KD, _NT, preferred_element_type=jnp.float32) * cfg.scale
-    valid_QK = _tile_mask(cfg, qseg_Q1, kseg_1K, qi, kj)
-    s_QK = jnp.where(valid_QK, s_QK, _NEG)
-    m_new_Q1 = jnp.maximum(m_Q1, jnp.max(s_QK, axis=1, keepdims=True))
-    p_QK = jnp.where(valid_QK, jnp.exp(s_QK - m_new_Q1), 0.0)
-    alpha_Q1 = jnp.exp(m_Q1 - m_new_Q1)
-    l_Q1 = alpha_Q1 * l_Q1 + jnp.sum(p_QK, axis=1, keepdims=True)
-    pv_QD = jnp.dot(p_QK.astype(v_KD.dtype), v_KD, preferred_element_type=jnp.float32)
-    return m_new_Q1, l_Q1, alpha_Q1 * acc_QD + pv_QD
+    return tiles.fwd_tile(cfg, q_QD, k_ref[pl.ds(start, bk), :], v_ref[pl.ds(start, bk), :], qseg_Q1,
+                          kseg_ref[:, pl.ds(start, bk)], qi, kj, *carry)
 
-  init = (jnp.full((bq, 1), _NEG, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
-          jnp.zeros(q_QD.shape, jnp.float32))
-  m_Q1, l_Q1, acc_QD = lax.fori_loop(0, count, body, init)
-  empty_Q1 = l_Q1 == 0.0
-  l_safe_Q1 = jnp.where(empty_Q1, 1.0, l_Q1)
-  o_ref[...] = jnp.where(empty_Q1, 0.0, acc_QD / l_safe_Q1).astype(o_ref.dtype)
-  # Fully masked rows store lse = 0; the backward masks p explicitly so they get zero grads.
-  lse_ref[...] = jnp.where(empty_Q1, 0.0, m_Q1 + jnp.log(l_safe_Q1))
+  m_Q1, l_Q1, acc_QD = lax.fori_loop(0, count, body, tiles.fwd_init(*q_QD.shape))
+  o_QD, lse_Q1 = tiles.fwd_finish(m_Q1, l_Q1, acc_QD)
+  o_ref[...] = o_QD.astype(o_ref.dtype)
+  lse_ref[...] = lse_Q1
 
 
-def _dkv_kernel(*refs, cfg: _Cfg):
-  """dk, dv for one key block; tiles are key-major ``[block_k, block_q]`` so no matmul needs a transposed lhs
-  and the per-query vectors (lse, delta, segment ids) are lane-dense rows ``[1, length]``."""
-  if cfg.block_mask is not None:
-    idx_ref, cnt_ref, *refs = refs
-    lists = (idx_ref, cnt_ref)
-  else:
-    lists = None
+def _dkv_kernel(*refs, cfg: KernelConfig):
+  lists, refs = _split_lists(cfg, refs)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dk_ref, dv_ref = refs
   kj = pl.program_id(2)
-  k_KD = k_ref[...]
-  v_KD = v_ref[...]
-  kseg_K1 = kseg_ref[...]
+  k_KD, v_KD, kseg_K1 = k_ref[...], v_ref[...], kseg_ref[...]
   bq = cfg.block_q
-  count, block_at = _loop_bounds(cfg, lists, kj, cfg.num_q_blocks)
+  count, block_at = _loop_bounds(lists, kj, cfg.num_q_blocks)
 
   def body(t, carry):
-    dk_KD, dv_KD = carry
     qi = block_at(t)
     start = pl.multiple_of(qi * bq, bq)
-    q_QD = q_ref[pl.ds(start, bq), :]
-    do_QD = do_ref[pl.ds(start, bq), :]
-    lse_1Q = lse_ref[:, pl.ds(start, bq)]
-    delta_1Q = delta_ref[:, pl.ds(start, bq)]
-    qseg_1Q = qseg_ref[:, pl.ds(start, bq)]
-    s_KQ = lax.dot_general(k_KD, q_QD, _NT, preferred_element_type=jnp.float32) * cfg.scale
-    valid_KQ = _tile_mask(cfg, qseg_1Q, kseg_K1, qi, kj, key_major=True)
-    p_KQ = jnp.where(valid_KQ, jnp.exp(jnp.where(valid_KQ, s_KQ - lse_1Q, 0.0)), 0.0)
-    dv_KD = dv_KD + jnp.dot(p_KQ.astype(do_QD.dtype), do_QD, preferred_element_type=jnp.float32)
-    dp_KQ = lax.dot_general(v_KD, do_QD, _NT, preferred_element_type=jnp.float32)
-    ds_KQ = p_KQ * (dp_KQ - delta_1Q)
-    dk_KD = dk_KD + jnp.dot(ds_KQ.astype(q_QD.dtype), q_QD, preferred_element_type=jnp.float32)
-    return dk_KD, dv_KD
+    rows = pl.ds(start, bq)
+    return tiles.dkv_tile(cfg, q_ref[rows, :], k_KD, v_KD, do_ref[rows, :], lse_ref[:, rows], delta_ref[:, rows],
+                          qseg_ref[:, rows], kseg_K1, qi, kj, *carry)
 
   zeros_KD = jnp.zeros(k_KD.shape, jnp.float32)
   dk_KD, dv_KD = lax.fori_loop(0, count, body, (zeros_KD, zeros_KD))
@@ -182,62 +115,36 @@ def _dkv_kernel(*refs, cfg: _Cfg):
   dv_ref[...] = dv_KD.astype(dv_ref.dtype)
 
 
-def _dq_kernel(*refs, cfg: _Cfg):
-  if cfg.block_mask is not None:
-    idx_ref, cnt_ref, *refs = refs
-    lists = (idx_ref, cnt_ref)
-  else:
-    lists = None
+def _dq_kernel(*refs, cfg: KernelConfig):
+  lists, refs = _split_lists(cfg, refs)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dq_ref = refs
   qi = pl.program_id(2)
-  q_QD = q_ref[...]
-  do_QD = do_ref[...]
-  lse_Q1 = lse_ref[...]
-  delta_Q1 = delta_ref[...]
-  qseg_Q1 = qseg_ref[...]
+  q_QD, do_QD, lse_Q1, delta_Q1, qseg_Q1 = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...], qseg_ref[...]
   bk = cfg.block_k
-  count, block_at = _loop_bounds(cfg, lists, qi, cfg.num_kv_blocks)
+  count, block_at = _loop_bounds(lists, qi, cfg.num_kv_blocks)
 
   def body(t, dq_QD):
     kj = block_at(t)
     start = pl.multiple_of(kj * bk, bk)
-    k_KD = k_ref[pl.ds(start, bk), :]
-    v_KD = v_ref[pl.ds(start, bk), :]
-    kseg_1K = kseg_ref[:, pl.ds(start, bk)]
-    s_QK = lax.dot_general(q_QD, k_KD, _NT, preferred_element_type=jnp.float32) * cfg.scale
-    valid_QK = _tile_mask(cfg, qseg_Q1, kseg_1K, qi, kj)
-    p_QK = jnp.where(valid_QK, jnp.exp(jnp.where(valid_QK, s_QK - lse_Q1, 0.0)), 0.0)
-    dp_QK = lax.dot_general(do_QD, v_KD, _NT, preferred_element_type=jnp.float32)
-    ds_QK = p_QK * (dp_QK - delta_Q1)
-    return dq_QD + jnp.dot(ds_QK.astype(k_KD.dtype), k_KD, preferred_element_type=jnp.float32)
+    cols = pl.ds(start, bk)
+    return tiles.dq_tile(cfg, q_QD, k_ref[cols, :], v_ref[cols, :], do_QD, lse_Q1, delta_Q1, qseg_Q1,
+                         kseg_ref[:, cols], qi, kj, dq_QD)
 
   dq_QD = lax.fori_loop(0, count, body, jnp.zeros(q_QD.shape, jnp.float32))
   dq_ref[...] = (dq_QD * cfg.scale).astype(dq_ref.dtype)
 
 
-# ----------------------------------------------------------------------------- launching
+# ----------------------------------------------------------------------------- loop-driver launching
 
 
-def _compiler_params(cfg: _Cfg):
+def _compiler_params(cfg: KernelConfig):
   if cfg.backend == "triton":
     from jax.experimental.pallas import triton as plgpu
     return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-  if cfg.backend in ("mosaic", "interpret_tpu"):
-    from jax.experimental.pallas import tpu as pltpu
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
   return None
 
 
-def _interpret_arg(cfg: _Cfg):
-  if cfg.backend == "interpret":
-    return True
-  if cfg.backend == "interpret_tpu":  # TPU semantics (SMEM scalar prefetch, Mosaic grid spec) emulated on CPU
-    from jax.experimental.pallas import tpu as pltpu
-    return pltpu.InterpretParams()
-  return False
-
-
-def _lists_arrays(cfg: _Cfg, transpose: bool):
+def _lists_arrays(cfg: KernelConfig, transpose: bool):
   """Index lists as int32 arrays, padded to powers of two for Triton."""
   idx, cnt = cfg.block_mask.q_block_lists() if transpose else cfg.block_mask.kv_block_lists()
   if cfg.backend == "triton":
@@ -247,106 +154,100 @@ def _lists_arrays(cfg: _Cfg, transpose: bool):
   return jnp.asarray(idx, jnp.int32), jnp.asarray(cnt, jnp.int32)
 
 
-def _launch(kernel, cfg: _Cfg, grid, in_specs, out_specs, out_shape, args, *, transpose_lists: bool, name: str):
+def _launch(kernel, cfg: KernelConfig, grid, in_specs, out_specs, out_shape, args, *, transpose_lists: bool,
+            name: str):
   kernel = functools.partial(kernel, cfg=cfg)
-  params = _compiler_params(cfg)
-  interpret = _interpret_arg(cfg)
+  call = functools.partial(pl.pallas_call, kernel, out_shape=out_shape, grid=grid, out_specs=out_specs,
+                           interpret=cfg.backend == "interpret", compiler_params=_compiler_params(cfg), name=name)
   if cfg.block_mask is None:
-    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
-                          interpret=interpret, compiler_params=params, name=name)(*args)
+    return call(in_specs=in_specs)(*args)
   idx, cnt = _lists_arrays(cfg, transpose_lists)
-  if cfg.backend in ("mosaic", "interpret_tpu"):
-    from jax.experimental.pallas import tpu as pltpu
-    grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=2, grid=grid, in_specs=in_specs,
-                                             out_specs=out_specs)
-    return pl.pallas_call(kernel, out_shape=out_shape, grid_spec=grid_spec, compiler_params=params,
-                          interpret=interpret, name=name)(idx, cnt, *args)
   list_specs = [pl.BlockSpec(idx.shape, lambda *_: (0, 0)), pl.BlockSpec(cnt.shape, lambda *_: (0,))]
-  return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=list_specs + list(in_specs),
-                        out_specs=out_specs, interpret=interpret, compiler_params=params,
-                        name=name)(idx, cnt, *args)
+  return call(in_specs=list_specs + list(in_specs))(idx, cnt, *args)
 
 
-def _row_spec(block, d):
-  """Spec for one block of rows of a ``[B, N, L, d]`` array, indexed by grid axis 2."""
-  return pl.BlockSpec((None, None, block, d), lambda b, n, i, *_: (b, n, i, 0))
+def _own_spec(block, d):
+  """One block of rows of a ``[B, N, L, d]`` array, indexed by grid axis 2."""
+  return pl.BlockSpec((None, None, block, d), lambda b, n, i: (b, n, i, 0))
 
 
-def _full_spec(cfg: _Cfg, shape):
-  """Spec for all of one head of a ``[B, N, *shape]`` array; its block index changes only with (b, n).
-
-  On TPU it is single-buffered: it is fetched once per head, and double buffering would double
-  the VMEM these full-length blocks take.
-  """
-  mode = pl.Buffered(1) if cfg.backend in ("mosaic", "interpret_tpu") else None
-  return pl.BlockSpec((None, None) + tuple(shape), lambda b, n, i, *_: (b, n, 0, 0), pipeline_mode=mode)
+def _head_spec(shape):
+  """All of one head of a ``[B, N, *shape]`` array (left in global memory by Triton, sliced in the loop)."""
+  return pl.BlockSpec((None, None) + tuple(shape), lambda b, n, i: (b, n, 0, 0))
 
 
-def _fwd(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, cfg: _Cfg):
+def _fwd(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, cfg: KernelConfig):
+  """Output ``[B, N, Lq, D]`` and logsumexp ``[B, N, Lq, 1]`` (rows past the last query block unset)."""
+  if cfg.backend in TPU_BACKENDS:
+    from jaxformers.kernels.attention import flash_tpu
+    return flash_tpu.fwd(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, cfg)
   B, N, Lq, D = q_BNQD.shape
   Lk = k_BNKD.shape[2]
   in_specs = [
-      _row_spec(cfg.block_q, D), _full_spec(cfg, (Lk, D)), _full_spec(cfg, (Lk, D)),
-      pl.BlockSpec((None, cfg.block_q, 1), lambda b, n, i, *_: (b, i, 0)),
-      pl.BlockSpec((None, 1, Lk), lambda b, n, i, *_: (b, 0, 0)),
+      _own_spec(cfg.block_q, D), _head_spec((Lk, D)), _head_spec((Lk, D)),
+      pl.BlockSpec((None, cfg.block_q, 1), lambda b, n, i: (b, i, 0)),
+      pl.BlockSpec((None, 1, Lk), lambda b, n, i: (b, 0, 0)),
   ]
-  out_specs = [_row_spec(cfg.block_q, D), _row_spec(cfg.block_q, 1)]
+  out_specs = [_own_spec(cfg.block_q, D), _own_spec(cfg.block_q, 1)]
   out_shape = [jax.ShapeDtypeStruct(q_BNQD.shape, q_BNQD.dtype), jax.ShapeDtypeStruct((B, N, Lq, 1), jnp.float32)]
-  o_BNQD, lse_BNQ1 = _launch(_fwd_kernel, cfg, (B, N, cfg.num_q_blocks), in_specs, out_specs, out_shape,
-                             (q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K), transpose_lists=False,
-                             name="flash_fwd")
-  return o_BNQD, lse_BNQ1
+  return _launch(_fwd_kernel, cfg, (B, N, cfg.num_q_blocks), in_specs, out_specs, out_shape,
+                 (q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K), transpose_lists=False, name="flash_fwd")
 
 
-def _bwd(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, o_BNQD, lse_BNQ1, do_BNQD, cfg: _Cfg):
+def _bwd(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, o_BNQD, lse_BNQ1, do_BNQD, cfg: KernelConfig):
   B, N, Lq, D = q_BNQD.shape
   Lk = k_BNKD.shape[2]
-  valid_rows = cfg.num_q_blocks * cfg.block_q
-  delta_BNQ1 = jnp.sum(do_BNQD[:, :, :valid_rows].astype(jnp.float32) * o_BNQD[:, :, :valid_rows].astype(jnp.float32),
-                       axis=-1, keepdims=True)
-  delta_BNQ1 = jnp.pad(delta_BNQ1, ((0, 0), (0, 0), (0, Lq - valid_rows), (0, 0)))
-  lse_BNQ1 = jnp.where(jnp.arange(Lq)[:, None] < valid_rows, lse_BNQ1, 0.0)
+  # delta = rowsum(dO * O); rows past the last query block (Triton's power-of-two padding) are unset: zero them.
+  rows_Q1 = jnp.arange(Lq)[:, None] < cfg.num_q_blocks * cfg.block_q
+  delta_BNQ1 = jnp.sum(do_BNQD.astype(jnp.float32) * o_BNQD.astype(jnp.float32), axis=-1, keepdims=True)
+  delta_BNQ1 = jnp.where(rows_Q1, delta_BNQ1, 0.0)
+  lse_BNQ1 = jnp.where(rows_Q1, lse_BNQ1, 0.0)
+  if cfg.backend in TPU_BACKENDS:
+    from jaxformers.kernels.attention import flash_tpu
+    return flash_tpu.bwd(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, lse_BNQ1, delta_BNQ1, do_BNQD, cfg)
 
   # The dk/dv kernel reads per-query vectors as rows [1, Lq] and key segment ids as columns.
   kv_specs = [
-      _full_spec(cfg, (Lq, D)), _row_spec(cfg.block_k, D), _row_spec(cfg.block_k, D), _full_spec(cfg, (Lq, D)),
-      _full_spec(cfg, (1, Lq)), _full_spec(cfg, (1, Lq)),
-      pl.BlockSpec((None, 1, Lq), lambda b, n, j, *_: (b, 0, 0)),
-      pl.BlockSpec((None, cfg.block_k, 1), lambda b, n, j, *_: (b, j, 0)),
+      _head_spec((Lq, D)), _own_spec(cfg.block_k, D), _own_spec(cfg.block_k, D), _head_spec((Lq, D)),
+      _head_spec((1, Lq)), _head_spec((1, Lq)),
+      pl.BlockSpec((None, 1, Lq), lambda b, n, j: (b, 0, 0)),
+      pl.BlockSpec((None, cfg.block_k, 1), lambda b, n, j: (b, j, 0)),
   ]
   dk_BNKD, dv_BNKD = _launch(
-      _dkv_kernel, cfg, (B, N, cfg.num_kv_blocks), kv_specs,
-      [_row_spec(cfg.block_k, D), _row_spec(cfg.block_k, D)],
+      _dkv_kernel, cfg, (B, N, cfg.num_kv_blocks), kv_specs, [_own_spec(cfg.block_k, D)] * 2,
       [jax.ShapeDtypeStruct(k_BNKD.shape, k_BNKD.dtype), jax.ShapeDtypeStruct(v_BNKD.shape, v_BNKD.dtype)],
       (q_BNQD, k_BNKD, v_BNKD, do_BNQD, lse_BNQ1.reshape(B, N, 1, Lq), delta_BNQ1.reshape(B, N, 1, Lq),
        qseg_BQ1.reshape(B, 1, Lq), kseg_B1K.reshape(B, Lk, 1)),
       transpose_lists=True, name="flash_bwd_dkv")
 
   q_specs = [
-      _row_spec(cfg.block_q, D), _full_spec(cfg, (Lk, D)), _full_spec(cfg, (Lk, D)), _row_spec(cfg.block_q, D),
-      _row_spec(cfg.block_q, 1), _row_spec(cfg.block_q, 1),
-      pl.BlockSpec((None, cfg.block_q, 1), lambda b, n, i, *_: (b, i, 0)),
-      pl.BlockSpec((None, 1, Lk), lambda b, n, i, *_: (b, 0, 0)),
+      _own_spec(cfg.block_q, D), _head_spec((Lk, D)), _head_spec((Lk, D)), _own_spec(cfg.block_q, D),
+      _own_spec(cfg.block_q, 1), _own_spec(cfg.block_q, 1),
+      pl.BlockSpec((None, cfg.block_q, 1), lambda b, n, i: (b, i, 0)),
+      pl.BlockSpec((None, 1, Lk), lambda b, n, i: (b, 0, 0)),
   ]
   dq_BNQD = _launch(
-      _dq_kernel, cfg, (B, N, cfg.num_q_blocks), q_specs, _row_spec(cfg.block_q, D),
+      _dq_kernel, cfg, (B, N, cfg.num_q_blocks), q_specs, _own_spec(cfg.block_q, D),
       jax.ShapeDtypeStruct(q_BNQD.shape, q_BNQD.dtype),
       (q_BNQD, k_BNKD, v_BNKD, do_BNQD, lse_BNQ1, delta_BNQ1, qseg_BQ1, kseg_B1K),
       transpose_lists=False, name="flash_bwd_dq")
   return dq_BNQD, dk_BNKD, dv_BNKD
 
 
+# ----------------------------------------------------------------------------- custom_vjp
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash_padded(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, cfg: _Cfg):
+def _flash_padded(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, cfg: KernelConfig):
   return _fwd(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, cfg)[0]
 
 
-def _flash_padded_fwd(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, cfg: _Cfg):
+def _flash_padded_fwd(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, cfg: KernelConfig):
   o_BNQD, lse_BNQ1 = _fwd(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, cfg)
   return o_BNQD, (q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, o_BNQD, lse_BNQ1)
 
 
-def _flash_padded_bwd(cfg: _Cfg, res, do_BNQD):
+def _flash_padded_bwd(cfg: KernelConfig, res, do_BNQD):
   q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, o_BNQD, lse_BNQ1 = res
   dq, dk, dv = _bwd(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, o_BNQD, lse_BNQ1, do_BNQD, cfg)
   return dq, dk, dv, None, None
@@ -385,9 +286,10 @@ def flash_attention(q_BLND, k_BLND, v_BLND, *, segment_ids=None, kv_segment_ids=
   Differentiable in q, k, v through Pallas backward kernels. ``segment_ids`` ``[batch, q_len]``
   and ``kv_segment_ids`` ``[batch, kv_len]`` follow the reference convention (0 = padding).
   ``block_mask`` (its block sizes override ``block_sizes``) selects the block-sparse kernel.
-  ``backend`` is ``"interpret"`` (generic Pallas interpreter), ``"interpret_tpu"`` (the Mosaic
-  call path, scalar-prefetched lists included, under the TPU interpreter on CPU), ``"triton"``
-  or ``"mosaic"``; None picks from the current JAX backend (interpret on CPU or when forced).
+  ``backend`` is ``"interpret"`` (loop driver, generic Pallas interpreter), ``"interpret_tpu"``
+  (grid driver with scalar-prefetched lists, under the TPU interpreter on CPU), ``"triton"``
+  (loop driver, GPU) or ``"mosaic"`` (grid driver, TPU); None picks from the current JAX
+  backend (interpret on CPU or when forced).
   """
   check_inputs(q_BLND, k_BLND, v_BLND, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
   B, Lq, N, D = q_BLND.shape
@@ -403,11 +305,14 @@ def flash_attention(q_BLND, k_BLND, v_BLND, *, segment_ids=None, kv_segment_ids=
   else:
     platform = {"triton": "gpu", "mosaic": "tpu", "interpret": "cpu", "interpret_tpu": "cpu"}[backend]
     bs = block_sizes or default_block_sizes(platform, D)
+  nq, nk = _cdiv(Lq, bs.block_q), _cdiv(Lk, bs.block_k)
   if backend == "triton" and (bs.block_q & (bs.block_q - 1) or bs.block_k & (bs.block_k - 1)):
     raise ValueError(f"block sizes must be powers of two on GPU (Triton), got {bs}")
+  if backend == "mosaic" and ((bs.block_q % 128 and nq > 1) or (bs.block_k % 128 and nk > 1)):
+    raise ValueError(f"block sizes must be multiples of 128 on TPU (Mosaic) unless one block covers the length, "
+                     f"got {bs}")
   scale = D**-0.5 if scale is None else float(scale)
 
-  nq, nk = _cdiv(Lq, bs.block_q), _cdiv(Lk, bs.block_k)
   Lq_pad, Lk_pad = nq * bs.block_q, nk * bs.block_k
   D_pad = D
   if backend == "triton":  # Triton blocks are powers of two; full-length refs and head_dim too
@@ -430,7 +335,7 @@ def flash_attention(q_BLND, k_BLND, v_BLND, *, segment_ids=None, kv_segment_ids=
     x_BNLD = jnp.transpose(x_BLND, (0, 2, 1, 3))
     return jnp.pad(x_BNLD, ((0, 0), (0, 0), (0, L_pad - x_BNLD.shape[2]), (0, D_pad - D)))
 
-  cfg = _Cfg(scale=scale, block_q=bs.block_q, block_k=bs.block_k, num_q_blocks=nq, num_kv_blocks=nk,
+  cfg = KernelConfig(scale=scale, block_q=bs.block_q, block_k=bs.block_k, num_q_blocks=nq, num_kv_blocks=nk,
              q_any=q_any, backend=backend, block_mask=block_mask,
              num_warps=num_warps or (4 if D_pad <= 64 else 8), num_stages=num_stages)
   o_BNQD = _flash_padded(prep(q_BLND, Lq_pad), prep(k_BLND, Lk_pad), prep(v_BLND, Lk_pad), qseg_BQ1, kseg_B1K, cfg)
