@@ -20,6 +20,7 @@ import pytest
 
 from jaxformers.kernels.attention import (BlockSizes, BlockSparseMask, attention, attention_reference,
                                           block_sparse_attention, block_sparse_reference, combined_mask,
+                                          default_block_sizes,
                                           flash_attention, force_interpret, local_global_mask, segment_mask,
                                           sliding_window_mask, token_pattern)
 from jaxformers.kernels.attention import dispatch
@@ -170,6 +171,22 @@ def test_tpu_grid_driver_in_tpu_interpreter(sparse):
   _check_against(kernel, ref, q, k, v, do)
 
 
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "block_sparse"])
+def test_gpu_padding_rules_in_interpreter(sparse):
+  """Triton's power-of-two padding (lengths 40 -> 64, head_dim 48 -> 64, index lists) under the interpreter."""
+  B, L, N, D = 2, 40, 1, 48
+  q, k, v, do = _qkv(B, L, L, N, D, jnp.float32, seed=13)
+  seg = _segments("packed", B, L, seed=4)
+  bm = local_global_mask(L, window=5, num_global=2, block_q=16, block_k=16) if sparse else None
+  kernel = lambda q, k, v: flash_attention(q, k, v, segment_ids=seg, block_sizes=BlockSizes(16, 16), block_mask=bm,
+                                           backend="interpret_gpu")
+  if sparse:
+    ref = lambda q, k, v: block_sparse_reference(q, k, v, bm, segment_ids=seg)
+  else:
+    ref = lambda q, k, v: attention_reference(q, k, v, segment_ids=seg)
+  _check_against(kernel, ref, q, k, v, do)
+
+
 def test_mask_helpers_cover_the_token_pattern_with_linear_cost():
   L, w, g, blk = 300, 20, 3, 32
   bm = local_global_mask(L, window=w, num_global=g, block_q=blk, block_k=blk)
@@ -217,6 +234,23 @@ def test_argument_errors():
     attention(q, k, v, impl="cudnn")
   with pytest.raises(ValueError, match="segment_ids must be"):
     attention(q, k, v, impl="pallas", segment_ids=jnp.ones((1, 15), jnp.int32))
+  with pytest.raises(ValueError, match="powers of two"):
+    flash_attention(q, k, v, block_sizes=BlockSizes(24, 32), backend="triton")
+  with pytest.raises(ValueError, match="multiples of 128"):
+    flash_attention(jnp.ones((1, 300, 1, 32)), jnp.ones((1, 300, 1, 32)), jnp.ones((1, 300, 1, 32)),
+                    block_sizes=BlockSizes(64, 128), backend="mosaic")
+  with pytest.raises(ValueError, match="backend must be"):
+    flash_attention(q, k, v, backend="cuda")
+  with pytest.raises(ValueError, match="multiple of 8"):
+    BlockSizes(12, 32)
+
+
+def test_default_block_sizes_per_backend():
+  for d in (32, 64, 128):
+    gpu, tpu = default_block_sizes("gpu", d), default_block_sizes("tpu", d)
+    assert all(b & (b - 1) == 0 for b in (gpu.block_q, gpu.block_k))  # Triton: powers of two
+    assert tpu.block_q % 128 == 0 and tpu.block_k % 128 == 0  # Mosaic: lane-aligned key blocks
+  assert default_block_sizes("cpu", 64).block_q <= 32  # interpret mode: small blocks
 
 
 def _has_interpreted_pallas_call(fn, *args):

@@ -6,10 +6,11 @@ their segment ids are equal and non-zero (0 = padding); ``kv_segment_ids`` alone
 keys only; ``mask`` (boolean, broadcastable to ``[batch, heads, q_len, kv_len]``) and
 ``block_mask`` (a static :class:`BlockSparseMask`) are and-ed in. Fully masked rows are zeros.
 
-Modules: ``reference`` (plain jnp), ``flash`` (Pallas forward/backward kernels), ``masks``
-(block-sparse masks and helpers), ``block_sparse`` (block-sparse entry points), ``config``
-(per-backend block sizes, interpret switch), ``dispatch`` (``impl`` selection, cuDNN path),
-``sharding`` (``shard_map`` wrapper for meshes).
+Modules: ``reference`` (plain jnp), ``tiles`` (per-tile flash math shared by all kernels),
+``flash`` (custom_vjp wrapper and the loop-driver kernels for GPU/Triton and interpret mode),
+``flash_tpu`` (grid-driver kernels for TPU/Mosaic), ``masks`` (block-sparse masks and helpers),
+``block_sparse`` (block-sparse entry points), ``config`` (per-backend block sizes, interpret
+switch), ``dispatch`` (``impl`` selection, cuDNN path), ``sharding`` (``shard_map`` wrapper).
 
 Interpret mode: the Pallas kernels lower through Triton on GPU and Mosaic on TPU. On CPU an
 explicit ``impl="pallas"`` runs them with ``pallas_call(interpret=True)`` (logged once) rather
@@ -81,10 +82,12 @@ def attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, mask=None, scal
                          block_sizes=block_sizes, block_mask=block_mask)
 
 
+from jaxformers.kernels.attention.sharding import sharded_attention  # noqa: E402  (needs `attention`)
+
 __all__ = [
     "attention", "attention_reference", "combined_mask", "segment_mask", "IMPLS",
     "flash_attention", "block_sparse_attention", "block_sparse_reference",
     "BlockSparseMask", "local_global_mask", "sliding_window_mask", "token_pattern", "dense_block_sparse_mask",
     "BlockSizes", "default_block_sizes", "force_interpret", "set_force_interpret", "interpret_forced",
-    "kernel_backend", "choose_impl", "cudnn_attention",
+    "kernel_backend", "choose_impl", "cudnn_attention", "sharded_attention",
 ]

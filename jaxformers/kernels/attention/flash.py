@@ -44,8 +44,9 @@ from jaxformers.kernels.attention.tiles import KernelConfig
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 128
-BACKENDS = ("interpret", "interpret_tpu", "triton", "mosaic")
+BACKENDS = ("interpret", "interpret_gpu", "interpret_tpu", "triton", "mosaic")
 TPU_BACKENDS = ("mosaic", "interpret_tpu")
+POW2_BACKENDS = ("triton", "interpret_gpu")  # Triton's power-of-two shapes (interpret_gpu: same padding, interpreted)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -147,7 +148,7 @@ def _compiler_params(cfg: KernelConfig):
 def _lists_arrays(cfg: KernelConfig, transpose: bool):
   """Index lists as int32 arrays, padded to powers of two for Triton."""
   idx, cnt = cfg.block_mask.q_block_lists() if transpose else cfg.block_mask.kv_block_lists()
-  if cfg.backend == "triton":
+  if cfg.backend in POW2_BACKENDS:
     rows, cols = _next_pow2(idx.shape[0]), _next_pow2(idx.shape[1])
     idx = np.pad(idx, ((0, rows - idx.shape[0]), (0, cols - idx.shape[1])))
     cnt = np.pad(cnt, (0, rows - cnt.shape[0]))
@@ -158,7 +159,7 @@ def _launch(kernel, cfg: KernelConfig, grid, in_specs, out_specs, out_shape, arg
             name: str):
   kernel = functools.partial(kernel, cfg=cfg)
   call = functools.partial(pl.pallas_call, kernel, out_shape=out_shape, grid=grid, out_specs=out_specs,
-                           interpret=cfg.backend == "interpret", compiler_params=_compiler_params(cfg), name=name)
+                           interpret=cfg.backend in ("interpret", "interpret_gpu"), compiler_params=_compiler_params(cfg), name=name)
   if cfg.block_mask is None:
     return call(in_specs=in_specs)(*args)
   idx, cnt = _lists_arrays(cfg, transpose_lists)
@@ -286,8 +287,9 @@ def flash_attention(q_BLND, k_BLND, v_BLND, *, segment_ids=None, kv_segment_ids=
   Differentiable in q, k, v through Pallas backward kernels. ``segment_ids`` ``[batch, q_len]``
   and ``kv_segment_ids`` ``[batch, kv_len]`` follow the reference convention (0 = padding).
   ``block_mask`` (its block sizes override ``block_sizes``) selects the block-sparse kernel.
-  ``backend`` is ``"interpret"`` (loop driver, generic Pallas interpreter), ``"interpret_tpu"``
-  (grid driver with scalar-prefetched lists, under the TPU interpreter on CPU), ``"triton"``
+  ``backend`` is ``"interpret"`` (loop driver, generic Pallas interpreter), ``"interpret_gpu"``
+  (the same with Triton's power-of-two padding), ``"interpret_tpu"`` (grid driver with
+  scalar-prefetched lists, under the TPU interpreter on CPU), ``"triton"``
   (loop driver, GPU) or ``"mosaic"`` (grid driver, TPU); None picks from the current JAX
   backend (interpret on CPU or when forced).
   """
@@ -303,10 +305,11 @@ def flash_attention(q_BLND, k_BLND, v_BLND, *, segment_ids=None, kv_segment_ids=
                        f"inputs have ({Lq}, {Lk})")
     bs = BlockSizes(block_mask.block_q, block_mask.block_k)
   else:
-    platform = {"triton": "gpu", "mosaic": "tpu", "interpret": "cpu", "interpret_tpu": "cpu"}[backend]
+    platform = {"triton": "gpu", "mosaic": "tpu", "interpret": "cpu", "interpret_gpu": "cpu",
+                "interpret_tpu": "cpu"}[backend]
     bs = block_sizes or default_block_sizes(platform, D)
   nq, nk = _cdiv(Lq, bs.block_q), _cdiv(Lk, bs.block_k)
-  if backend == "triton" and (bs.block_q & (bs.block_q - 1) or bs.block_k & (bs.block_k - 1)):
+  if backend in POW2_BACKENDS and (bs.block_q & (bs.block_q - 1) or bs.block_k & (bs.block_k - 1)):
     raise ValueError(f"block sizes must be powers of two on GPU (Triton), got {bs}")
   if backend == "mosaic" and ((bs.block_q % 128 and nq > 1) or (bs.block_k % 128 and nk > 1)):
     raise ValueError(f"block sizes must be multiples of 128 on TPU (Mosaic) unless one block covers the length, "
@@ -315,7 +318,7 @@ def flash_attention(q_BLND, k_BLND, v_BLND, *, segment_ids=None, kv_segment_ids=
 
   Lq_pad, Lk_pad = nq * bs.block_q, nk * bs.block_k
   D_pad = D
-  if backend == "triton":  # Triton blocks are powers of two; full-length refs and head_dim too
+  if backend in POW2_BACKENDS:  # Triton blocks are powers of two; full-length refs and head_dim too
     Lq_pad, Lk_pad, D_pad = _next_pow2(Lq_pad), _next_pow2(Lk_pad), _next_pow2(D)
 
   q_any = segment_ids is None and kv_segment_ids is not None
