@@ -339,7 +339,7 @@ def flash_attention(q_BLND, k_BLND, v_BLND, *, segment_ids=None, kv_segment_ids=
     return jnp.pad(x_BNLD, ((0, 0), (0, 0), (0, L_pad - x_BNLD.shape[2]), (0, D_pad - D)))
 
   cfg = KernelConfig(scale=scale, block_q=bs.block_q, block_k=bs.block_k, num_q_blocks=nq, num_kv_blocks=nk,
-             q_any=q_any, backend=backend, block_mask=block_mask,
-             num_warps=num_warps or (4 if D_pad <= 64 else 8), num_stages=num_stages)
+                     q_any=q_any, backend=backend, block_mask=block_mask,
+                     num_warps=num_warps or (4 if D_pad <= 64 else 8), num_stages=num_stages)
   o_BNQD = _flash_padded(prep(q_BLND, Lq_pad), prep(k_BLND, Lk_pad), prep(v_BLND, Lk_pad), qseg_BQ1, kseg_B1K, cfg)
   return jnp.transpose(o_BNQD[:, :, :Lq, :D], (0, 2, 1, 3))
