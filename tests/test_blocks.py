@@ -173,3 +173,14 @@ def test_jit_forward_matches_eager():
   ids, mask = np.ones((2, 6), np.int32), np.array([[1] * 6, [1] * 3 + [0] * 3])
   jitted = nnx.jit(lambda m, i, k: m(i, k))(model, ids, mask)
   np.testing.assert_allclose(np.asarray(jitted), np.asarray(model(ids, mask)), atol=1e-5)
+
+
+def test_model_attention_impl_switch_runs_pallas_kernel():
+  cfg = tiny("serial*1").replace(num_heads=1)  # head_dim 32
+  ids = np.random.default_rng(0).integers(1, 64, (2, 20))
+  mask = np.ones_like(ids)
+  mask[0, 13:] = 0
+  ref = models.Encoder(cfg.replace(attention_impl="xla"), rngs=nnx.Rngs(0))
+  ker = models.Encoder(cfg.replace(attention_impl="pallas"), rngs=nnx.Rngs(0))
+  a, b = ref(ids, mask).last_hidden_state, ker(ids, mask).last_hidden_state
+  np.testing.assert_allclose(np.asarray(b)[mask == 1], np.asarray(a)[mask == 1], atol=1e-5)

@@ -153,3 +153,18 @@ def test_extended_checkpoint_runs_4096_and_keeps_first_512_outputs(minilm_dir):
   long_ids = np.random.default_rng(1).integers(1000, 20000, (1, 4096))
   out = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i).last_hidden_state)(state, long_ids)
   assert out.shape == (1, 4096, 384) and np.isfinite(np.asarray(out)).all()
+
+
+def test_sparse_block_kernel_path_equals_banded_xla_path():
+  from jaxformers.kernels.attention.config import force_interpret
+  cfg = tiny("sparse*1", sparse_window=16).replace(num_heads=1)  # head_dim 32: the kernels' smallest
+  model = models.Encoder(cfg, rngs=nnx.Rngs(0))
+  model.eval()
+  ids = np.random.default_rng(0).integers(2, 64, (2, 40))
+  mask = np.ones_like(ids)
+  mask[1, 29:] = 0
+  xla = model(ids, mask).last_hidden_state
+  with force_interpret():
+    assert model.blocks[0].mixer.uses_kernel(Sequences.build(2, 40, attention_mask=mask))
+    kernel = model(ids, mask).last_hidden_state
+  np.testing.assert_allclose(np.asarray(kernel)[mask == 1], np.asarray(xla)[mask == 1], atol=1e-5)
