@@ -49,7 +49,8 @@ def _softmax_attend(logits, valid, values_fn):
 def sparse_attention_xla(q, k, v, *, segment_ids, positions, window: int, global_positions: tuple[int, ...],
                          max_global: int, scale: float | None = None) -> jax.Array:
   """Banded + global attention. q, k, v ``[batch, length, heads, head_dim]``; ``max_global`` bounds the
-  number of global tokens per row (a static shape)."""
+  number of global tokens per row (a static shape). Computes head-major so every contraction is a
+  plain batched matmul over (batch, heads, block)."""
   bsz, l, n, h = q.shape
   scale = h**-0.5 if scale is None else scale
   seg = jnp.ones((bsz, l), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
@@ -58,52 +59,60 @@ def sparse_attention_xla(q, k, v, *, segment_ids, positions, window: int, global
   nb = -(-l // blk)
   pad = nb * blk - l
   f32 = jnp.float32
+  q_BNLH, k_BNLH, v_BNLH = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
 
-  def blocks(x, fill=0):
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-    return x.reshape((bsz, nb, blk) + x.shape[2:])
+  def blocks(x, axis, fill=0):  # split the length axis into [nb, blk]
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, pad)
+    x = jnp.pad(x, widths, constant_values=fill)
+    return x.reshape(x.shape[:axis] + (nb, blk) + x.shape[axis + 1:])
 
-  def neighbours(xb, fill=0):  # [B, nb, blk, ...] -> [B, nb, 3 blk, ...]: blocks q-1, q, q+1
-    padw = [(0, 0), (1, 1)] + [(0, 0)] * (xb.ndim - 2)
-    xp = jnp.pad(xb, padw, constant_values=fill)
-    return jnp.concatenate([xp[:, :-2], xp[:, 1:-1], xp[:, 2:]], axis=2)
+  def neighbours(xb, axis, fill=0):  # [..., nb, blk, ...] -> [..., nb, 3 blk, ...]: blocks q-1, q, q+1
+    widths = [(0, 0)] * xb.ndim
+    widths[axis] = (1, 1)
+    xp = jnp.pad(xb, widths, constant_values=fill)
+    take = lambda a, b: jax.lax.slice_in_dim(xp, a, b, axis=axis)
+    return jnp.concatenate([take(0, nb), take(1, nb + 1), take(2, nb + 2)], axis=axis + 1)
 
-  idx = jnp.arange(l, dtype=jnp.int32)[None].repeat(bsz, 0)
-  q_b, seg_q, idx_q = blocks(q), blocks(seg), blocks(idx, -(10**9))
-  k_n, v_n = neighbours(blocks(k)), neighbours(blocks(v))
-  seg_k = neighbours(blocks(seg))
-  idx_k = neighbours(blocks(idx, -(10**9)), -(10**9))
-  glob_k = neighbours(blocks(glob, False), False)
+  far = -(10**9)
+  idx = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (bsz, l))
+  q_b = blocks(q_BNLH, 2)                                                     # [B, N, nb, blk, H]
+  k_n, v_n = neighbours(blocks(k_BNLH, 2), 2), neighbours(blocks(v_BNLH, 2), 2)  # [B, N, nb, 3blk, H]
+  seg_q, idx_q = blocks(seg, 1), blocks(idx, 1, far)                          # [B, nb, blk]
+  seg_k = neighbours(blocks(seg, 1), 1)                                       # [B, nb, 3blk]
+  idx_k = neighbours(blocks(idx, 1, far), 1, far)
+  glob_k = neighbours(blocks(glob, 1, False), 1, False)
   # band part: same sequence, inside the window, key not global (global keys are attended below)
   band_valid = ((seg_q[..., :, None] == seg_k[..., None, :]) & (seg_k[..., None, :] != 0)
                 & (jnp.abs(idx_q[..., :, None] - idx_k[..., None, :]) <= window // 2) & ~glob_k[..., None, :])
-  band_logits = jnp.einsum("bqxnh,bqynh->bqnxy", q_b, k_n, preferred_element_type=f32) * scale
+  band_logits = jnp.einsum("bnqxh,bnqyh->bnqxy", q_b, k_n, preferred_element_type=f32) * scale
 
   # global keys (and queries): gather up to max_global of them per row
   order = jnp.argsort(~glob, axis=-1, stable=True)[:, :max_global]            # [B, G]
-  g_valid = jnp.take_along_axis(glob, order, axis=-1)                           # [B, G]
+  g_valid = jnp.take_along_axis(glob, order, axis=-1)                          # [B, G]
   g_seg = jnp.take_along_axis(seg, order, axis=-1)
-  k_g = jnp.take_along_axis(k, order[:, :, None, None], axis=1)                 # [B, G, N, H]
-  v_g = jnp.take_along_axis(v, order[:, :, None, None], axis=1)
-  g_logits = jnp.einsum("bqxnh,bgnh->bqnxg", q_b, k_g, preferred_element_type=f32) * scale
-  g_key_valid = (g_valid[:, None, None, :] & (seg_q[..., :, None] == g_seg[:, None, None, :]))  # [B, nb, blk, G]
+  gather = lambda t: jnp.take_along_axis(t, order[:, None, :, None], axis=2)  # [B, N, L, H] -> [B, N, G, H]
+  k_g, v_g = gather(k_BNLH), gather(v_BNLH)
+  g_logits = jnp.einsum("bnqxh,bngh->bnqxg", q_b, k_g, preferred_element_type=f32) * scale
+  g_key_valid = g_valid[:, None, None, :] & (seg_q[..., :, None] == g_seg[:, None, None, :])  # [B, nb, blk, G]
 
-  logits = jnp.concatenate([band_logits, g_logits], axis=-1)                   # [B, nb, N, blk, 3blk + G]
-  valid = jnp.concatenate([band_valid, g_key_valid], axis=-1)[:, :, None]       # [B, nb, 1, blk, 3blk + G]
+  logits = jnp.concatenate([band_logits, g_logits], axis=-1)                  # [B, N, nb, blk, 3blk + G]
+  valid = jnp.concatenate([band_valid, g_key_valid], axis=-1)[:, None]        # [B, 1, nb, blk, 3blk + G]
 
   def values(p):
     pb, pg = p[..., : 3 * blk], p[..., 3 * blk:]
-    out = jnp.einsum("bqnxy,bqynh->bqxnh", pb.astype(v.dtype), v_n, preferred_element_type=f32)
-    return out + jnp.einsum("bqnxg,bgnh->bqxnh", pg.astype(v.dtype), v_g, preferred_element_type=f32)
-  out = _softmax_attend(logits, valid, values).reshape(bsz, nb * blk, n, h)[:, :l]
+    out = jnp.einsum("bnqxy,bnqyh->bnqxh", pb.astype(v.dtype), v_n, preferred_element_type=f32)
+    return out + jnp.einsum("bnqxg,bngh->bnqxh", pg.astype(v.dtype), v_g, preferred_element_type=f32)
+  out_BNLH = _softmax_attend(logits, valid, values).reshape(bsz, n, nb * blk, h)[:, :, :l]
 
   # global queries attend to every key of their sequence
-  q_g = jnp.take_along_axis(q, order[:, :, None, None], axis=1)                 # [B, G, N, H]
-  gq_logits = jnp.einsum("bgnh,bknh->bngk", q_g, k, preferred_element_type=f32) * scale
+  q_g = gather(q_BNLH)                                                         # [B, N, G, H]
+  gq_logits = jnp.einsum("bngh,bnkh->bngk", q_g, k_BNLH, preferred_element_type=f32) * scale
   gq_valid = (g_seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
   out_g = _softmax_attend(gq_logits, gq_valid[:, None],
-                          lambda p: jnp.einsum("bngk,bknh->bgnh", p.astype(v.dtype), v, preferred_element_type=f32))
+                          lambda p: jnp.einsum("bngk,bnkh->bngh", p.astype(v.dtype), v_BNLH, preferred_element_type=f32))
   # write global rows back (rows of filler slots are dropped by sending them out of range)
   rows = jnp.where(g_valid, order, l)
-  out = out.at[jnp.arange(bsz)[:, None], rows].set(out_g, mode="drop")
-  return out.astype(q.dtype)
+  out_BNLH = out_BNLH.at[jnp.arange(bsz)[:, None, None], jnp.arange(n)[None, :, None], rows[:, None, :]].set(
+      out_g, mode="drop")
+  return jnp.swapaxes(out_BNLH, 1, 2).astype(q.dtype)
