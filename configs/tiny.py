@@ -20,6 +20,7 @@ def get_config(arg=None):
   c.model.attention_dropout = 0.0
   c.data.vocab_size = 400
   c.data.max_length = 32
+  c.data.max_train_examples = 64
   c.data.batch_size = 16
   c.data.eval_batch_size = 64
   c.optim.lr = 3e-3

@@ -12,7 +12,7 @@ import numpy as np
 from jaxformers.data.tokenize import Tokenized
 
 
-def bucket_lengths(max_length: int, smallest: int = 16) -> tuple[int, ...]:
+def bucket_lengths(max_length: int, smallest: int = 32) -> tuple[int, ...]:
   """Powers of two from ``smallest`` up to ``max_length`` (and ``max_length`` itself)."""
   out, b = [], smallest
   while b < max_length:

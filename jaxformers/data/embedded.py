@@ -16,6 +16,7 @@ exact counts depend on the Python version (documented in the run's summary).
 from __future__ import annotations
 
 import ast
+import functools
 import sysconfig
 import zlib
 from pathlib import Path
@@ -47,8 +48,10 @@ def _definitions(path: Path):
       yield head, " ".join(doc.split())
 
 
+@functools.lru_cache(maxsize=4)
 def stdlib_docstrings(packages=PACKAGES, root: Path | None = None) -> dict[str, list[dict]]:
-  """``{"train": [...], "validation": [...]}`` of ``{"text_a", "text_b", "label", "id"}`` examples."""
+  """``{"train": [...], "validation": [...]}`` of ``{"text_a", "text_b", "label", "id"}`` examples
+  (cached per process; treat the lists as read-only)."""
   root = root or stdlib_root()
   splits = {"train": [], "validation": []}
   for label, pkg in enumerate(packages):

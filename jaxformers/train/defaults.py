@@ -49,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.batch_size = 32
   d.eval_batch_size = 64
   d.mlm_probability = 0.15
+  d.max_train_examples = 0         # > 0: keep a fixed random subset of N training examples (smoke runs, tests)
 
   c.optim = o = ml_collections.ConfigDict()
   o.lr = 1e-3
@@ -133,14 +134,12 @@ def parse_arg(arg: str | None, allowed: dict) -> dict:
 
 
 def _split_top(s: str) -> list[str]:
-  """Split on commas that are not inside parentheses (layouts like ``(serial,ffn)*2``)."""
-  parts, depth, cur = [], 0, ""
-  for ch in s:
-    depth += ch == "("
-    depth -= ch == ")"
-    if ch == "," and depth == 0:
-      parts.append(cur)
-      cur = ""
+  """Split ``key=value`` items on commas; a piece without ``=`` continues the previous value, so
+  layouts with commas pass through: ``layout=fourier*10,serial*2,task=mlm``."""
+  parts = []
+  for piece in s.split(","):
+    if "=" not in piece and parts:
+      parts[-1] += "," + piece
     else:
-      cur += ch
-  return parts + [cur] if cur else parts
+      parts.append(piece)
+  return parts

@@ -202,6 +202,11 @@ class Run:
         if len(bad):
           raise sources.DataError(f"{ex.origin}: example {bad[0]} has label {ex.label[bad[0]]}, outside the "
                                   f"task's range 0..{self.task.num_labels - 1}")
+    n = self.c.data.max_train_examples
+    if split == "train" and n > 0 and len(ex) > n:
+      keep = np.sort(np.random.default_rng(0).permutation(len(ex))[:n])   # a fixed random subset
+      ex = sources.Examples([ex.text_a[i] for i in keep], [ex.text_b[i] for i in keep] if ex.text_b else None,
+                            ex.label[keep] if ex.label is not None else None, ex.origin)
     return tokenize.encode(self.tok, ex, self.max_length, self.c.data.on_too_long)
 
   def batch_shardings(self):
