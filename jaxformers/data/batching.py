@@ -34,10 +34,10 @@ def pad_rows(data: Tokenized, rows: np.ndarray, length: int, pad_id: int, batch_
   weights = np.zeros((batch_size,), np.float32)
   weights[:len(rows)] = 1.0
   out = {"input_ids": ids, "token_type_ids": types, "attention_mask": mask, "weights": weights}
-  if data.label is not None:
-    lab = np.zeros((batch_size,), data.label.dtype)
+  lab = np.zeros((batch_size,), np.int32 if data.label is None else data.label.dtype)
+  if data.label is not None:   # unlabelled (test) rows keep label 0: only their logits are used
     lab[:len(rows)] = data.label[rows]
-    out["labels"] = lab
+  out["labels"] = lab
   return out
 
 

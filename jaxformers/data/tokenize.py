@@ -1,12 +1,13 @@
 """Tokenisation with HF ``tokenizers``: load one from a checkpoint or tokenizer.json, or train a WordPiece."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers, decoders
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from jaxformers.data.sources import DataError, Examples
 
@@ -32,13 +33,40 @@ class Tokenized:
 
 
 def train_wordpiece(texts: list[str], vocab_size: int) -> Tokenizer:
-  """A lower-casing BERT-style WordPiece tokenizer trained on ``texts`` (deterministic)."""
-  tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-  tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-  tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  """A lower-casing BERT-style WordPiece tokenizer whose vocabulary is learnt from ``texts``.
+
+  The vocabulary is the special tokens, every character (word-initial and ``##``
+  continuation), then the most frequent words and word pieces (``##`` suffixes of
+  2-4 characters) by count, ties broken alphabetically, so the same texts always give
+  the same tokenizer (the ``tokenizers`` trainers break ties in hash order, which
+  would make runs with the same seed differ).
+  """
+  normalizer = normalizers.BertNormalizer(lowercase=True)
+  pre = pre_tokenizers.BertPreTokenizer()
+  words = collections.Counter()
+  for t in texts:
+    words.update(w for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(t)))
+  chars = sorted({ch for w in words for ch in w})
+  pieces = collections.Counter()
+  for w, n in words.items():
+    for k in (2, 3, 4):
+      if len(w) > k:
+        pieces["##" + w[-k:]] += n
+  vocab = list(SPECIALS) + chars + ["##" + ch for ch in chars]
+  budget = max(0, vocab_size - len(vocab))
+  ranked = sorted(list(words.items()) + list(pieces.items()), key=lambda kv: (-kv[1], kv[0]))
+  seen = set(vocab)
+  for w, _ in ranked:
+    if budget == 0:
+      break
+    if w not in seen:
+      vocab.append(w)
+      seen.add(w)
+      budget -= 1
+  tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+  tok.normalizer = normalizer
+  tok.pre_tokenizer = pre
   tok.decoder = decoders.WordPiece()
-  trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), show_progress=False)
-  tok.train_from_iterator(texts, trainer=trainer)
   cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
   tok.post_processor = processors.TemplateProcessing(
       single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])

@@ -32,9 +32,13 @@ def abstract_keys_to_data(tree):
   return jax.tree.map(one, tree)
 
 
+def _impl_of(like):
+  impl = getattr(like.dtype, "_impl", None)   # the key dtype knows its implementation (also when abstract)
+  return impl if impl is not None else jax.random.key_impl(like)
+
+
 def data_to_keys(tree, like):
-  return jax.tree.map(lambda x, l: jax.random.wrap_key_data(x, impl=jax.random.key_impl(l)) if _is_key(l) else x,
-                      tree, like)
+  return jax.tree.map(lambda x, l: jax.random.wrap_key_data(x, impl=_impl_of(l)) if _is_key(l) else x, tree, like)
 
 
 def param_shapes(params) -> dict[str, list[int]]:
