@@ -92,7 +92,7 @@ def check_keys(config, reference=None, prefix="") -> None:
     if k not in reference:
       close = difflib.get_close_matches(k, list(reference.keys()), n=3)
       valid = ", ".join(f"{prefix}{c}" for c in close) if close else ", ".join(f"{prefix}{c}" for c in reference.keys())
-      raise ConfigError(f"unknown config key {prefix}{k!r}; closest valid keys: {valid}")
+      raise ConfigError(f"unknown config key '{prefix}{k}'; closest valid keys: {valid}")
     v = config[k]
     if isinstance(v, ml_collections.ConfigDict):
       check_keys(v, reference[k], prefix=f"{prefix}{k}.")
