@@ -12,6 +12,9 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<name>.py[:arg]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, logs, summary.json")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "call jax.distributed.initialize() first (one process per host; "
+                                "coordinator from the cluster, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / "
+                                "JAX_PROCESS_ID)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -28,6 +31,9 @@ def main(argv):
   del argv
   logging.getLogger("absl").setLevel(logging.WARNING)
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  if _MULTIHOST.value:
+    import jax
+    jax.distributed.initialize()
   from jaxformers.train.cli import main as run_main
   sys.exit(run_main(_CONFIG.value, _WORKDIR.value))
 
