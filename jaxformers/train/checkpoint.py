@@ -120,18 +120,20 @@ class Checkpoints:
       self.best.close()
 
 
-def restore_from(path: str | Path, abstract_state, current_meta: dict):
-  """Restore the newest checkpoint of a workdir's ``checkpoints`` or ``best`` directory (for eval/predict)."""
-  path = Path(path).absolute()
-  for sub in (path, path / "best", path / "checkpoints"):
+def restore_for_inference(workdir: str | Path, target, current_meta: dict):
+  """Restore the subset ``target`` (e.g. params and rngs) of the newest state in ``DIR/best``, else
+  ``DIR/checkpoints``, after checking the checkpoint fits this run. Returns ``(state, meta, step)``."""
+  workdir = Path(workdir).absolute()
+  for sub in (workdir / "best", workdir / "checkpoints"):
     if sub.is_dir() and any(p.name.isdigit() for p in sub.iterdir()):
       m = ocp.CheckpointManager(sub, options=ocp.CheckpointManagerOptions(read_only=True))
       step = m.latest_step()
       saved = m.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
       compare_meta(saved, current_meta, str(sub))
-      out = m.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_keys_to_data(abstract_state))))
+      abs_data = abstract_keys_to_data(target)
+      out = m.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=abs_data, restore_args=ocp.checkpoint_utils.construct_restore_args(abs_data), partial_restore=True)))
       m.close()
-      return data_to_keys(out["state"], abstract_state), saved, step
-  raise FileNotFoundError(f"no checkpoint found under {path} (looked in {path}, {path / 'best'}, "
-                          f"{path / 'checkpoints'})")
+      return data_to_keys(out["state"], target), saved, step
+  raise FileNotFoundError(f"no checkpoint under {workdir / 'best'} or {workdir / 'checkpoints'}: "
+                          f"train first with the same --workdir")

@@ -388,30 +388,10 @@ def _fmt(d: dict) -> str:
 
 
 def _restore_for_inference(r: Run):
-  abs_params = _abstract_with(r.param_sh, r.abs_params)
-  abs_rest = _abstract_with(r.rest_sh, r.abs_rest)
-  # only params and rngs are needed: restore them from the full state with a partial target
-  target = {"params": abs_params, "rngs": abs_rest}
-  state, saved, step = _restore_partial(r.workdir, target, r.meta)
+  """Only params and dropout state are needed: restore them from the saved train state."""
+  target = {"params": _abstract_with(r.param_sh, r.abs_params), "rngs": _abstract_with(r.rest_sh, r.abs_rest)}
+  state, _, step = ckpt_lib.restore_for_inference(r.workdir, target, r.meta)
   return state["params"], state["rngs"], step
-
-
-def _restore_partial(workdir, target, meta):
-  import orbax.checkpoint as ocp
-  workdir = Path(workdir).absolute()
-  for sub in (workdir / "best", workdir / "checkpoints"):
-    if sub.is_dir() and any(p.name.isdigit() for p in sub.iterdir()):
-      m = ocp.CheckpointManager(sub, options=ocp.CheckpointManagerOptions(read_only=True))
-      step = m.latest_step()
-      saved = m.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-      ckpt_lib.compare_meta(saved, meta, str(sub))
-      abs_data = ckpt_lib.abstract_keys_to_data(target)
-      out = m.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item=abs_data, restore_args=ocp.checkpoint_utils.construct_restore_args(abs_data), partial_restore=True)))
-      m.close()
-      return ckpt_lib.data_to_keys(out["state"], target), saved, step
-  raise FileNotFoundError(f"no checkpoint under {workdir / 'best'} or {workdir / 'checkpoints'}: "
-                          f"train first with the same --workdir")
 
 
 def evaluate_checkpoint(r: Run) -> dict:
