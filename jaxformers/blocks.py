@@ -19,12 +19,14 @@ from flax import nnx
 
 from jaxformers.config import EncoderConfig
 from jaxformers.layers import FeedForward, FourierMixing, SelfAttention, Sequences
+from jaxformers.layers.attention import SparseSelfAttention
 from jaxformers.layers.common import layer_norm
 from jaxformers.registry import Registry
 
 MIXERS: Registry = Registry("token mixer")
 MIXERS.register("attention")(SelfAttention)
 MIXERS.register("fourier")(FourierMixing)
+MIXERS.register("sparse")(SparseSelfAttention)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +46,9 @@ for _name, _spec in {
     "parallel_preln": BlockSpec("attention", True, parallel=True, pre_ln=True,
                                 doc="PaLM / GPT-J: x + Attn(LN(x)) + FFN(LN(x))"),
     "fourier": BlockSpec("fourier", True, doc="FNet: LN(x + Re(DFT(x))), then LN(h + FFN(h))"),
+    "sparse": BlockSpec("sparse", True, doc="serial block with sliding-window + global-token attention"),
+    "sparse_parallel": BlockSpec("sparse", True, parallel=True,
+                                 doc="parallel block with sliding-window + global-token attention"),
     "ffn": BlockSpec(None, True, doc="feed-forward sublayer only: LN(x + FFN(x))"),
     "attention": BlockSpec("attention", False, doc="attention sublayer only: LN(x + Attn(x))"),
 }.items():
@@ -71,7 +76,7 @@ class Block(nnx.Module):
       self.mixer_norm = layer_norm(cfg, d, rngs=rngs) if spec.mixer else None
       self.mlp_norm = layer_norm(cfg, d, rngs=rngs) if spec.mlp else None
     self.dropout = nnx.Dropout(cfg.hidden_dropout, rngs=rngs)
-    self.fuse = bool(cfg.fuse_projections and spec.parallel and spec.mixer == "attention")
+    self.fuse = bool(cfg.fuse_projections and spec.parallel and spec.mixer in ("attention", "sparse"))
 
   def _sublayer(self, x_BLD, fn, norm):
     if self.spec.pre_ln:

@@ -21,8 +21,20 @@ from jaxformers.layers.mlp import activation
 
 @struct.dataclass
 class EncoderOutput:
+  """``last_hidden_state`` ``[batch, length, hidden]``. ``first_token_state`` and
+  ``pooler_output`` are ``[batch, hidden]``, or for packed rows ``[batch, max_segments, hidden]``
+  (one per sequence, in row order) with ``segment_valid`` ``[batch, max_segments]`` marking real ones."""
   last_hidden_state: jax.Array
   pooler_output: jax.Array | None = None
+  first_token_state: jax.Array | None = None
+  segment_valid: jax.Array | None = None
+
+
+def segment_starts(seq: Sequences) -> tuple[jax.Array, jax.Array]:
+  """Row indices of each sequence's first token ``[batch, max_segments]`` and which slots are real."""
+  is_start = (seq.positions == 0) & (seq.segment_ids != 0)
+  order = jnp.argsort(~is_start, axis=-1, stable=True)[:, :seq.max_segments]
+  return order, jnp.take_along_axis(is_start, order, axis=-1)
 
 
 class Pooler(nnx.Module):
@@ -45,20 +57,28 @@ class Encoder(nnx.Module):
     self.pooler = Pooler(cfg, rngs=rngs) if cfg.use_pooler else None
 
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, segment_ids=None,
-               position_ids_override=None) -> EncoderOutput:
+               max_segments: int | None = None, position_ids_override=None) -> EncoderOutput:
+    """Padded rows pass ``attention_mask``; packed rows pass ``segment_ids`` (and may bound
+    ``max_segments``, the most sequences one row holds, default 32)."""
     input_ids = jnp.asarray(input_ids, jnp.int32)
     b, l = input_ids.shape
-    if l > self.config.max_position_embeddings:
+    if l > self.config.max_position_embeddings and not (segment_ids is not None or position_ids_override is not None):
       raise ValueError(f"input length {l} exceeds max_position_embeddings={self.config.max_position_embeddings}")
-    seq = Sequences.build(b, l, attention_mask=attention_mask, segment_ids=segment_ids)
+    seq = Sequences.build(b, l, attention_mask=attention_mask, segment_ids=segment_ids, max_segments=max_segments)
     pos = position_ids(self.config, seq, attention_mask) if position_ids_override is None else position_ids_override
     x_BLD = self.embeddings(input_ids, pos, token_type_ids)
     for block in self.blocks:
       x_BLD = block(x_BLD, seq)
     if self.final_norm is not None:
       x_BLD = self.final_norm(x_BLD)
-    pooled = self.pooler(x_BLD[:, 0]) if self.pooler is not None else None
-    return EncoderOutput(last_hidden_state=x_BLD, pooler_output=pooled)
+    valid = None
+    if seq.packed:
+      starts, valid = segment_starts(seq)
+      first = jnp.take_along_axis(x_BLD, starts[..., None], axis=1)
+    else:
+      first = x_BLD[:, 0]
+    pooled = self.pooler(first) if self.pooler is not None else None
+    return EncoderOutput(last_hidden_state=x_BLD, pooler_output=pooled, first_token_state=first, segment_valid=valid)
 
 
 class MaskedLMHead(nnx.Module):
@@ -126,7 +146,8 @@ class ClassifierHead(nnx.Module):
 
 
 class SequenceClassifier(nnx.Module):
-  """Sequence classification (``num_labels`` > 1) or regression (``num_labels`` = 1): logits ``[batch, num_labels]``."""
+  """Sequence classification (``num_labels`` > 1) or regression (``num_labels`` = 1): logits ``[batch, num_labels]``,
+  or ``[batch, max_segments, num_labels]`` for packed rows (one per sequence)."""
 
   def __init__(self, cfg: EncoderConfig, num_labels: int = 2, head: str | None = None, *, rngs: nnx.Rngs):
     head = head or cfg.family
@@ -142,7 +163,7 @@ class SequenceClassifier(nnx.Module):
     out = self.encoder(input_ids, attention_mask, token_type_ids, **kw)
     if self.classifier.style == "bert":
       return self.classifier(out.pooler_output)
-    return self.classifier(out.last_hidden_state[:, 0])
+    return self.classifier(out.first_token_state)
 
 
 class TokenClassifier(nnx.Module):

@@ -1,7 +1,15 @@
 """Shared helpers for the training tests: load a config file with overrides, read metrics.jsonl."""
 import importlib.util
 import json
+import os
+import tempfile
 from pathlib import Path
+
+import jax
+
+# a persistent compilation cache: the training tests compile the same tiny steps many times
+jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "jaxformers-test-jax-cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -76,6 +76,7 @@ class Report:
   ignored: dict[str, str] = dataclasses.field(default_factory=dict)    # HF name -> reason
   dropped: dict[str, str] = dataclasses.field(default_factory=dict)    # HF name -> reason (layout has no such sublayer)
   new: list[str] = dataclasses.field(default_factory=list)             # jax paths freshly initialised
+  notes: list[str] = dataclasses.field(default_factory=list)           # other changes made while loading
 
   def summary(self) -> str:
     lines = [f"loaded {len(self.loaded)} parameters"]
@@ -87,6 +88,7 @@ class Report:
       lines.append(f"ignored {len(self.ignored)} tensors ({'; '.join(reasons)})")
     if self.new:
       lines.append(f"newly initialised {len(self.new)} parameters: {', '.join(self.new)}")
+    lines += self.notes
     return "\n".join(lines)
 
 
@@ -122,32 +124,35 @@ def _resolve(rule: Rule, groups: dict, lmap: dict, prefix: str) -> tuple[list[st
 
 def load(source: dict[str, np.ndarray], rules: Iterable[Rule], ignores: Iterable[Ignore], *,
          target: dict[str, tuple], target_blocks: list, num_source_layers: int, prefix: str,
-         may_be_new: Callable[[str], bool], where: str, progress: bool = False) -> tuple[dict, Report]:
+         may_be_new: Callable[[str], bool], where: str, progress: bool = False,
+         display: Callable[[str], str] = lambda k: k) -> tuple[dict, Report]:
   """Map HF tensors onto a model's parameters.
 
   ``target`` maps each model parameter path to its shape; ``prefix`` is prepended to
   encoder paths (``"encoder."`` for head models). Returns ``(params, report)`` where
   ``params`` maps paths to arrays; raises :class:`CheckpointError` listing every problem.
+  ``display`` turns a source name into the name printed in messages and the report.
   """
   rules, ignores = list(rules), list(ignores)
   lmap = layer_map(num_source_layers, target_blocks)
   params: dict[str, np.ndarray] = {}
-  report, problems = Report(), []
+  report, problems, misfit = Report(), [], set()
   items = sorted(source.items())
   if progress:
     from tqdm import tqdm
     items = tqdm(items, desc="converting", unit="tensor")
-  for name, value in items:
-    ign = next((g for g in ignores if g.pattern.match(name)), None)
+  for key, value in items:
+    name = display(key)
+    ign = next((g for g in ignores if g.pattern.match(key)), None)
     if ign is not None:
       if ign.tied_to is not None and ign.tied_to in source:
         if source[ign.tied_to].shape != value.shape or not np.array_equal(source[ign.tied_to], value):
-          problems.append(f"{name}: expected to be tied to (equal to) {ign.tied_to}, but it differs; "
+          problems.append(f"{name}: expected to be tied to (equal to) {display(ign.tied_to)}, but it differs; "
                           f"untied decoders are not supported")
           continue
       report.ignored[name] = ign.reason
       continue
-    match = next(((r, m) for r in rules if (m := r.pattern.match(name))), None)
+    match = next(((r, m) for r in rules if (m := r.pattern.match(key))), None)
     if match is None:
       problems.append(f"{name}: unknown tensor (no conversion rule matches it)")
       continue
@@ -166,13 +171,14 @@ def load(source: dict[str, np.ndarray], rules: Iterable[Rule], ignores: Iterable
     if tuple(array.shape) != tuple(target[path]):
       problems.append(f"{name}: shape {tuple(value.shape)} does not fit {path} {tuple(target[path])} "
                       f"(does the checkpoint's config.json match its weights?)")
+      misfit.add(path)
       continue
     if path in params:
       problems.append(f"{name}: {path} is already filled from {report.loaded[path]}")
       continue
     params[path] = array
     report.loaded[path] = name
-  for path in sorted(set(target) - set(params)):
+  for path in sorted(set(target) - set(params) - misfit):
     if may_be_new(path):
       report.new.append(path)
     else:

@@ -145,9 +145,11 @@ def encoder_config(hf: dict, where: str, layout: str | None = None, **overrides)
     raise CheckpointError(f"{where}: {e}") from None
 
 
-def _normalise(state: dict[str, np.ndarray], family: str) -> dict[str, np.ndarray]:
-  out = {}
-  for k, v in state.items():
+def _normalise(state: dict[str, np.ndarray], family: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """Strip the base-model prefix and old LayerNorm names; returns the state and new -> original names."""
+  out, names = {}, {}
+  for original, v in state.items():
+    k = original
     if k.startswith(family + "."):
       k = k[len(family) + 1:]
     if k.endswith(".gamma"):
@@ -155,7 +157,8 @@ def _normalise(state: dict[str, np.ndarray], family: str) -> dict[str, np.ndarra
     elif k.endswith(".beta"):
       k = k[:-5] + ".bias"
     out[k] = v
-  return out
+    names[k] = original
+  return out, names
 
 
 def _num_layers(state: dict) -> int:
@@ -169,8 +172,9 @@ def load_hf_state(state: dict[str, np.ndarray], hf: dict, *, where: str, layout:
   """Build a model from an in-memory HF state dict and config dict; returns ``(model, report)``."""
   family, source_task = family_and_task(hf, where)
   task = task or source_task
-  state = _normalise(state, family)
+  state, original = _normalise(state, family)
   cfg = encoder_config(hf, where, layout, **overrides)
+  extended = _extend_positions(state, cfg)
   if num_labels is None and task in ("classification", "token_classification"):
     num_labels = len(hf["id2label"]) if hf.get("id2label") else hf.get("num_labels", 2)
   if task == "base" and "use_pooler" not in overrides:
@@ -181,9 +185,25 @@ def load_hf_state(state: dict[str, np.ndarray], hf: dict, *, where: str, layout:
   params, report = engine.load(
       state, _dedupe(rules), IGNORES[family], target=shapes, target_blocks=[BLOCKS.get(b) for b in cfg.blocks],
       num_source_layers=_num_layers(state) or hf["num_hidden_layers"], prefix="" if task == "base" else "encoder.",
-      may_be_new=lambda p: p.startswith(_NEW_OK), where=where, progress=progress)
+      may_be_new=lambda p: p.startswith(_NEW_OK), where=where, progress=progress, display=original.__getitem__)
   set_params(model, params)
+  if extended:
+    report.notes.append(extended)
   return model, report
+
+
+def _extend_positions(state: dict[str, np.ndarray], cfg: EncoderConfig) -> str | None:
+  """Longformer's recipe for longer inputs: fill a larger position table by copying the learned one."""
+  key = "embeddings.position_embeddings.weight"
+  old = state.get(key)
+  if old is None or old.shape[0] >= cfg.max_position_embeddings:
+    return None
+  offset = cfg.pad_token_id + 1 if cfg.position_style == "roberta" else 0
+  learned = old[offset:]
+  reps = -(-(cfg.max_position_embeddings - offset) // len(learned))
+  state[key] = np.concatenate([old[:offset], np.tile(learned, (reps, 1))])[: cfg.max_position_embeddings]
+  return (f"position embeddings extended from {old.shape[0]} to {cfg.max_position_embeddings} positions by copying "
+          f"the learned ones (Longformer)")
 
 
 def _dedupe(rules: list[Rule]) -> list[Rule]:

@@ -31,9 +31,43 @@ class SelfAttention(nnx.Module):
       qkv_BLD = (self.query(x_BLD), self.key(x_BLD), self.value(x_BLD))
     b, l, _ = x_BLD.shape
     q_BLNH, k_BLNH, v_BLNH = (t.reshape(b, l, self.num_heads, self.head_dim) for t in qkv_BLD)
+    return self.out(self.attend(q_BLNH, k_BLNH, v_BLNH, seq).reshape(b, l, -1))
+
+  def attend(self, q_BLNH, k_BLNH, v_BLNH, seq: Sequences) -> jax.Array:
     train_dropout = self.dropout_rate > 0.0 and not self.deterministic
-    out_BLNH = attention(
+    return attention(
         q_BLNH, k_BLNH, v_BLNH, segment_ids=seq.segment_ids, impl=self.impl,
         dropout_rate=self.dropout_rate if train_dropout else 0.0,
         dropout_rng=self.rngs.dropout() if train_dropout else None)
-    return self.out(out_BLNH.reshape(b, l, -1))
+
+
+class SparseSelfAttention(SelfAttention):
+  """Sliding-window + global-token attention with the same parameters as :class:`SelfAttention`,
+  so BERT/RoBERTa attention weights load into it unchanged. See :mod:`jaxformers.layers.sparse`.
+
+  On GPU and TPU (or with Pallas interpret mode forced) rows that hold one sequence each and
+  whose global tokens lead the row run the block-sparse Pallas kernel; everything else runs
+  the banded XLA path. Attention dropout is not applied in this sublayer."""
+
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+    super().__init__(cfg, rngs=rngs)
+    self.window, self.global_positions = cfg.sparse_window, cfg.sparse_global_tokens
+
+  def uses_kernel(self, seq: Sequences) -> bool:
+    from jaxformers.kernels.attention.config import kernel_backend, interpret_forced
+    leading = self.global_positions == tuple(range(len(self.global_positions)))
+    on_accelerator = kernel_backend() != "interpret" or interpret_forced()
+    return on_accelerator and leading and not seq.packed and self.impl in ("auto", "pallas")
+
+  def attend(self, q_BLNH, k_BLNH, v_BLNH, seq: Sequences) -> jax.Array:
+    from jaxformers.layers.sparse import sparse_attention_xla
+    if self.uses_kernel(seq):
+      from jaxformers.kernels.attention import local_global_mask
+      from jaxformers.kernels.attention.config import default_block_sizes
+      bs = default_block_sizes(head_dim=self.head_dim)
+      block_mask = local_global_mask(q_BLNH.shape[1], window=self.window // 2, num_global=len(self.global_positions),
+                                     block_q=bs.block_q, block_k=bs.block_k)
+      return attention(q_BLNH, k_BLNH, v_BLNH, segment_ids=seq.segment_ids, block_mask=block_mask, impl="pallas")
+    return sparse_attention_xla(
+        q_BLNH, k_BLNH, v_BLNH, segment_ids=seq.segment_ids, positions=seq.positions, window=self.window,
+        global_positions=self.global_positions, max_global=len(self.global_positions) * seq.max_segments)

@@ -39,25 +39,32 @@ def embed(cfg: EncoderConfig, num: int, dim: int, axes: tuple, *, rngs: nnx.Rngs
       embedding_metadata={"logical_axes": axes}, rngs=rngs)
 
 
+DEFAULT_MAX_SEGMENTS = 32
+
+
 class Sequences(NamedTuple):
   """Where each token's sequence starts and ends, shared by every block of one forward pass.
 
   ``segment_ids`` ``[batch, length]`` int32: 0 marks padding, 1, 2, ... number the
   sequences of a row (a padded batch has one sequence per row, so its attention mask
   is its segment ids). ``positions`` ``[batch, length]``: a token's index inside its own
-  sequence. ``packed`` (static) says rows may hold several sequences. ``None``
-  segment ids mean every token of a row belongs to one sequence, no padding.
+  sequence. ``packed`` (static) says rows may hold several sequences, at most
+  ``max_segments`` (static) of them. ``None`` segment ids mean every token of a row
+  belongs to one sequence, no padding.
   """
 
   segment_ids: jax.Array | None
   positions: jax.Array
   packed: bool = False
+  max_segments: int = 1
 
   @classmethod
-  def build(cls, batch: int, length: int, attention_mask=None, segment_ids=None) -> "Sequences":
+  def build(cls, batch: int, length: int, attention_mask=None, segment_ids=None,
+            max_segments: int | None = None) -> "Sequences":
     if segment_ids is not None:
       seg = jnp.asarray(segment_ids, jnp.int32)
-      return cls(seg, positions_in_segment(seg), packed=True)
+      return cls(seg, positions_in_segment(seg), packed=True,
+                 max_segments=min(length, max_segments or DEFAULT_MAX_SEGMENTS))
     if attention_mask is not None:
       seg = jnp.asarray(attention_mask, jnp.int32)
       return cls(seg, positions_in_segment(seg), packed=False)

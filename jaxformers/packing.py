@@ -1,0 +1,159 @@
+"""Padding-free execution: pack variable-length examples into fixed-size rows.
+
+ByteTransformer's observation is that real batches are mostly padding. With static
+shapes the JAX equivalent is packing: several examples share a row, told apart by
+segment ids (1, 2, ... per example, 0 for the unused tail), each with its own positions.
+Every block honours segment ids (attention masks across examples, sparse attention
+also within its window, Fourier mixing transforms each example over its own length,
+position-wise layers need nothing), heads give one output per example.
+
+    batch = pack([ids_a, ids_b, ...], row_length=128)
+    out = model.encoder(batch.input_ids, segment_ids=batch.segment_ids, max_segments=batch.max_segments)
+    per_example = batch.unpack_tokens(out.last_hidden_state)     # list, input order
+    pooled = batch.unpack_segments(out.pooler_output)            # [num_examples, hidden]
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from jaxformers.layers.common import DEFAULT_MAX_SEGMENTS
+
+
+@dataclasses.dataclass
+class PackedBatch:
+  input_ids: np.ndarray        # [rows, row_length]
+  segment_ids: np.ndarray      # [rows, row_length], 0 = unused
+  token_type_ids: np.ndarray | None
+  slots: np.ndarray            # [rows, max_segments]: example index in each sequence slot, -1 if empty
+  starts: np.ndarray           # [num_examples]: (row, column) of each example's first token
+  lengths: np.ndarray          # [num_examples]
+  max_segments: int
+
+  @property
+  def num_examples(self) -> int:
+    return len(self.lengths)
+
+  @property
+  def padding_fraction(self) -> float:
+    """Share of the packed rows' positions that hold no token."""
+    return 1.0 - float(self.lengths.sum()) / self.input_ids.size
+
+  def unpack_tokens(self, x: np.ndarray) -> list[np.ndarray]:
+    """Per-token outputs ``[rows, row_length, ...]`` -> one ``[length_i, ...]`` array per example, input order."""
+    x = np.asarray(x)
+    return [x[r, c:c + n] for (r, c), n in zip(self.starts, self.lengths)]
+
+  def unpack_segments(self, x: np.ndarray) -> np.ndarray:
+    """Per-sequence outputs ``[rows, max_segments, ...]`` -> ``[num_examples, ...]``, input order."""
+    x = np.asarray(x)
+    out = np.empty((self.num_examples,) + x.shape[2:], x.dtype)
+    rows, cols = np.nonzero(self.slots >= 0)
+    out[self.slots[rows, cols]] = x[rows, cols]
+    return out
+
+
+def padded_fraction(lengths: Sequence[int], pad_to: int | None = None) -> float:
+  """Share of padding when each example sits in its own row of ``pad_to`` (default: the longest)."""
+  lengths = np.asarray(lengths)
+  width = pad_to or int(lengths.max())
+  return 1.0 - float(lengths.sum()) / (len(lengths) * width)
+
+
+def first_fit(lengths: Sequence[int], row_length: int, max_segments: int = DEFAULT_MAX_SEGMENTS,
+              sort: bool = True) -> list[list[int]]:
+  """Greedy first-fit bin packing: example indices per row. ``sort`` packs the longest first (first-fit decreasing)."""
+  order = sorted(range(len(lengths)), key=lambda i: -lengths[i]) if sort else range(len(lengths))
+  rows: list[list[int]] = []
+  space: list[int] = []
+  for i in order:
+    n = int(lengths[i])
+    if n > row_length:
+      raise ValueError(f"example {i} has {n} tokens, more than row_length={row_length}; truncate it first")
+    if n == 0:
+      raise ValueError(f"example {i} is empty; every example needs at least one token")
+    for r, free in enumerate(space):
+      if free >= n and len(rows[r]) < max_segments:
+        rows[r].append(i)
+        space[r] -= n
+        break
+    else:
+      rows.append([i])
+      space.append(row_length - n)
+  return rows
+
+
+def pack(examples: Sequence[Sequence[int]], row_length: int, *, token_types: Sequence[Sequence[int]] | None = None,
+         max_segments: int = DEFAULT_MAX_SEGMENTS, pad_id: int = 0, min_rows: int = 0, sort: bool = True) -> PackedBatch:
+  """Pack token-id sequences into rows of ``row_length`` (at least ``min_rows`` rows, extra rows empty)."""
+  lengths = np.array([len(e) for e in examples], np.int64)
+  plan = first_fit(lengths, row_length, max_segments, sort)
+  n_rows = max(len(plan), min_rows)
+  ids = np.full((n_rows, row_length), pad_id, np.int32)
+  seg = np.zeros((n_rows, row_length), np.int32)
+  types = np.zeros((n_rows, row_length), np.int32) if token_types is not None else None
+  slots = np.full((n_rows, max_segments), -1, np.int64)
+  starts = np.zeros((len(examples), 2), np.int64)
+  for r, members in enumerate(plan):
+    col = 0
+    for s, i in enumerate(members):
+      n = lengths[i]
+      ids[r, col:col + n] = examples[i]
+      seg[r, col:col + n] = s + 1
+      if types is not None:
+        types[r, col:col + n] = token_types[i]
+      slots[r, s] = i
+      starts[i] = (r, col)
+      col += n
+  return PackedBatch(ids, seg, types, slots, starts, lengths, max_segments)
+
+
+def encode_texts(model, tokenizer, texts: Sequence[str], *, row_length: int = 512, rows_per_call: int = 8,
+                 max_segments: int = DEFAULT_MAX_SEGMENTS) -> dict:
+  """Tokenise ``texts``, pack them, run the encoder, and return per-text outputs in input order.
+
+  ``tokenizer`` is a ``tokenizers.Tokenizer`` or a transformers tokenizer. Returns
+  ``{"last_hidden_state": [array [len_i, hidden] per text], "pooler_output": [n, hidden] or None,
+  "first_token_state": [n, hidden], "padding_fraction": float}``. Rows are run ``rows_per_call`` at a time
+  through one jitted function, so every call has the same shape.
+  """
+  import jax
+  from flax import nnx
+
+  from jaxformers import models
+
+  if hasattr(tokenizer, "encode_batch"):
+    ids = [[t for t, m in zip(e.ids, e.attention_mask) if m] for e in tokenizer.encode_batch(list(texts))]
+  else:
+    ids = tokenizer(list(texts), truncation=True, max_length=row_length)["input_ids"]
+  ids = [i[:row_length] for i in ids]
+  batch = pack(ids, row_length, max_segments=max_segments, pad_id=model.config.pad_token_id)
+  encoder = model if isinstance(model, models.Encoder) else model.encoder
+  encoder.eval()
+  graphdef, state = nnx.split(encoder)
+
+  @jax.jit
+  def run(state, input_ids, segment_ids):
+    out = nnx.merge(graphdef, state)(input_ids, segment_ids=segment_ids, max_segments=max_segments)
+    return out.last_hidden_state, out.pooler_output, out.first_token_state
+
+  n_rows = batch.input_ids.shape[0]
+  calls = -(-n_rows // rows_per_call)
+  pad_rows = calls * rows_per_call - n_rows
+  input_ids = np.pad(batch.input_ids, ((0, pad_rows), (0, 0)), constant_values=model.config.pad_token_id)
+  segment_ids = np.pad(batch.segment_ids, ((0, pad_rows), (0, 0)))
+  hidden, pooled, first = [], [], []
+  for c in range(calls):
+    sl = slice(c * rows_per_call, (c + 1) * rows_per_call)
+    h, p, f = run(state, input_ids[sl], segment_ids[sl])
+    hidden.append(np.asarray(h))
+    first.append(np.asarray(f))
+    if p is not None:
+      pooled.append(np.asarray(p))
+  hidden, first = np.concatenate(hidden)[:n_rows], np.concatenate(first)[:n_rows]
+  return {"last_hidden_state": batch.unpack_tokens(hidden),
+          "pooler_output": batch.unpack_segments(np.concatenate(pooled)[:n_rows]) if pooled else None,
+          "first_token_state": batch.unpack_segments(first),
+          "padding_fraction": batch.padding_fraction}
