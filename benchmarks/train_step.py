@@ -1,0 +1,161 @@
+"""Time one full training step (forward, backward, AdamW update) of jaxformers against transformers'
+PyTorch BertForSequenceClassification at the same configuration on this CPU.
+
+  python benchmarks/train_step.py                       # BERT-base, batch 8 x 128, float32, ratio vs PyTorch
+  python benchmarks/train_step.py --table               # + step time and memory per layout at 128 and 512
+
+Runs are interleaved (JAX, PyTorch, torch.compile, JAX, ...) and the medians are compared.
+Both sides use the same dropout (0.1), thread count, batch, and AdamW; PyTorch keeps
+its default SDPA attention. Peak memory: XLA's compiled memory analysis for JAX
+(arguments + outputs + temporaries), ``torch.cuda``-less CPU peak is not tracked by
+torch, so the PyTorch column shows the process's peak RSS growth during its runs.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--length", type=int, default=128)
+  p.add_argument("--layers", type=int, default=12)
+  p.add_argument("--threads", type=int, default=os.cpu_count())
+  p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (medians over these)")
+  p.add_argument("--steps", type=int, default=3, help="steps timed per round")
+  p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+  p.add_argument("--table", action="store_true", help="also time each block layout at 128 and 512")
+  return p.parse_args()
+
+
+def jax_step(layout: str, batch: int, length: int, layers_hidden=(768, 12, 3072)):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from flax import nnx
+  from jaxformers import models
+  from jaxformers.config import EncoderConfig
+  from jaxformers.train import steps
+
+  hidden, heads, inter = layers_hidden
+  cfg = EncoderConfig(vocab_size=30522, hidden_size=hidden, num_heads=heads, intermediate_size=inter,
+                      max_position_embeddings=512, layout=layout, hidden_dropout=0.1, attention_dropout=0.1)
+  model = models.SequenceClassifier(cfg, num_labels=2, rngs=nnx.Rngs(params=0, dropout=1))
+  model.train()
+  gd, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optax.adamw(2e-5, eps=1e-8, weight_decay=0.01)
+  state = {"params": params, "opt_state": tx.init(params), "rngs": rest, "step": jnp.zeros((), jnp.int32)}
+  fn = jax.jit(steps.make_train_step(gd, tx, lambda s: 2e-5, "classification"), donate_argnums=0)
+  rng = np.random.default_rng(0)
+  batch_d = {"input_ids": jnp.asarray(rng.integers(1000, 30000, (batch, length)), jnp.int32),
+             "token_type_ids": jnp.zeros((batch, length), jnp.int32),
+             "attention_mask": jnp.ones((batch, length), jnp.int32),
+             "labels": jnp.asarray(rng.integers(0, 2, (batch,)), jnp.int32),
+             "weights": jnp.ones((batch,), jnp.float32)}
+  compiled = fn.lower(state, batch_d).compile()
+  mem = compiled.memory_analysis()
+  peak = None
+  if mem is not None:
+    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+            - mem.alias_size_in_bytes) / 2**20
+  box = {"state": state}
+
+  def run(n):
+    t = time.perf_counter()
+    for _ in range(n):
+      box["state"], m = compiled(box["state"], batch_d)
+    jax.block_until_ready(m["loss"])
+    return (time.perf_counter() - t) / n
+  run(1)
+  return run, peak
+
+
+def torch_step(batch: int, length: int, compile_: bool):
+  import torch
+  from transformers import BertConfig, BertForSequenceClassification
+  cfg = BertConfig(num_labels=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+  model = BertForSequenceClassification(cfg)
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=2e-5, eps=1e-8, weight_decay=0.01)
+  g = torch.Generator().manual_seed(0)
+  ids = torch.randint(1000, 30000, (batch, length), generator=g)
+  mask = torch.ones(batch, length, dtype=torch.long)
+  labels = torch.randint(0, 2, (batch,), generator=g)
+
+  def step():
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return out.loss
+  if compile_:
+    step = torch.compile(step)
+
+  def run(n):
+    t = time.perf_counter()
+    for _ in range(n):
+      step()
+    return (time.perf_counter() - t) / n
+  run(1)
+  run(1)
+  return run
+
+
+def main():
+  a = parse()
+  os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={a.threads}")
+  import torch
+  torch.set_num_threads(a.threads)
+  tokens = a.batch * a.length
+  layout = f"serial*{a.layers}"
+  print(f"BERT-base train step, batch {a.batch} x {a.length}, float32, {a.threads} threads, "
+        f"{a.repeats} interleaved rounds x {a.steps} steps")
+  rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  t = time.time()
+  peers = {"jaxformers": jax_step(layout, a.batch, a.length)[0]}
+  print(f"jaxformers step compiled and warmed up in {time.time() - t:.0f}s", flush=True)
+  rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  t = time.time()
+  peers["torch (eager, SDPA)"] = torch_step(a.batch, a.length, False)
+  print(f"PyTorch model built and warmed up in {time.time() - t:.0f}s", flush=True)
+  rss2 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  if not a.no_compile:
+    try:
+      t = time.time()
+      peers["torch.compile"] = torch_step(a.batch, a.length, True)
+      print(f"torch.compile peer ready in {time.time() - t:.0f}s", flush=True)
+    except Exception as e:  # inductor needs a C++ compiler; report and go on
+      print(f"torch.compile peer skipped: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+  times = {k: [] for k in peers}
+  for i in range(a.repeats):
+    for k, fn in peers.items():
+      times[k].append(fn(a.steps))
+    print(f"round {i + 1}: " + "  ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), flush=True)
+  base = statistics.median(times["jaxformers"])
+  print(f"{'peer':24s} {'median s/step':>14s} {'tokens/s':>10s} {'jaxformers speed-up':>20s}")
+  for k, ts in times.items():
+    med = statistics.median(ts)
+    print(f"{k:24s} {med:14.4f} {tokens / med:10.0f} {med / base:19.2f}x")
+  print(f"(peak RSS growth: after JAX setup {rss1 - rss0:.0f} MiB, after PyTorch setup {rss2 - rss1:.0f} MiB)")
+
+  if a.table:
+    print("\nper layout (jaxformers, 12 blocks, batch", a.batch, ")")
+    print(f"{'layout':28s} {'length':>6s} {'s/step':>8s} {'tokens/s':>9s} {'XLA peak MiB':>12s}")
+    for lay in ("serial*12", "parallel*12", "fourier*12", "fourier*10,serial*2", "(serial,ffn)*6"):
+      for length in (128, 512):
+        fn, peak = jax_step(lay, a.batch, length)
+        med = statistics.median(fn(1) for _ in range(max(1, a.repeats // 2)))
+        print(f"{lay:28s} {length:6d} {med:8.3f} {a.batch * length / med:9.0f} {peak or float('nan'):12.0f}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,33 @@
+"""The embedded default: classify standard-library docstrings by package, from scratch, offline.
+
+  python train.py --config configs/default.py --workdir /tmp/jaxformers-default
+
+Data: every documented module, class and function of nine standard-library packages
+(asyncio, email, http, importlib, logging, multiprocessing, unittest, urllib, xml) of
+the Python that runs it; the label is the package (chance = 1/9). A WordPiece
+tokenizer is trained on the training texts; a 2-layer serial encoder is trained from
+scratch. About 5 minutes on 2 CPU cores; held-out accuracy is printed at the end.
+"""
+from jaxformers.train.defaults import base_config
+
+
+def get_config(arg=None):
+  c = base_config()
+  c.model.layout = "serial*2"
+  c.model.hidden_size = 128
+  c.model.num_heads = 4
+  c.model.intermediate_size = 512
+  c.model.max_position_embeddings = 130
+  c.data.source = "embedded"
+  c.data.vocab_size = 6000
+  c.data.max_length = 128
+  c.data.batch_size = 32
+  c.optim.lr = 1e-3
+  c.optim.warmup_ratio = 0.1
+  c.optim.weight_decay = 0.01
+  c.train.num_epochs = 8.0
+  c.train.eval_every = 200
+  c.train.checkpoint_every = 200
+  c.train.log_every = 20
+  c.lock()
+  return c

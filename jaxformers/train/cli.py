@@ -1,0 +1,74 @@
+"""What ``train.py`` runs: clear messages and exit codes for every expected failure."""
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import logging
+import sys
+
+log = logging.getLogger("jaxformers.train")
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _load_config_file(spec: str):
+  path, _, arg = spec.partition(":")
+  mod_spec = importlib.util.spec_from_file_location("_train_config", path)
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  return mod.get_config(arg or None)
+
+
+def explain_override(argv: list[str], err: Exception) -> str:
+  """Turn a flag-parsing failure into one line; for an unknown ``--config.a.b`` key, name the closest valid ones."""
+  spec = None
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      spec = a.split("=", 1)[1]
+    elif a == "--config" and i + 1 < len(argv):
+      spec = argv[i + 1]
+  if spec:
+    try:
+      cfg = _load_config_file(spec)
+    except Exception as e:  # the config file itself is broken
+      return f"cannot load config {spec}: {type(e).__name__}: {e}"
+    for a in argv:
+      if not a.startswith("--config."):
+        continue
+      key = a[len("--config."):].split("=", 1)[0]
+      node, done = cfg, []
+      for part in key.split("."):
+        keys = list(node.keys()) if hasattr(node, "keys") else []
+        if part not in keys:
+          prefix = "".join(f"{d}." for d in done)
+          close = difflib.get_close_matches(part, keys, n=3)
+          valid = ", ".join(f"{prefix}{c}" for c in (close or keys))
+          return f"unknown config key {key!r} in {a!r}; closest valid keys: {valid}"
+        node, done = node[part], done + [part]
+  msg = str(err).strip().strip("'\"").replace("\\n", " ")
+  return f"bad command line: {msg}"
+
+
+def main(config, workdir: str) -> int:
+  from jaxformers.convert import CheckpointError
+  from jaxformers.data.sources import DataError
+  from jaxformers.train import ConfigError, Interrupted, NonFiniteLoss, run
+  from jaxformers.train.checkpoint import CheckpointMismatch
+  try:
+    out = run(config, workdir)
+  except Interrupted as e:
+    print(f"train.py: {e}", file=sys.stderr)
+    return 128 + int(e.signum)
+  except (ConfigError, DataError, CheckpointMismatch, CheckpointError, NonFiniteLoss, FileNotFoundError) as e:
+    print(f"train.py: error: {e}", file=sys.stderr)
+    return EXIT_ERROR
+  if out.get("mode") == "train":
+    ev = out["eval"]
+    print("final eval: " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()))
+    print(f"steps={out['steps']} wall_time={out['wall_time_s']:.1f}s examples/s={out['examples_per_s']:.1f} "
+          f"tokens/s={out['tokens_per_s']:.0f} params={out['num_params']} -> {workdir}/summary.json")
+  else:
+    print(json.dumps(out, indent=2))
+  return 0

@@ -1,0 +1,145 @@
+"""The full set of training configuration keys with their defaults; config files start from here."""
+from __future__ import annotations
+
+import difflib
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A configuration key or value that the trainer does not accept."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.mode = "train"                 # train | eval | predict
+  c.seed = 0
+  c.task = "classification"        # classification | regression | mlm (GLUE sources set it from the task)
+  c.init_from = ""                 # a native jaxformers or HF PyTorch checkpoint directory to fine-tune from
+
+  c.model = m = ml_collections.ConfigDict()
+  m.layout = "serial*2"            # with init_from: "" keeps the checkpoint's layout, anything else re-arranges it
+  m.hidden_size = 128
+  m.num_heads = 4
+  m.intermediate_size = 512
+  m.max_position_embeddings = 130
+  m.type_vocab_size = 2
+  m.hidden_act = "gelu"
+  m.hidden_dropout = 0.1
+  m.attention_dropout = 0.1
+  m.attention_impl = "auto"
+  m.dtype = "float32"              # compute dtype; "bfloat16" keeps float32 parameters
+
+  c.data = d = ml_collections.ConfigDict()
+  d.source = "embedded"            # embedded | glue_tsv | tfds | files
+  d.glue_task = ""                 # cola sst2 mrpc qqp stsb mnli qnli rte wnli (glue_tsv and tfds)
+  d.dir = ""                       # GLUE task directory (glue_tsv) or tfds data_dir (tfds)
+  d.train_file = ""                # files: CSV / TSV / JSONL
+  d.eval_file = ""
+  d.test_file = ""
+  d.text_a_column = "text"
+  d.text_b_column = ""
+  d.label_column = "label"
+  d.label_names = ""               # files: comma-separated names, in label-id order
+  d.num_labels = 2                 # files: number of classes (1 = regression)
+  d.tokenizer = ""                 # tokenizer.json or checkpoint dir; "" = from init_from, or train a WordPiece
+  d.vocab_size = 8000              # size of a trained WordPiece vocabulary
+  d.max_length = 128
+  d.on_too_long = "truncate"       # truncate (one-line warning) | error
+  d.batch_size = 32
+  d.eval_batch_size = 64
+  d.mlm_probability = 0.15
+  d.max_train_examples = 0         # > 0: keep a fixed random subset of N training examples (smoke runs, tests)
+
+  c.optim = o = ml_collections.ConfigDict()
+  o.lr = 1e-3
+  o.end_lr = 0.0
+  o.schedule = "linear"            # linear | cosine | constant (after warmup)
+  o.warmup_steps = -1              # -1: use warmup_ratio
+  o.warmup_ratio = 0.06
+  o.weight_decay = 0.01
+  o.b1 = 0.9
+  o.b2 = 0.999
+  o.eps = 1e-6
+  o.clip_norm = 1.0
+  o.accum_steps = 1                # micro-batches per update (batch_size must divide by it)
+
+  c.train = t = ml_collections.ConfigDict()
+  t.num_steps = 1000
+  t.num_epochs = 0.0               # > 0: overrides num_steps
+  t.stop_after = 0                 # > 0: save and stop after this step (the schedule still spans num_steps)
+  t.log_every = 50
+  t.eval_every = 0                 # 0: only at the end
+  t.checkpoint_every = 500
+  t.keep = 2
+  t.best_metric = ""               # "": the task's official metric on its first eval split
+  t.async_checkpoint = True
+  t.progress = True
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                 # devices on the pure data-parallel axis (-1: the rest)
+  c.mesh.fsdp = 1                  # devices parameters are sharded over (FSDP); -1: all
+
+  c.predict = ml_collections.ConfigDict()
+  c.predict.output_dir = ""        # "": DIR/predictions
+  return c
+
+
+def check_keys(config, reference=None, prefix="") -> None:
+  """Every key of ``config`` must exist in ``reference``; the error names the closest valid keys."""
+  reference = base_config() if reference is None else reference
+  for k in config.keys():
+    if k not in reference:
+      close = difflib.get_close_matches(k, list(reference.keys()), n=3)
+      valid = ", ".join(f"{prefix}{c}" for c in close) if close else ", ".join(f"{prefix}{c}" for c in reference.keys())
+      raise ConfigError(f"unknown config key '{prefix}{k}'; closest valid keys: {valid}")
+    v = config[k]
+    if isinstance(v, ml_collections.ConfigDict):
+      check_keys(v, reference[k], prefix=f"{prefix}{k}.")
+
+
+def check_values(c) -> None:
+  choices = {"mode": ("train", "eval", "predict"), "task": ("classification", "regression", "mlm"),
+             "data.source": ("embedded", "glue_tsv", "tfds", "files"), "data.on_too_long": ("truncate", "error"),
+             "optim.schedule": ("linear", "cosine", "constant")}
+  for key, allowed in choices.items():
+    v = c
+    for part in key.split("."):
+      v = v[part]
+    if v not in allowed:
+      raise ConfigError(f"config.{key}={v!r}: expected one of {', '.join(allowed)}")
+  if c.data.batch_size % c.optim.accum_steps:
+    raise ConfigError(f"config.data.batch_size={c.data.batch_size} must be divisible by "
+                      f"config.optim.accum_steps={c.optim.accum_steps}")
+  if c.data.source in ("glue_tsv", "tfds") and not c.data.glue_task:
+    raise ConfigError(f"config.data.source={c.data.source!r} needs config.data.glue_task")
+  if c.data.source == "glue_tsv" and not c.data.dir:
+    raise ConfigError("config.data.source='glue_tsv' needs config.data.dir, the GLUE task directory")
+
+
+def parse_arg(arg: str | None, allowed: dict) -> dict:
+  """``"task=rte,layout=parallel*12"`` -> dict, checked against ``allowed`` (name -> default)."""
+  out = dict(allowed)
+  if not arg:
+    return out
+  for item in _split_top(arg):
+    k, eq, v = item.partition("=")
+    k = k.strip()
+    if not eq or k not in allowed:
+      close = difflib.get_close_matches(k, list(allowed), n=3)
+      raise ConfigError(f"config argument {item!r}: expected key=value with key one of {', '.join(allowed)}"
+                        + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    out[k] = type(allowed[k])(v) if allowed[k] is not None and not isinstance(allowed[k], str) else v
+  return out
+
+
+def _split_top(s: str) -> list[str]:
+  """Split ``key=value`` items on commas; a piece without ``=`` continues the previous value, so
+  layouts with commas pass through: ``layout=fourier*10,serial*2,task=mlm``."""
+  parts = []
+  for piece in s.split(","):
+    if "=" not in piece and parts:
+      parts[-1] += "," + piece
+    else:
+      parts.append(piece)
+  return parts

@@ -1,0 +1,438 @@
+"""``run(config, workdir)``: build data, model, mesh and steps; train, evaluate, checkpoint, predict."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxformers import models
+from jaxformers.config import EncoderConfig
+from jaxformers.data import batching, embedded, sources, tokenize
+from jaxformers.data.glue import get_task
+from jaxformers.train import checkpoint as ckpt_lib
+from jaxformers.train import metrics as metrics_lib
+from jaxformers.train import optim, sharding, steps
+from jaxformers.train.defaults import ConfigError, check_keys, check_values
+
+log = logging.getLogger("jaxformers.train")
+
+
+class NonFiniteLoss(RuntimeError):
+  """The training loss became NaN or Inf; nothing after the last good checkpoint was saved."""
+
+
+class Interrupted(RuntimeError):
+  """SIGTERM / SIGINT arrived; a checkpoint was saved first."""
+
+  def __init__(self, signum: int, step: int):
+    super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved, "
+                     f"run the same command to resume")
+    self.signum = signum
+
+
+@dataclasses.dataclass
+class TaskInfo:
+  kind: str                      # classification | regression | mlm
+  num_labels: int
+  metric: str                    # official metric name
+  eval_splits: tuple[str, ...]
+  label_names: tuple[str, ...] | None
+  glue: object = None
+
+
+def task_info(c) -> TaskInfo:
+  if c.data.source in ("glue_tsv", "tfds"):
+    g = get_task(c.data.glue_task)
+    kind = "mlm" if c.task == "mlm" else ("regression" if g.is_regression else "classification")
+    return TaskInfo(kind, g.num_labels, g.metric, g.eval_splits, g.label_names, g)
+  if c.task == "mlm":
+    return TaskInfo("mlm", 0, "accuracy", ("validation",), None)
+  if c.data.source == "embedded":
+    return TaskInfo("classification", len(embedded.PACKAGES), "accuracy", ("validation",), embedded.PACKAGES)
+  n = c.data.num_labels
+  names = tuple(s.strip() for s in c.data.label_names.split(",")) if c.data.label_names else None
+  if names and len(names) != n:
+    raise ConfigError(f"config.data.label_names has {len(names)} names but config.data.num_labels={n}")
+  kind = "regression" if n == 1 else c.task
+  return TaskInfo(kind, n, "pearson" if n == 1 else "accuracy", ("validation",), names)
+
+
+class Run:
+  """Everything a run needs, built once: tokenizer, model graph, mesh, shardings, jitted steps."""
+
+  def __init__(self, c, workdir: str | Path):
+    check_keys(c)
+    check_values(c)
+    self.c = c
+    self.workdir = Path(workdir)
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    self.task = task_info(c)
+    self.mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
+    n_batch_dev = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    for name, b in (("batch_size", c.data.batch_size // c.optim.accum_steps), ("eval_batch_size", c.data.eval_batch_size)):
+      if b % n_batch_dev:
+        raise ConfigError(f"config.data.{name} (per micro-batch {b}) must be divisible by the {n_batch_dev} "
+                          f"devices of the batch axes")
+    self._build_tokenizer()
+    self._build_model()
+
+  # --- tokenizer and model ---------------------------------------------------------------------------------
+  def _train_texts(self):
+    if self.task.kind == "mlm":
+      return sources.mlm_texts(self.c.data, "train")
+    ex = sources.load_split(self.c.data, "train")
+    return ex.text_a + (ex.text_b or [])
+
+  def _build_tokenizer(self):
+    c = self.c
+    saved = self.workdir / "tokenizer.json"
+    if c.data.tokenizer:
+      self.tok = tokenize.load_tokenizer(c.data.tokenizer)
+    elif c.init_from and (Path(c.init_from) / "tokenizer.json").is_file() or \
+        c.init_from and any((Path(c.init_from) / f).is_file() for f in ("vocab.txt", "vocab.json")):
+      self.tok = tokenize.load_tokenizer(c.init_from)
+    elif saved.is_file():
+      self.tok = tokenize.load_tokenizer(str(saved))
+    else:
+      if c.mode != "train":
+        raise FileNotFoundError(f"{saved} not found: mode={c.mode} needs the tokenizer of a trained run "
+                                f"(or config.data.tokenizer)")
+      log.info("training a WordPiece tokenizer (vocab %d) on the training texts", c.data.vocab_size)
+      self.tok = tokenize.train_wordpiece(self._train_texts(), c.data.vocab_size)
+    if jax.process_index() == 0:
+      self.tok.save(str(saved))
+    self.special = tokenize.special_ids(self.tok)
+
+  def _model_fn(self, cfg: EncoderConfig):
+    t = self.task
+
+    def make(seed: int):
+      rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+      if t.kind == "mlm":
+        return models.MaskedLM(cfg, rngs=rngs)
+      return models.SequenceClassifier(cfg, num_labels=t.num_labels, rngs=rngs)
+    return make
+
+  def _build_model(self):
+    c, m = self.c, self.c.model
+    runtime = dict(hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout, dtype=m.dtype,
+                   attention_impl=m.attention_impl)
+    self.pretrained = None
+    if c.init_from:
+      import jaxformers
+      head = "masked_lm" if self.task.kind == "mlm" else "classification"
+      self.pretrained = jaxformers.from_pretrained(
+          c.init_from, layout=m.layout or None, task=head,
+          num_labels=None if self.task.kind == "mlm" else self.task.num_labels,
+          rngs=nnx.Rngs(params=c.seed, dropout=c.seed + 1), **runtime)
+      self.cfg = self.pretrained.config
+    else:
+      self.cfg = EncoderConfig(
+          vocab_size=self.tok.get_vocab_size(), hidden_size=m.hidden_size, num_heads=m.num_heads,
+          intermediate_size=m.intermediate_size, max_position_embeddings=m.max_position_embeddings,
+          type_vocab_size=m.type_vocab_size, pad_token_id=self.special["pad"], layout=m.layout,
+          hidden_act=m.hidden_act, **runtime)
+    if self.tok.get_vocab_size() > self.cfg.vocab_size:
+      raise ConfigError(f"tokenizer has {self.tok.get_vocab_size()} tokens but the model's vocab_size is "
+                        f"{self.cfg.vocab_size}")
+    limit = self.cfg.max_position_embeddings
+    if self.cfg.position_style == "roberta":
+      limit -= self.cfg.pad_token_id + 1
+    self.max_length = c.data.max_length
+    if c.data.max_length > limit:
+      msg = (f"config.data.max_length={c.data.max_length} is longer than the model's {limit} positions "
+             f"(max_position_embeddings={self.cfg.max_position_embeddings})")
+      if c.data.on_too_long == "error":
+        raise ConfigError(msg + "; lower data.max_length or set data.on_too_long='truncate'")
+      log.warning("%s; sequences are truncated to %d tokens", msg, limit)
+      self.max_length = limit
+
+    make = self._model_fn(self.cfg)
+    abstract = nnx.eval_shape(lambda: make(c.seed))
+    abstract.train()
+    self.gd_train, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
+    abstract.eval()
+    self.gd_eval = nnx.split(abstract, nnx.Param, ...)[0]
+    self.param_sh = sharding.param_shardings(abs_params, self.mesh)
+    self.rest_sh = jax.tree.map(lambda _: sharding.replicated(self.mesh), abs_rest)
+    self.abs_params, self.abs_rest = abs_params, abs_rest
+    self.num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(abs_params)))
+    self.meta = {"model_config": self.cfg.to_dict(), "task": self.task.kind, "num_labels": self.task.num_labels,
+                 "param_shapes": ckpt_lib.param_shapes(abs_params)}
+
+  def init_params(self):
+    """Parameters and dropout state created straight into their shardings (or loaded with from_pretrained)."""
+    if self.pretrained is not None:
+      _, p, r = nnx.split(self.pretrained, nnx.Param, ...)
+      return jax.device_put(p, self.param_sh), jax.device_put(r, self.rest_sh)
+    make = self._model_fn(self.cfg)
+
+    def create():
+      _, p, r = nnx.split(make(self.c.seed), nnx.Param, ...)
+      return p, r
+    return jax.jit(create, out_shardings=(self.param_sh, self.rest_sh))()
+
+  # --- data ----------------------------------------------------------------------------------------------------
+  def mlm_opts(self):
+    if self.task.kind != "mlm":
+      return None
+    if self.special["mask"] is None:
+      raise ConfigError("task=mlm needs a tokenizer with a [MASK] / <mask> token")
+    specials = tuple(v for k, v in self.special.items() if v is not None and k != "mask")
+    return {"mask_id": self.special["mask"], "vocab_size": self.tok.get_vocab_size(), "special_ids": specials,
+            "prob": self.c.data.mlm_probability}
+
+  def tokenized(self, split: str) -> tokenize.Tokenized:
+    if self.task.kind == "mlm":
+      texts = sources.mlm_texts(self.c.data, split)
+      ex = sources.Examples(texts, None, None, f"{self.c.data.source}:{split}")
+    else:
+      ex = sources.load_split(self.c.data, split)
+      if ex.label is not None and self.task.kind == "classification":
+        bad = np.nonzero((ex.label < 0) | (ex.label >= self.task.num_labels))[0]
+        if len(bad):
+          raise sources.DataError(f"{ex.origin}: example {bad[0]} has label {ex.label[bad[0]]}, outside the "
+                                  f"task's range 0..{self.task.num_labels - 1}")
+    n = self.c.data.max_train_examples
+    if split == "train" and n > 0 and len(ex) > n:
+      keep = np.sort(np.random.default_rng(0).permutation(len(ex))[:n])   # a fixed random subset
+      ex = sources.Examples([ex.text_a[i] for i in keep], [ex.text_b[i] for i in keep] if ex.text_b else None,
+                            ex.label[keep] if ex.label is not None else None, ex.origin)
+    return tokenize.encode(self.tok, ex, self.max_length, self.c.data.on_too_long)
+
+  def batch_shardings(self):
+    two = sharding.batch_sharding(self.mesh, 2)
+    one = two if self.task.kind == "mlm" else sharding.batch_sharding(self.mesh, 1)
+    return {"input_ids": two, "token_type_ids": two, "attention_mask": two, "labels": one, "weights": one}
+
+  # --- steps -------------------------------------------------------------------------------------------------------
+  def eval_step(self):
+    if not hasattr(self, "_eval_step"):
+      self._eval_step = jax.jit(steps.make_eval_step(self.gd_eval, self.task.kind),
+                                in_shardings=(self.param_sh, self.rest_sh, self.batch_shardings()),
+                                out_shardings=sharding.replicated(self.mesh))
+    return self._eval_step
+
+  def predict_split(self, params, rest, data: tokenize.Tokenized):
+    """Logits of every example in data order (and loss / accuracy sums)."""
+    step = self.eval_step()
+    out, totals = None, np.zeros(3)
+    for rows, batch in batching.eval_batches(data, self.c.data.eval_batch_size, self.max_length,
+                                             self.special["pad"], self.mlm_opts(), seed=self.c.seed):
+      logits, s, w, cr = step(params, rest, sharding.shard_batch(batch, self.mesh))
+      totals += np.asarray([s, w, cr], np.float64)
+      if logits is not None:
+        logits = np.asarray(logits)[:len(rows)]
+        if out is None:
+          out = np.zeros((len(data),) + logits.shape[1:], np.float32)
+        out[rows] = logits
+    return out, totals
+
+  def evaluate(self, params, rest, eval_sets: dict) -> dict:
+    results = {}
+    for name, data in eval_sets.items():
+      logits, (s, w, cr) = self.predict_split(params, rest, data)
+      r = {"loss": s / max(w, 1.0)}
+      if self.task.kind == "mlm":
+        r.update(accuracy=cr / max(w, 1.0), perplexity=math.exp(min(r["loss"], 50.0)))
+      elif self.task.kind == "regression":
+        r.update(metrics_lib.regression_metrics(data.label, logits[:, 0]))
+      else:
+        r.update(metrics_lib.classification_metrics(data.label, logits.argmax(-1), self.task.metric))
+      results.update({f"{name}/{k}": float(v) for k, v in r.items()})
+    return results
+
+  def best_metric(self) -> tuple[str, str]:
+    t = self.c.train.best_metric
+    if t:
+      return t, ("min" if t.endswith("loss") or t.endswith("perplexity") or t.endswith("mse") else "max")
+    if self.task.kind == "mlm":
+      return f"{self.task.eval_splits[0]}/loss", "min"
+    return f"{self.task.eval_splits[0]}/{self.task.metric}", "max"
+
+
+def _abstract_with(sh_tree, abs_tree):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_tree, sh_tree)
+
+
+def train(r: Run) -> dict:
+  c = r.c
+  train_data = r.tokenized("train")
+  eval_sets = {s: r.tokenized(s) for s in r.task.eval_splits}
+  steps_per_epoch = len(train_data) // c.data.batch_size
+  total = int(math.ceil(c.train.num_epochs * steps_per_epoch)) if c.train.num_epochs > 0 else c.train.num_steps
+  if total < 1:
+    raise ConfigError("the run has no steps: raise train.num_steps or train.num_epochs")
+  tx, lr_fn = optim.adamw(c.optim, total)
+  batches = batching.TrainBatches(train_data, c.data.batch_size, c.seed, r.max_length, r.special["pad"],
+                                  mlm=r.mlm_opts())
+
+  abs_state = {"params": r.abs_params, "opt_state": jax.eval_shape(tx.init, r.abs_params), "rngs": r.abs_rest,
+               "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  state_sh = sharding.state_shardings(abs_state, r.param_sh, r.mesh)
+  best_name, best_mode = r.best_metric()
+  ckpts = ckpt_lib.Checkpoints(r.workdir, keep=c.train.keep, best_metric=best_name, best_mode=best_mode,
+                               async_save=c.train.async_checkpoint)
+  meta = dict(r.meta, config=json.loads(c.to_json()))
+  start = ckpts.latest_step()
+  if start is not None:
+    state, saved = ckpts.restore(start, _abstract_with(state_sh, abs_state), meta)
+    batches.restore(saved["data_state"])
+    log.info("resumed from %s at step %d", ckpts.dir, start)
+  else:
+    params, rest = r.init_params()
+    init_opt = jax.jit(tx.init, in_shardings=(state_sh["params"],), out_shardings=state_sh["opt_state"])
+    state = {"params": params, "opt_state": init_opt(params), "rngs": rest,
+             "step": jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(r.mesh))}
+    start = 0
+  train_step = jax.jit(steps.make_train_step(r.gd_train, tx, lr_fn, r.task.kind, c.optim.accum_steps),
+                       in_shardings=(state_sh, r.batch_shardings()),
+                       out_shardings=(state_sh, sharding.replicated(r.mesh)), donate_argnums=0)
+  writer = metrics_lib.Writer(r.workdir, enabled=jax.process_index() == 0)
+
+  stop = {"signum": None}
+  previous = {}
+
+  def on_signal(signum, frame):
+    stop["signum"] = signum
+  for s in (signal.SIGTERM, signal.SIGINT):
+    try:
+      previous[s] = signal.signal(s, on_signal)
+    except ValueError:  # not the main thread
+      pass
+
+  bar = None
+  if c.train.progress and jax.process_index() == 0:
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+  stop_at = min(total, c.train.stop_after) if c.train.stop_after > 0 else total
+  step, t0, tokens, examples = start, time.time(), 0, 0
+  window = {"loss": 0.0, "accuracy": 0.0, "n": 0, "tokens": 0, "t": time.time()}
+  eval_results = {}
+  try:
+    while step < stop_at:
+      batch = next(batches)
+      n_tok = int(batch["attention_mask"].sum())
+      state, m = train_step(state, sharding.shard_batch(batch, r.mesh))
+      step += 1
+      loss = float(m["loss"])
+      if not math.isfinite(loss):
+        ckpts.wait()
+        last = ckpts.latest_step()
+        raise NonFiniteLoss(f"training loss became {loss} at step {step}; stopped without saving that state. "
+                            f"The last good checkpoint is "
+                            + (f"step {last} in {ckpts.dir}" if last is not None else "none (no save yet)")
+                            + "; lower optim.lr or raise optim.warmup_steps before resuming")
+      tokens += n_tok
+      examples += int(batch["weights"].shape[0])
+      window["loss"] += loss
+      window["accuracy"] += float(m["accuracy"])
+      window["n"] += 1
+      window["tokens"] += n_tok
+      if bar is not None:
+        dt = max(time.time() - window["t"], 1e-9)
+        bar.set_postfix(loss=f"{window['loss'] / window['n']:.4f}", lr=f"{float(m['lr']):.2e}",
+                        tok_s=f"{window['tokens'] / dt:.0f}", refresh=False)
+        bar.update(1)
+      if step % c.train.log_every == 0 or step == stop_at:
+        dt = max(time.time() - window["t"], 1e-9)
+        writer.write(step, "train", {"loss": window["loss"] / window["n"],
+                                     "accuracy": window["accuracy"] / window["n"], "lr": float(m["lr"]),
+                                     "grad_norm": float(m["grad_norm"]), "tokens_per_s": window["tokens"] / dt,
+                                     "epoch": batches.epoch})
+        window = {"loss": 0.0, "accuracy": 0.0, "n": 0, "tokens": 0, "t": time.time()}
+      saved_meta = dict(meta, data_state=batches.state())
+      if (c.train.eval_every and step % c.train.eval_every == 0) or step == total:
+        eval_results = r.evaluate(state["params"], state["rngs"], eval_sets)
+        writer.write(step, "eval", eval_results)
+        log.info("step %d eval %s", step, _fmt(eval_results))
+        if bar is not None:
+          bar.write(f"step {step}: " + _fmt(eval_results))
+        ckpts.save_best(step, state, saved_meta, eval_results)
+      if step % c.train.checkpoint_every == 0 or step == stop_at or stop["signum"] is not None:
+        ckpts.save(step, state, saved_meta, force=True)
+      if stop["signum"] is not None:
+        ckpts.wait()
+        raise Interrupted(stop["signum"], step)
+  finally:
+    if bar is not None:
+      bar.close()
+    ckpts.wait()
+    ckpts.close()
+    writer.close()
+    for s, h in previous.items():
+      signal.signal(s, h)
+  wall = time.time() - t0
+  summary = {"mode": "train", "steps": step, "total_steps": total, "steps_this_run": step - start,
+             "finished": step >= total, "eval": eval_results,
+             "examples_per_s": examples / wall if wall else 0.0, "tokens_per_s": tokens / wall if wall else 0.0,
+             "num_params": r.num_params, "wall_time_s": wall, "devices": jax.device_count(),
+             "mesh": dict(r.mesh.shape), "train_examples": len(train_data),
+             "eval_examples": {k: len(v) for k, v in eval_sets.items()}, "best_metric": best_name}
+  if jax.process_index() == 0:
+    (r.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+  return summary
+
+
+def _fmt(d: dict) -> str:
+  return " ".join(f"{k}={v:.4f}" for k, v in d.items())
+
+
+def _restore_for_inference(r: Run):
+  """Only params and dropout state are needed: restore them from the saved train state."""
+  target = {"params": _abstract_with(r.param_sh, r.abs_params), "rngs": _abstract_with(r.rest_sh, r.abs_rest)}
+  state, _, step = ckpt_lib.restore_for_inference(r.workdir, target, r.meta)
+  return state["params"], state["rngs"], step
+
+
+def evaluate_checkpoint(r: Run) -> dict:
+  params, rest, step = _restore_for_inference(r)
+  eval_sets = {s: r.tokenized(s) for s in r.task.eval_splits}
+  results = r.evaluate(params, rest, eval_sets)
+  out = {"mode": "eval", "step": int(step), "eval": results}
+  (r.workdir / "eval.json").write_text(json.dumps(out, indent=2) + "\n")
+  return out
+
+
+def predict(r: Run) -> dict:
+  """GLUE-submission-style ``index<TAB>prediction`` TSV files, one per test split."""
+  if r.task.kind == "mlm":
+    raise ConfigError("mode=predict needs a classification or regression task")
+  params, rest, step = _restore_for_inference(r)
+  out_dir = Path(r.c.predict.output_dir or r.workdir / "predictions")
+  out_dir.mkdir(parents=True, exist_ok=True)
+  written = {}
+  for split in sources.test_splits(r.c.data):
+    data = r.tokenized(split)
+    logits, _ = r.predict_split(params, rest, data)
+    g = r.task.glue
+    name = g.submission[split] if g is not None else f"{split}.tsv"
+    lines = ["index\tprediction"]
+    for i, row in enumerate(logits):
+      if r.task.kind == "regression":
+        lines.append(f"{i}\t{float(row[0]):.3f}")
+      else:
+        k = int(row.argmax())
+        lines.append(f"{i}\t{r.task.label_names[k] if r.task.label_names else k}")
+    (out_dir / name).write_text("\n".join(lines) + "\n")
+    written[split] = str(out_dir / name)
+  return {"mode": "predict", "step": int(step), "files": written}
+
+
+def run(config, workdir: str | Path) -> dict:
+  """Train (resuming from ``workdir`` when it holds checkpoints), evaluate, or predict, as ``config.mode`` says."""
+  r = Run(config, workdir)
+  if config.mode == "train":
+    return train(r)
+  if config.mode == "eval":
+    return evaluate_checkpoint(r)
+  return predict(r)

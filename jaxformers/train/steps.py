@@ -1,0 +1,85 @@
+"""Training and evaluation steps: pure functions of (state, batch), jitted once per input shape.
+
+The NNX model is split once, outside the loop, into a static ``graphdef`` and pytrees
+(``params`` and ``rngs``: everything else, i.e. the dropout streams' keys and counters); each step merges them back,
+runs, and returns the new pytrees. The train state is a plain dict
+``{"params", "opt_state", "rngs", "step"}``; it is donated to the step.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+def forward(model, batch):
+  return model(batch["input_ids"], attention_mask=batch["attention_mask"],
+               token_type_ids=batch["token_type_ids"])
+
+
+def loss_terms(logits, batch, task: str):
+  """Sum of per-example (or per-token, for MLM) losses, sum of weights and sum of correct predictions."""
+  logits = logits.astype(jnp.float32)
+  w = batch["weights"]
+  if task == "regression":
+    pred = logits[..., 0]
+    per = jnp.square(pred - batch["labels"].astype(jnp.float32))
+    correct = jnp.zeros((), jnp.float32)
+  else:
+    per = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+    correct = jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * w)
+  return jnp.sum(per * w), jnp.sum(w), correct
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, task: str, accum_steps: int = 1):
+  """``step(state, batch) -> (state, metrics)``; ``accum_steps`` micro-batches are summed before one update,
+  which gives exactly the gradient of the whole batch."""
+
+  def micro(params, rngs, mb):
+    def f(p):
+      model = nnx.merge(graphdef, p, rngs, copy=True)
+      s, w, c = loss_terms(forward(model, mb), mb, task)
+      return s, (w, c, nnx.split(model, nnx.Param, ...)[2])
+    (s, (w, c, rngs)), g = jax.value_and_grad(f, has_aux=True)(params)
+    return s, w, c, rngs, g
+
+  def step(state, batch):
+    params, rngs = state["params"], state["rngs"]
+    if accum_steps == 1:
+      s, w, c, rngs, g = micro(params, rngs, batch)
+    else:
+      mbs = jax.tree.map(lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
+
+      def body(carry, mb):
+        s0, w0, c0, r0, g0 = carry
+        s1, w1, c1, r1, g1 = micro(params, r0, mb)
+        return (s0 + s1, w0 + w1, c0 + c1, r1, jax.tree.map(jnp.add, g0, g1)), None
+
+      zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), rngs,
+              jax.tree.map(jnp.zeros_like, params))
+      (s, w, c, rngs, g), _ = jax.lax.scan(body, zero, mbs)
+    denom = jnp.maximum(w, 1.0)
+    g = jax.tree.map(lambda x: x / denom, g)
+    updates, opt_state = tx.update(g, state["opt_state"], params)
+    params = optax.apply_updates(params, updates)
+    new = {"params": params, "opt_state": opt_state, "rngs": rngs, "step": state["step"] + 1}
+    metrics = {"loss": s / denom, "accuracy": c / denom, "grad_norm": optax.global_norm(g),
+               "lr": lr_fn(state["step"]), "weight": w}
+    return new, metrics
+
+  return step
+
+
+def make_eval_step(graphdef, task: str):
+  """``eval_step(params, rngs, batch) -> (logits or None, loss_sum, weight_sum, correct_sum)``."""
+
+  def step(params, rngs, batch):
+    model = nnx.merge(graphdef, params, rngs, copy=True)
+    logits = forward(model, batch)
+    s, w, c = loss_terms(logits, batch, task)
+    if task == "mlm":
+      return None, s, w, c
+    return logits.astype(jnp.float32), s, w, c
+
+  return step
