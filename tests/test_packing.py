@@ -109,8 +109,9 @@ def test_sparse_attention_equals_dense_with_equivalent_mask(length, window, glob
   seg[0, length // 3:] = 2
   seg[1, length - 4:] = 0
   s = Sequences.build(2, length, segment_ids=seg, max_segments=2)
-  out = sparse_attention_xla(q, k, v, segment_ids=s.segment_ids, positions=s.positions, window=window,
-                             global_positions=globals_, max_global=2 * len(globals_))
+  fn = jax.jit(sparse_attention_xla, static_argnames=("window", "global_positions", "max_global"))
+  out = fn(q, k, v, segment_ids=s.segment_ids, positions=s.positions, window=window,
+           global_positions=globals_, max_global=2 * len(globals_))
   ref = attention_reference(q, k, v, mask=sparse_mask_dense(s.segment_ids, s.positions, window, globals_))
   np.testing.assert_allclose(np.asarray(out)[seg != 0], np.asarray(ref)[seg != 0], atol=1e-5)
 
