@@ -52,7 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Packing (padding-free batches): several examples share a row of max_length tokens, told apart by segment ids,
   # for training, eval and predict of classification, regression and mlm. A train batch is pack_rows rows (0: as
   # many rows as batch_size examples of average length fill, so a step sees about batch_size examples; eval
-  # batches likewise from eval_batch_size); per-example metrics and predictions equal the padded path's.
+  # batches likewise from eval_batch_size); per-example metrics and predictions equal the padded path's (MLM eval
+  # draws its masks per packed batch, so its loss is comparable but not identical). Needs Fourier blocks with
+  # fourier_impl matmul/auto and fourier_padding per_sequence. A checkpoint resumes only with the same setting.
   d.packing = False
   d.pack_max_segments = 16         # most examples one packed row holds (the classifier's slots per row)
   d.pack_rows = 0                  # rows per packed train batch; 0: ceil(batch_size * mean length / max_length)
