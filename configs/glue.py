@@ -8,6 +8,8 @@ checkpoint's), source (glue_tsv: the GLUE TSV files in data.dir | tfds: glue/<ta
 Hyper-parameters follow the usual BERT recipe: AdamW 2e-5, batch 32, 3 epochs, 6%
 warmup then linear decay (RTE, MRPC, STS-B, CoLA: 5 epochs). Predict:
 ``--config.mode=predict`` writes GLUE submission TSVs to DIR/predictions.
+``--config.data.packing=True`` trains, evaluates and predicts on packed rows (several
+examples a row, same per-example predictions; see data.packing in defaults.py).
 """
 from jaxformers.data.glue import get_task
 from jaxformers.train.defaults import base_config, parse_arg

@@ -6,7 +6,8 @@
 
 Argument keys: layout, size (small: 256 wide, 4 layers; base: BERT-base). The default
 data is the standard library's docstrings (offline); ``data.source=files`` reads the
-``data.text_a_column`` of CSV/JSONL files.
+``data.text_a_column`` of CSV/JSONL files. ``--config.data.packing=True`` packs the
+documents into full 128-token rows (masking only real tokens, at least one per document).
 """
 from jaxformers.train.defaults import base_config, parse_arg
 

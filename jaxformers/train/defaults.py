@@ -49,6 +49,15 @@ def base_config() -> ml_collections.ConfigDict:
   d.batch_size = 32
   d.eval_batch_size = 64
   d.mlm_probability = 0.15
+  # Packing (padding-free batches): several examples share a row of max_length tokens, told apart by segment ids,
+  # for training, eval and predict of classification, regression and mlm. A train batch is pack_rows rows (0: as
+  # many rows as batch_size examples of average length fill, so a step sees about batch_size examples; eval
+  # batches likewise from eval_batch_size); per-example metrics and predictions equal the padded path's (MLM eval
+  # draws its masks per packed batch, so its loss is comparable but not identical). Needs Fourier blocks with
+  # fourier_impl matmul/auto and fourier_padding per_sequence. A checkpoint resumes only with the same setting.
+  d.packing = False
+  d.pack_max_segments = 16         # most examples one packed row holds (the classifier's slots per row)
+  d.pack_rows = 0                  # rows per packed train batch; 0: ceil(batch_size * mean length / max_length)
   d.max_train_examples = 0         # > 0: keep a fixed random subset of N training examples (smoke runs, tests)
 
   c.optim = o = ml_collections.ConfigDict()
@@ -111,6 +120,10 @@ def check_values(c) -> None:
   if c.data.batch_size % c.optim.accum_steps:
     raise ConfigError(f"config.data.batch_size={c.data.batch_size} must be divisible by "
                       f"config.optim.accum_steps={c.optim.accum_steps}")
+  if c.data.pack_max_segments < 1:
+    raise ConfigError(f"config.data.pack_max_segments={c.data.pack_max_segments}: must be at least 1")
+  if c.data.pack_rows < 0:
+    raise ConfigError(f"config.data.pack_rows={c.data.pack_rows}: must be 0 (automatic) or a number of rows")
   if c.data.source in ("glue_tsv", "tfds") and not c.data.glue_task:
     raise ConfigError(f"config.data.source={c.data.source!r} needs config.data.glue_task")
   if c.data.source == "glue_tsv" and not c.data.dir:

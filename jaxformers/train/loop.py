@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from jaxformers import models
+from jaxformers.blocks import BLOCKS
 from jaxformers.config import EncoderConfig
 from jaxformers.data import batching, embedded, sources, tokenize
 from jaxformers.data.glue import get_task
@@ -166,8 +167,40 @@ class Run:
     self.rest_sh = jax.tree.map(lambda _: sharding.replicated(self.mesh), abs_rest)
     self.abs_params, self.abs_rest = abs_params, abs_rest
     self.num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(abs_params)))
+    self._check_packing()
     self.meta = {"model_config": self.cfg.to_dict(), "task": self.task.kind, "num_labels": self.task.num_labels,
                  "param_shapes": ckpt_lib.param_shapes(abs_params)}
+
+  def _check_packing(self):
+    """Packing needs every block to handle packed rows; the only one that may not is Fourier mixing."""
+    self.max_segments = min(self.c.data.pack_max_segments, self.max_length)
+    if not self.c.data.packing:
+      return
+    fourier = [b for b in self.cfg.blocks if BLOCKS.get(b).mixer == "fourier"]
+    if fourier and (self.cfg.fourier_impl == "fft" or self.cfg.fourier_padding == "fnet"):
+      raise ConfigError(
+          f"config.data.packing=True with a layout that has Fourier blocks ({fourier[0]}) needs "
+          f"fourier_impl 'matmul' or 'auto' and fourier_padding 'per_sequence'; the model has "
+          f"fourier_impl={self.cfg.fourier_impl!r}, fourier_padding={self.cfg.fourier_padding!r}. "
+          f"Set config.data.packing=False to train it on padded batches")
+
+  def packing(self, data: tokenize.Tokenized, batch_size: int, train: bool) -> batching.Packing | None:
+    """Packed-batch shape for ``data``, or None without ``data.packing``: rows per batch is data.pack_rows (train),
+    else as many rows as ``batch_size`` examples of the data's mean length fill, rounded up to a whole number
+    of rows per device (and per micro-batch when training)."""
+    if not self.c.data.packing:
+      return None
+    n_dev = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    unit = n_dev * (self.c.optim.accum_steps if train else 1)
+    rows = self.c.data.pack_rows if train else 0
+    if rows:
+      if rows % unit:
+        raise ConfigError(f"config.data.pack_rows={rows} must be divisible by {unit} (optim.accum_steps="
+                          f"{self.c.optim.accum_steps} micro-batches x {n_dev} devices of the batch axes)")
+    else:
+      rows = math.ceil(batch_size * float(data.lengths.mean()) / self.max_length)
+      rows = max(unit, -(-rows // unit) * unit)
+    return batching.Packing(rows=rows, max_segments=self.max_segments)
 
   def init_params(self):
     """Parameters and dropout state created straight into their shardings (or loaded with from_pretrained)."""
@@ -211,13 +244,15 @@ class Run:
 
   def batch_shardings(self):
     two = sharding.batch_sharding(self.mesh, 2)
+    if self.c.data.packing:   # labels / weights per slot [rows, max_segments] or per token [rows, length]
+      return {"input_ids": two, "token_type_ids": two, "segment_ids": two, "labels": two, "weights": two}
     one = two if self.task.kind == "mlm" else sharding.batch_sharding(self.mesh, 1)
     return {"input_ids": two, "token_type_ids": two, "attention_mask": two, "labels": one, "weights": one}
 
   # --- steps -------------------------------------------------------------------------------------------------------
   def eval_step(self):
     if not hasattr(self, "_eval_step"):
-      self._eval_step = jax.jit(steps.make_eval_step(self.gd_eval, self.task.kind),
+      self._eval_step = jax.jit(steps.make_eval_step(self.gd_eval, self.task.kind, self.max_segments),
                                 in_shardings=(self.param_sh, self.rest_sh, self.batch_shardings()),
                                 out_shardings=sharding.replicated(self.mesh))
     return self._eval_step
@@ -226,12 +261,19 @@ class Run:
     """Logits of every example in data order (and loss / accuracy sums)."""
     step = self.eval_step()
     out, totals = None, np.zeros(3)
+    packing = self.packing(data, self.c.data.eval_batch_size, train=False)
     for rows, batch in batching.eval_batches(data, self.c.data.eval_batch_size, self.max_length,
-                                             self.special["pad"], self.mlm_opts(), seed=self.c.seed):
+                                             self.special["pad"], self.mlm_opts(), seed=self.c.seed,
+                                             packing=packing):
       logits, s, w, cr = step(params, rest, sharding.shard_batch(batch, self.mesh))
       totals += np.asarray([s, w, cr], np.float64)
       if logits is not None:
-        logits = np.asarray(logits)[:len(rows)]
+        logits = np.asarray(logits)
+        if packing is not None:            # [rows, max_segments, labels] by slot -> by example
+          valid = rows >= 0
+          rows, logits = rows[valid], logits[valid]
+        else:
+          logits = logits[:len(rows)]
         if out is None:
           out = np.zeros((len(data),) + logits.shape[1:], np.float32)
         out[rows] = logits
@@ -251,6 +293,37 @@ class Run:
       results.update({f"{name}/{k}": float(v) for k, v in r.items()})
     return results
 
+  def padding_report(self, name: str, data: tokenize.Tokenized, batches: batching.TrainBatches | None = None) -> dict:
+    """Share of padding in ``data``'s batches on the padded path (length buckets) and packed; logged."""
+    if batches is not None:   # training: the first epoch's batches, both ways
+      c = self.c
+
+      def other(packing):
+        return batching.TrainBatches(data, c.data.batch_size, c.seed, self.max_length, self.special["pad"],
+                                     packing=packing)
+      if batches.packing is not None:
+        packed, padded = batches, other(None)
+      else:
+        padded, packed = batches, other(self.packing_for_report(data, c.data.batch_size))
+      out = {"padded": padded.padding_fraction(), "packed": packed.padding_fraction(),
+             "rows_per_batch": packed.packing.rows}
+    else:
+      b = self.c.data.eval_batch_size
+      packing = self.packing(data, b, train=False) or self.packing_for_report(data, b)
+      out = {"padded": batching.eval_padding_fraction(data, b, self.max_length),
+             "packed": batching.eval_padding_fraction(data, b, self.max_length, packing),
+             "rows_per_batch": packing.rows}
+    out["removed"] = out["padded"] - out["packed"]
+    out["packing"] = bool(self.c.data.packing)
+    log.info("%s: padding %.1f%% padded (length buckets) -> %.1f%% packed (%d rows of %d a batch, <= %d examples a "
+             "row)%s", name, 100 * out["padded"], 100 * out["packed"], out["rows_per_batch"], self.max_length,
+             self.max_segments, "" if self.c.data.packing else "; set data.packing=True to use it")
+    return out
+
+  def packing_for_report(self, data: tokenize.Tokenized, batch_size: int) -> batching.Packing:
+    rows = max(1, math.ceil(batch_size * float(data.lengths.mean()) / self.max_length))
+    return batching.Packing(rows=rows, max_segments=self.max_segments)
+
   def best_metric(self) -> tuple[str, str]:
     t = self.c.train.best_metric
     if t:
@@ -268,13 +341,19 @@ def train(r: Run) -> dict:
   c = r.c
   train_data = r.tokenized("train")
   eval_sets = {s: r.tokenized(s) for s in r.task.eval_splits}
-  steps_per_epoch = len(train_data) // c.data.batch_size
+  packing = r.packing(train_data, c.data.batch_size, train=True)
+  try:
+    batches = batching.TrainBatches(train_data, c.data.batch_size, c.seed, r.max_length, r.special["pad"],
+                                    mlm=r.mlm_opts(), packing=packing)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  padding = {"train": r.padding_report("train", train_data, batches)}
+  padding.update({s: r.padding_report(s, d) for s, d in eval_sets.items()})
+  steps_per_epoch = batches.batches_per_epoch
   total = int(math.ceil(c.train.num_epochs * steps_per_epoch)) if c.train.num_epochs > 0 else c.train.num_steps
   if total < 1:
     raise ConfigError("the run has no steps: raise train.num_steps or train.num_epochs")
   tx, lr_fn = optim.adamw(c.optim, total)
-  batches = batching.TrainBatches(train_data, c.data.batch_size, c.seed, r.max_length, r.special["pad"],
-                                  mlm=r.mlm_opts())
 
   abs_state = {"params": r.abs_params, "opt_state": jax.eval_shape(tx.init, r.abs_params), "rngs": r.abs_rest,
                "step": jax.ShapeDtypeStruct((), jnp.int32)}
@@ -286,7 +365,10 @@ def train(r: Run) -> dict:
   start = ckpts.latest_step()
   if start is not None:
     state, saved = ckpts.restore(start, _abstract_with(state_sh, abs_state), meta)
-    batches.restore(saved["data_state"])
+    try:
+      batches.restore(saved["data_state"])
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
     log.info("resumed from %s at step %d", ckpts.dir, start)
   else:
     params, rest = r.init_params()
@@ -294,7 +376,8 @@ def train(r: Run) -> dict:
     state = {"params": params, "opt_state": init_opt(params), "rngs": rest,
              "step": jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(r.mesh))}
     start = 0
-  train_step = jax.jit(steps.make_train_step(r.gd_train, tx, lr_fn, r.task.kind, c.optim.accum_steps),
+  train_step = jax.jit(steps.make_train_step(r.gd_train, tx, lr_fn, r.task.kind, c.optim.accum_steps,
+                                             r.max_segments),
                        in_shardings=(state_sh, r.batch_shardings()),
                        out_shardings=(state_sh, sharding.replicated(r.mesh)), donate_argnums=0)
   writer = metrics_lib.Writer(r.workdir, enabled=jax.process_index() == 0)
@@ -321,7 +404,7 @@ def train(r: Run) -> dict:
   try:
     while step < stop_at:
       batch = next(batches)
-      n_tok = int(batch["attention_mask"].sum())
+      n_tok = batching.num_tokens(batch)
       state, m = train_step(state, sharding.shard_batch(batch, r.mesh))
       step += 1
       loss = float(m["loss"])
@@ -333,7 +416,7 @@ def train(r: Run) -> dict:
                             + (f"step {last} in {ckpts.dir}" if last is not None else "none (no save yet)")
                             + "; lower optim.lr or raise optim.warmup_steps before resuming")
       tokens += n_tok
-      examples += int(batch["weights"].shape[0])
+      examples += batching.num_examples(batch)
       window["loss"] += loss
       window["accuracy"] += float(m["accuracy"])
       window["n"] += 1
@@ -377,7 +460,8 @@ def train(r: Run) -> dict:
              "examples_per_s": examples / wall if wall else 0.0, "tokens_per_s": tokens / wall if wall else 0.0,
              "num_params": r.num_params, "wall_time_s": wall, "devices": jax.device_count(),
              "mesh": dict(r.mesh.shape), "train_examples": len(train_data),
-             "eval_examples": {k: len(v) for k, v in eval_sets.items()}, "best_metric": best_name}
+             "eval_examples": {k: len(v) for k, v in eval_sets.items()}, "best_metric": best_name,
+             "padding": padding}
   if jax.process_index() == 0:
     (r.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   return summary
@@ -398,7 +482,8 @@ def evaluate_checkpoint(r: Run) -> dict:
   params, rest, step = _restore_for_inference(r)
   eval_sets = {s: r.tokenized(s) for s in r.task.eval_splits}
   results = r.evaluate(params, rest, eval_sets)
-  out = {"mode": "eval", "step": int(step), "eval": results}
+  out = {"mode": "eval", "step": int(step), "eval": results,
+         "padding": {s: r.padding_report(s, d) for s, d in eval_sets.items()}}
   (r.workdir / "eval.json").write_text(json.dumps(out, indent=2) + "\n")
   return out
 

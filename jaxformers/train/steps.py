@@ -4,6 +4,12 @@ The NNX model is split once, outside the loop, into a static ``graphdef`` and py
 (``params`` and ``rngs``: everything else, i.e. the dropout streams' keys and counters); each step merges them back,
 runs, and returns the new pytrees. The train state is a plain dict
 ``{"params", "opt_state", "rngs", "step"}``; it is donated to the step.
+
+Padded batches carry ``attention_mask``; packed ones carry ``segment_ids`` instead (the
+batch's keys are its pytree structure, so which one is static), and ``max_segments``, the
+most examples a packed row holds, is fixed when the step is made. Packed classification
+logits are ``[rows, max_segments, labels]`` with per-slot labels and weights; the losses
+below sum over whatever leading axes the weights have.
 """
 from __future__ import annotations
 
@@ -13,7 +19,10 @@ import optax
 from flax import nnx
 
 
-def forward(model, batch):
+def forward(model, batch, max_segments: int | None = None):
+  if "segment_ids" in batch:
+    return model(batch["input_ids"], token_type_ids=batch["token_type_ids"], segment_ids=batch["segment_ids"],
+                 max_segments=max_segments)
   return model(batch["input_ids"], attention_mask=batch["attention_mask"],
                token_type_ids=batch["token_type_ids"])
 
@@ -32,14 +41,15 @@ def loss_terms(logits, batch, task: str):
   return jnp.sum(per * w), jnp.sum(w), correct
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, task: str, accum_steps: int = 1):
+def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, task: str, accum_steps: int = 1,
+                    max_segments: int | None = None):
   """``step(state, batch) -> (state, metrics)``; ``accum_steps`` micro-batches are summed before one update,
   which gives exactly the gradient of the whole batch."""
 
   def micro(params, rngs, mb):
     def f(p):
       model = nnx.merge(graphdef, p, rngs, copy=True)
-      s, w, c = loss_terms(forward(model, mb), mb, task)
+      s, w, c = loss_terms(forward(model, mb, max_segments), mb, task)
       return s, (w, c, nnx.split(model, nnx.Param, ...)[2])
     (s, (w, c, rngs)), g = jax.value_and_grad(f, has_aux=True)(params)
     return s, w, c, rngs, g
@@ -71,12 +81,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, task: str
   return step
 
 
-def make_eval_step(graphdef, task: str):
+def make_eval_step(graphdef, task: str, max_segments: int | None = None):
   """``eval_step(params, rngs, batch) -> (logits or None, loss_sum, weight_sum, correct_sum)``."""
 
   def step(params, rngs, batch):
     model = nnx.merge(graphdef, params, rngs, copy=True)
-    logits = forward(model, batch)
+    logits = forward(model, batch, max_segments)
     s, w, c = loss_terms(logits, batch, task)
     if task == "mlm":
       return None, s, w, c
