@@ -237,7 +237,7 @@ def _exportable(cfg: EncoderConfig, where: str) -> str:
 
 def to_hf_state(model, where: str = "model") -> tuple[dict[str, np.ndarray], dict]:
   """``(state_dict, config_dict)`` in HF layout for a serial (BERT/RoBERTa) or parallel (PAF) model."""
-  cfg: EncoderConfig = model.config if not isinstance(model, models.Encoder) else model.config
+  cfg: EncoderConfig = model.config
   task = models.task_of(model)
   kind = _exportable(cfg, where)
   family = cfg.family
