@@ -33,19 +33,12 @@ def write_rte(d, n_train=64, n_dev=32, n_test=16, seed=0):
 
 
 def glue_tiny(task, data_dir, **kw):
-  c = load_config("glue", f"task={task},layout=serial*1")
   small = dict(model__hidden_size=32, model__num_heads=2, model__intermediate_size=64,
                model__max_position_embeddings=64, data__dir=str(data_dir), data__vocab_size=200,
                data__max_length=32, data__batch_size=8, data__eval_batch_size=16, optim__lr=1e-3,
                train__num_epochs=0.0, train__num_steps=6, train__progress=False, train__async_checkpoint=False)
   small.update(kw)
-  for key, v in small.items():
-    node = c
-    parts = key.split("__")
-    for p in parts[:-1]:
-      node = node[p]
-    node[parts[-1]] = v
-  return c
+  return load_config("glue", f"task={task},layout=serial*1", **small)
 
 
 def test_glue_tsv_rte_train_eval_predict(tmp_path):
