@@ -112,7 +112,7 @@ def torch_step(batch: int, length: int, compile_: bool):
 
 def main():
   a = parse()
-  os.environ.setdefault("XLA_FLAGS", f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={a.threads}")
+  # XLA:CPU uses one thread per core by default; --threads sets PyTorch's count to match.
   import torch
   torch.set_num_threads(a.threads)
   tokens = a.batch * a.length

@@ -78,10 +78,21 @@ class Block(nnx.Module):
     self.dropout = nnx.Dropout(cfg.hidden_dropout, rngs=rngs)
     self.fuse = bool(cfg.fuse_projections and spec.parallel and spec.mixer in ("attention", "sparse"))
 
-  def _sublayer(self, x_BLD, fn, norm):
+  def _sublayer(self, x_BLD, fn, norm, take=None):
+    """Residual sublayer; ``take`` (if given) picks the rows of the residual that ``fn`` returns."""
+    res_BSD = x_BLD if take is None else take(x_BLD)
     if self.spec.pre_ln:
-      return x_BLD + self.dropout(fn(norm(x_BLD)))
-    return norm(x_BLD + self.dropout(fn(x_BLD)))
+      return res_BSD + self.dropout(fn(norm(x_BLD)))
+    return norm(res_BSD + self.dropout(fn(x_BLD)))
+
+  def _mix(self, h_BLD: jax.Array, seq: Sequences, select_BS: jax.Array | None, take) -> jax.Array:
+    """The token mixer's output at every position, or only at ``select_BS`` (mixers that can compute
+    only some queries do so; the others mix every token and are then gathered)."""
+    if select_BS is None:
+      return self.mixer(h_BLD, seq)
+    if getattr(self.mixer, "selects_queries", False):
+      return self.mixer(h_BLD, seq, select_BS=select_BS)
+    return take(self.mixer(h_BLD, seq))
 
   def _fused_branches(self, h_BLD: jax.Array, seq: Sequences) -> tuple[jax.Array, jax.Array]:
     """Q, K, V and the FFN up-projection of the same input as one matmul."""
@@ -94,18 +105,25 @@ class Block(nnx.Module):
     q, k, v, up = jnp.split(z, [d, 2 * d, 3 * d], axis=-1)
     return att(h_BLD, seq, qkv_BLD=(q, k, v)), mlp(h_BLD, hidden_BLF=up)
 
-  def __call__(self, x_BLD: jax.Array, seq: Sequences) -> jax.Array:
+  def __call__(self, x_BLD: jax.Array, seq: Sequences, select_BS: jax.Array | None = None) -> jax.Array:
+    """``[batch, length, hidden]`` -> same shape; with ``select_BS`` ``[batch, S]`` (positions) only those
+    positions' outputs ``[batch, S, hidden]`` are computed: every token still feeds the mixer (keys,
+    values, Fourier transform), but queries, the feed-forward sublayer and the norms run on S rows."""
     spec = self.spec
+    take = None if select_BS is None else (lambda t: jnp.take_along_axis(t, select_BS[..., None], axis=1))
     if spec.parallel:
       h_BLD = self.norm(x_BLD) if spec.pre_ln else x_BLD
-      if self.fuse:
+      if self.fuse and take is None:
         mix, ff = self._fused_branches(h_BLD, seq)
       else:
-        mix, ff = self.mixer(h_BLD, seq), self.mlp(h_BLD)
-      y_BLD = x_BLD + self.dropout(mix) + self.dropout(ff)
+        mix = self._mix(h_BLD, seq, select_BS, take)
+        ff = self.mlp(h_BLD if take is None else take(h_BLD))
+      y_BLD = (x_BLD if take is None else take(x_BLD)) + self.dropout(mix) + self.dropout(ff)
       return y_BLD if spec.pre_ln else self.norm(y_BLD)
     if self.mixer is not None:
-      x_BLD = self._sublayer(x_BLD, lambda h: self.mixer(h, seq), self.mixer_norm)
+      x_BLD = self._sublayer(x_BLD, lambda h: self._mix(h, seq, select_BS, take), self.mixer_norm, take)
+    elif take is not None:
+      x_BLD = take(x_BLD)
     if self.mlp is not None:
       x_BLD = self._sublayer(x_BLD, self.mlp, self.mlp_norm)
     return x_BLD

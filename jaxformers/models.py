@@ -21,7 +21,7 @@ from jaxformers.layers.mlp import activation
 
 @struct.dataclass
 class EncoderOutput:
-  """``last_hidden_state`` ``[batch, length, hidden]``. ``first_token_state`` and
+  """``last_hidden_state`` ``[batch, length, hidden]`` (None when only first tokens were computed). ``first_token_state`` and
   ``pooler_output`` are ``[batch, hidden]``, or for packed rows ``[batch, max_segments, hidden]``
   (one per sequence, in row order) with ``segment_valid`` ``[batch, max_segments]`` marking real ones."""
   last_hidden_state: jax.Array
@@ -57,28 +57,37 @@ class Encoder(nnx.Module):
     self.pooler = Pooler(cfg, rngs=rngs) if cfg.use_pooler else None
 
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, segment_ids=None,
-               max_segments: int | None = None, position_ids_override=None) -> EncoderOutput:
+               max_segments: int | None = None, position_ids_override=None,
+               first_tokens_only: bool = False) -> EncoderOutput:
     """Padded rows pass ``attention_mask``; packed rows pass ``segment_ids`` (and may bound
-    ``max_segments``, the most sequences one row holds, default 32)."""
+    ``max_segments``, the most sequences one row holds, default 32).
+
+    ``first_tokens_only``: compute the last block only where heads that read each sequence's first
+    token need it (its keys and values still come from every token), so ``last_hidden_state`` is None.
+    The outputs are those of the full pass; a classifier saves most of one block's work."""
     input_ids = jnp.asarray(input_ids, jnp.int32)
     b, l = input_ids.shape
     if l > self.config.max_position_embeddings and not (segment_ids is not None or position_ids_override is not None):
       raise ValueError(f"input length {l} exceeds max_position_embeddings={self.config.max_position_embeddings}")
     seq = Sequences.build(b, l, attention_mask=attention_mask, segment_ids=segment_ids, max_segments=max_segments)
     pos = position_ids(self.config, seq, attention_mask) if position_ids_override is None else position_ids_override
-    x_BLD = self.embeddings(input_ids, pos, token_type_ids)
-    for block in self.blocks:
-      x_BLD = block(x_BLD, seq)
-    if self.final_norm is not None:
-      x_BLD = self.final_norm(x_BLD)
     valid = None
     if seq.packed:
-      starts, valid = segment_starts(seq)
-      first = jnp.take_along_axis(x_BLD, starts[..., None], axis=1)
+      starts_BS, valid = segment_starts(seq)
     else:
-      first = x_BLD[:, 0]
+      starts_BS = jnp.zeros((b, 1), jnp.int32)
+    x_BLD = self.embeddings(input_ids, pos, token_type_ids)
+    last = len(self.blocks) - 1
+    for i, block in enumerate(self.blocks):
+      x_BLD = block(x_BLD, seq, select_BS=starts_BS if first_tokens_only and i == last else None)
+    if self.final_norm is not None:
+      x_BLD = self.final_norm(x_BLD)
+    first = x_BLD if first_tokens_only else jnp.take_along_axis(x_BLD, starts_BS[..., None], axis=1)
+    if not seq.packed:
+      first = first[:, 0]
     pooled = self.pooler(first) if self.pooler is not None else None
-    return EncoderOutput(last_hidden_state=x_BLD, pooler_output=pooled, first_token_state=first, segment_valid=valid)
+    return EncoderOutput(last_hidden_state=None if first_tokens_only else x_BLD, pooler_output=pooled,
+                         first_token_state=first, segment_valid=valid)
 
 
 class MaskedLMHead(nnx.Module):
@@ -160,7 +169,7 @@ class SequenceClassifier(nnx.Module):
     return self.encoder.config
 
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, **kw) -> jax.Array:
-    out = self.encoder(input_ids, attention_mask, token_type_ids, **kw)
+    out = self.encoder(input_ids, attention_mask, token_type_ids, first_tokens_only=True, **kw)
     if self.classifier.style == "bert":
       return self.classifier(out.pooler_output)
     return self.classifier(out.first_token_state)

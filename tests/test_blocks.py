@@ -46,6 +46,29 @@ def test_sentence_output_is_independent_of_padding(block, fourier_impl):
     np.testing.assert_allclose(np.asarray(batched), np.asarray(alone), atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("block", BLOCKS.names())
+def test_first_tokens_only_equals_the_full_pass(block):
+  """A classifier computes its last block only at each sequence's first token; padded and packed
+  rows give the full pass's first-token states and pooled outputs, and the last block's work shrinks."""
+  cfg = tiny(f"serial,{block}", use_pooler=True)
+  model = models.Encoder(cfg, rngs=nnx.Rngs(0))
+  model.eval()
+  rng = np.random.default_rng(2)
+  ids = rng.integers(1, 64, (3, 12))
+  mask = np.array([[1] * n + [0] * (12 - n) for n in (12, 7, 3)], np.int32)
+  seg = np.array([[1] * 5 + [2] * 4 + [3] * 2 + [0], [1] * 12, [1] * 3 + [0] * 9], np.int32)
+  for kw in ({"attention_mask": mask}, {"segment_ids": seg, "max_segments": 3}):
+    full = model(ids, **kw)
+    part = model(ids, first_tokens_only=True, **kw)
+    assert part.last_hidden_state is None
+    np.testing.assert_allclose(np.asarray(part.first_token_state), np.asarray(full.first_token_state), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(part.pooler_output), np.asarray(full.pooler_output), atol=2e-5)
+  flops = [jax.jit(lambda i, m, f=f: model(i, m, first_tokens_only=f).pooler_output).lower(ids, mask).compile()
+           .cost_analysis()["flops"] for f in (False, True)]
+  # attention mixers compute one query per sequence; other mixers still mix every token
+  assert flops[1] < (0.85 if BLOCKS.get(block).mixer == "attention" else 1.0) * flops[0], flops
+
+
 def test_fnet_padding_mode_mixes_padding_in():
   cfg = tiny("fourier*1", fourier_padding="fnet")
   model = models.Encoder(cfg, rngs=nnx.Rngs(0))

@@ -25,18 +25,30 @@ class SelfAttention(nnx.Module):
     self.deterministic = False
     self.rngs = rngs
 
-  def __call__(self, x_BLD: jax.Array, seq: Sequences, qkv_BLD: tuple | None = None) -> jax.Array:
-    """``qkv_BLD`` lets a block that fused the input projections pass q, k, v in."""
-    if qkv_BLD is None:
-      qkv_BLD = (self.query(x_BLD), self.key(x_BLD), self.value(x_BLD))
-    b, l, _ = x_BLD.shape
-    q_BLNH, k_BLNH, v_BLNH = (t.reshape(b, l, self.num_heads, self.head_dim) for t in qkv_BLD)
-    return self.out(self.attend(q_BLNH, k_BLNH, v_BLNH, seq).reshape(b, l, -1))
+  selects_queries = True   # can compute the outputs of some positions only (see Block)
 
-  def attend(self, q_BLNH, k_BLNH, v_BLNH, seq: Sequences) -> jax.Array:
+  def __call__(self, x_BLD: jax.Array, seq: Sequences, qkv_BLD: tuple | None = None,
+               select_BS: jax.Array | None = None) -> jax.Array:
+    """``qkv_BLD`` lets a block that fused the input projections pass q, k, v in. With ``select_BS``
+    ``[batch, S]`` only those positions query (every token is still a key and value): ``[batch, S, hidden]``."""
+    if qkv_BLD is None:
+      xq_BSD = x_BLD if select_BS is None else jnp.take_along_axis(x_BLD, select_BS[..., None], axis=1)
+      qkv_BLD = (self.query(xq_BSD), self.key(x_BLD), self.value(x_BLD))
+    b, l, _ = x_BLD.shape
+    q_BSNH = qkv_BLD[0].reshape(b, -1, self.num_heads, self.head_dim)
+    k_BLNH, v_BLNH = (t.reshape(b, l, self.num_heads, self.head_dim) for t in qkv_BLD[1:])
+    out = self.attend(q_BSNH, k_BLNH, v_BLNH, seq, select_BS)
+    return self.out(out.reshape(b, q_BSNH.shape[1], -1))
+
+  def attend(self, q_BLNH, k_BLNH, v_BLNH, seq: Sequences, select_BS: jax.Array | None = None) -> jax.Array:
     train_dropout = self.dropout_rate > 0.0 and not self.deterministic
+    q_seg = kv_seg = seq.segment_ids
+    if select_BS is not None and kv_seg is not None:
+      q_seg = jnp.take_along_axis(kv_seg, select_BS, axis=1)
+    else:
+      kv_seg = None
     return attention(
-        q_BLNH, k_BLNH, v_BLNH, segment_ids=seq.segment_ids, impl=self.impl,
+        q_BLNH, k_BLNH, v_BLNH, segment_ids=q_seg, kv_segment_ids=kv_seg, impl=self.impl,
         dropout_rate=self.dropout_rate if train_dropout else 0.0,
         dropout_rng=self.rngs.dropout() if train_dropout else None)
 
@@ -49,6 +61,8 @@ class SparseSelfAttention(SelfAttention):
   whose global tokens lead the row run the block-sparse Pallas kernel; everything else runs
   the banded XLA path. Attention dropout is not applied in this sublayer."""
 
+  selects_queries = False
+
   def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
     super().__init__(cfg, rngs=rngs)
     self.window, self.global_positions = cfg.sparse_window, cfg.sparse_global_tokens
@@ -59,7 +73,7 @@ class SparseSelfAttention(SelfAttention):
     on_accelerator = kernel_backend() != "interpret" or interpret_forced()
     return on_accelerator and leading and not seq.packed and self.impl in ("auto", "pallas")
 
-  def attend(self, q_BLNH, k_BLNH, v_BLNH, seq: Sequences) -> jax.Array:
+  def attend(self, q_BLNH, k_BLNH, v_BLNH, seq: Sequences, select_BS=None) -> jax.Array:
     from jaxformers.layers.sparse import sparse_attention_xla
     if self.uses_kernel(seq):
       from jaxformers.kernels.attention import local_global_mask

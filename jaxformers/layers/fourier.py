@@ -110,6 +110,8 @@ def choose_fourier_impl(impl: str, packed: bool, length: int, backend: str | Non
 class FourierMixing(nnx.Module):
   """The FNet mixing sublayer (no parameters)."""
 
+  selects_queries = False
+
   def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs | None = None):
     del rngs
     self.impl, self.padding = cfg.fourier_impl, cfg.fourier_padding
