@@ -398,25 +398,29 @@ def train(r: Run) -> dict:
     from tqdm import tqdm
     bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
   stop_at = min(total, c.train.stop_after) if c.train.stop_after > 0 else total
-  step, t0, tokens, examples = start, time.time(), 0, 0
+  step, t0 = start, time.time()
+  totals = {"tokens": 0, "examples": 0}
   window = {"loss": 0.0, "accuracy": 0.0, "n": 0, "tokens": 0, "t": time.time()}
   eval_results = {}
-  try:
-    while step < stop_at:
-      batch = next(batches)
-      n_tok = batching.num_tokens(batch)
-      state, m = train_step(state, sharding.shard_batch(batch, r.mesh))
-      step += 1
+  pending = []   # (step, metrics, tokens, examples) of steps dispatched but not yet read back
+
+  def account():
+    """Read back the pending steps' metrics: the NaN check, progress bar and logs. Steps are read one
+    step late, so the host prepares the next batch while the device runs this one; every eval or
+    checkpoint save reads them all first, so a non-finite loss is caught before its state is saved."""
+    nonlocal window
+    while pending:
+      at, m, n_tok, n_ex = pending.pop(0)
       loss = float(m["loss"])
       if not math.isfinite(loss):
         ckpts.wait()
         last = ckpts.latest_step()
-        raise NonFiniteLoss(f"training loss became {loss} at step {step}; stopped without saving that state. "
+        raise NonFiniteLoss(f"training loss became {loss} at step {at}; stopped without saving that state. "
                             f"The last good checkpoint is "
                             + (f"step {last} in {ckpts.dir}" if last is not None else "none (no save yet)")
                             + "; lower optim.lr or raise optim.warmup_steps before resuming")
-      tokens += n_tok
-      examples += batching.num_examples(batch)
+      totals["tokens"] += n_tok
+      totals["examples"] += n_ex
       window["loss"] += loss
       window["accuracy"] += float(m["accuracy"])
       window["n"] += 1
@@ -426,26 +430,40 @@ def train(r: Run) -> dict:
         bar.set_postfix(loss=f"{window['loss'] / window['n']:.4f}", lr=f"{float(m['lr']):.2e}",
                         tok_s=f"{window['tokens'] / dt:.0f}", refresh=False)
         bar.update(1)
-      if step % c.train.log_every == 0 or step == stop_at:
+      if at % c.train.log_every == 0 or at == stop_at:
         dt = max(time.time() - window["t"], 1e-9)
-        writer.write(step, "train", {"loss": window["loss"] / window["n"],
-                                     "accuracy": window["accuracy"] / window["n"], "lr": float(m["lr"]),
-                                     "grad_norm": float(m["grad_norm"]), "tokens_per_s": window["tokens"] / dt,
-                                     "epoch": batches.epoch})
+        writer.write(at, "train", {"loss": window["loss"] / window["n"],
+                                   "accuracy": window["accuracy"] / window["n"], "lr": float(m["lr"]),
+                                   "grad_norm": float(m["grad_norm"]), "tokens_per_s": window["tokens"] / dt,
+                                   "epoch": batches.epoch})
         window = {"loss": 0.0, "accuracy": 0.0, "n": 0, "tokens": 0, "t": time.time()}
+
+  try:
+    while step < stop_at:
+      batch = next(batches)
+      sharded = sharding.shard_batch(batch, r.mesh)
+      account()                                   # the previous step, while this batch was prepared
+      state, m = train_step(state, sharded)
+      step += 1
+      pending.append((step, m, batching.num_tokens(batch), batching.num_examples(batch)))
       saved_meta = dict(meta, data_state=batches.state())
-      if (c.train.eval_every and step % c.train.eval_every == 0) or step == total:
+      evaluate_now = (c.train.eval_every and step % c.train.eval_every == 0) or step == total
+      save_now = step % c.train.checkpoint_every == 0 or step == stop_at or stop["signum"] is not None
+      if evaluate_now or save_now:
+        account()
+      if evaluate_now:
         eval_results = r.evaluate(state["params"], state["rngs"], eval_sets)
         writer.write(step, "eval", eval_results)
         log.info("step %d eval %s", step, _fmt(eval_results))
         if bar is not None:
           bar.write(f"step {step}: " + _fmt(eval_results))
         ckpts.save_best(step, state, saved_meta, eval_results)
-      if step % c.train.checkpoint_every == 0 or step == stop_at or stop["signum"] is not None:
+      if save_now:
         ckpts.save(step, state, saved_meta, force=True)
       if stop["signum"] is not None:
         ckpts.wait()
         raise Interrupted(stop["signum"], step)
+    account()
   finally:
     if bar is not None:
       bar.close()
@@ -457,7 +475,8 @@ def train(r: Run) -> dict:
   wall = time.time() - t0
   summary = {"mode": "train", "steps": step, "total_steps": total, "steps_this_run": step - start,
              "finished": step >= total, "eval": eval_results,
-             "examples_per_s": examples / wall if wall else 0.0, "tokens_per_s": tokens / wall if wall else 0.0,
+             "examples_per_s": totals["examples"] / wall if wall else 0.0,
+             "tokens_per_s": totals["tokens"] / wall if wall else 0.0,
              "num_params": r.num_params, "wall_time_s": wall, "devices": jax.device_count(),
              "mesh": dict(r.mesh.shape), "train_examples": len(train_data),
              "eval_examples": {k: len(v) for k, v in eval_sets.items()}, "best_metric": best_name,
