@@ -18,9 +18,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformers.config import EncoderConfig
+from jaxformers.dropout import Dropout
 from jaxformers.layers import FeedForward, FourierMixing, SelfAttention, Sequences
 from jaxformers.layers.attention import SparseSelfAttention
-from jaxformers.layers.common import layer_norm
+from jaxformers.layers.common import flat_matmul, layer_norm
 from jaxformers.registry import Registry
 
 MIXERS: Registry = Registry("token mixer")
@@ -75,7 +76,7 @@ class Block(nnx.Module):
     else:
       self.mixer_norm = layer_norm(cfg, d, rngs=rngs) if spec.mixer else None
       self.mlp_norm = layer_norm(cfg, d, rngs=rngs) if spec.mlp else None
-    self.dropout = nnx.Dropout(cfg.hidden_dropout, rngs=rngs)
+    self.dropout = Dropout(cfg.hidden_dropout, impl=cfg.dropout_impl, rngs=rngs)
     self.fuse = bool(cfg.fuse_projections and spec.parallel and spec.mixer in ("attention", "sparse"))
 
   def _sublayer(self, x_BLD, fn, norm, take=None):
@@ -100,7 +101,7 @@ class Block(nnx.Module):
     kernel = jnp.concatenate([att.query.kernel[...], att.key.kernel[...], att.value.kernel[...],
                               mlp.up.kernel[...]], axis=1)
     bias = jnp.concatenate([att.query.bias[...], att.key.bias[...], att.value.bias[...], mlp.up.bias[...]])
-    z = h_BLD @ kernel.astype(h_BLD.dtype) + bias.astype(h_BLD.dtype)
+    z = flat_matmul(h_BLD, kernel.astype(h_BLD.dtype)) + bias.astype(h_BLD.dtype)
     d = h_BLD.shape[-1]
     q, k, v, up = jnp.split(z, [d, 2 * d, 3 * d], axis=-1)
     return att(h_BLD, seq, qkv_BLD=(q, k, v)), mlp(h_BLD, hidden_BLF=up)

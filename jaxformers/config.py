@@ -14,6 +14,7 @@ POSITION_STYLES = ("absolute", "roberta")
 FOURIER_IMPLS = ("auto", "fft", "matmul")
 FOURIER_PADDINGS = ("per_sequence", "fnet")
 DTYPES = ("float32", "bfloat16", "float16")
+DROPOUT_IMPLS = ("hash", "threefry")   # see jaxformers.dropout
 FAMILIES = ("bert", "roberta")
 
 
@@ -40,6 +41,7 @@ class EncoderConfig:
   hidden_act: str = "gelu"
   hidden_dropout: float = 0.1
   attention_dropout: float = 0.1
+  dropout_impl: str = "hash"
   initializer_range: float = 0.02
   attention_impl: str = "auto"
   fourier_impl: str = "auto"
@@ -65,7 +67,8 @@ class EncoderConfig:
       bad("num_heads", f"must divide hidden_size={self.hidden_size}")
     for f, allowed in (("hidden_act", ACTIVATIONS), ("position_style", POSITION_STYLES),
                        ("fourier_impl", FOURIER_IMPLS), ("fourier_padding", FOURIER_PADDINGS),
-                       ("dtype", DTYPES), ("param_dtype", DTYPES), ("family", FAMILIES)):
+                       ("dtype", DTYPES), ("param_dtype", DTYPES), ("family", FAMILIES),
+                       ("dropout_impl", DROPOUT_IMPLS)):
       if getattr(self, f) not in allowed:
         bad(f, f"expected one of {', '.join(allowed)}")
     for f in ("hidden_dropout", "attention_dropout"):

@@ -14,8 +14,9 @@ from flax import nnx, struct
 
 from jaxformers.blocks import BLOCKS, Block
 from jaxformers.config import EncoderConfig
+from jaxformers.dropout import Dropout
 from jaxformers.layers import Embeddings, Sequences, position_ids
-from jaxformers.layers.common import dtype_of, layer_norm, linear
+from jaxformers.layers.common import dtype_of, flat_matmul, layer_norm, linear
 from jaxformers.layers.mlp import activation
 
 
@@ -101,7 +102,7 @@ class MaskedLMHead(nnx.Module):
 
   def __call__(self, h_BLD: jax.Array, word_embedding_VD: jax.Array) -> jax.Array:
     h_BLD = self.norm(self.act(self.transform(h_BLD)))
-    return h_BLD @ word_embedding_VD.T.astype(h_BLD.dtype) + self.bias[...].astype(h_BLD.dtype)
+    return flat_matmul(h_BLD, word_embedding_VD.T.astype(h_BLD.dtype)) + self.bias[...].astype(h_BLD.dtype)
 
 
 def _encoder_cfg(cfg: EncoderConfig, pooler: bool) -> EncoderConfig:
@@ -146,7 +147,7 @@ class ClassifierHead(nnx.Module):
     self.style = style
     self.dense = linear(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", None), rngs=rngs) if style == "roberta" else None
     self.out = linear(cfg, cfg.hidden_size, num_labels, ("embed", "labels"), rngs=rngs)
-    self.dropout = nnx.Dropout(cfg.hidden_dropout, rngs=rngs)
+    self.dropout = Dropout(cfg.hidden_dropout, impl=cfg.dropout_impl, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.dense is not None:

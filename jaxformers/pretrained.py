@@ -21,7 +21,7 @@ FORMAT_VERSION = 1
 
 # Config fields that change only how a model computes, never its parameters.
 RUNTIME_FIELDS = {"attention_impl", "fourier_impl", "fourier_padding", "fuse_projections", "hidden_dropout",
-                  "attention_dropout", "dtype", "sparse_window", "sparse_global_tokens"}
+                  "attention_dropout", "dropout_impl", "dtype", "sparse_window", "sparse_global_tokens"}
 
 
 def is_native(path: str | Path) -> bool:

@@ -22,6 +22,7 @@ class SelfAttention(nnx.Module):
     self.out = linear(cfg, d, d, ("heads", "embed"), rngs=rngs)
     self.impl = cfg.attention_impl
     self.dropout_rate = cfg.attention_dropout
+    self.dropout_impl = cfg.dropout_impl
     self.deterministic = False
     self.rngs = rngs
 
@@ -50,7 +51,7 @@ class SelfAttention(nnx.Module):
     return attention(
         q_BLNH, k_BLNH, v_BLNH, segment_ids=q_seg, kv_segment_ids=kv_seg, impl=self.impl,
         dropout_rate=self.dropout_rate if train_dropout else 0.0,
-        dropout_rng=self.rngs.dropout() if train_dropout else None)
+        dropout_rng=self.rngs.dropout() if train_dropout else None, dropout_impl=self.dropout_impl)
 
 
 class SparseSelfAttention(SelfAttention):

@@ -19,8 +19,29 @@ def dtype_of(name: str):
   return jnp.dtype(name)
 
 
-def linear(cfg: EncoderConfig, d_in: int, d_out: int, axes: tuple, *, rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(
+def flat_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """``x @ w`` over the last axis, computed on the 2-D ``[rows, features]`` view of ``x``.
+
+  Same result as ``x @ w``; but in the backward pass the weight gradient then contracts a single
+  rows axis, which XLA:CPU runs without first writing a transposed copy of the incoming gradient
+  (with ``[batch, length, features]`` operands it makes one per matmul)."""
+  if x.ndim <= 2:
+    return x @ w
+  return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
+
+
+class Dense(nnx.Linear):
+  """``nnx.Linear`` (same parameters) that multiplies the 2-D rows view of its input, see :func:`flat_matmul`."""
+
+  def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+    if inputs.ndim <= 2:
+      return super().__call__(inputs, out_sharding)
+    y = super().__call__(inputs.reshape(-1, inputs.shape[-1]), out_sharding)
+    return y.reshape(*inputs.shape[:-1], y.shape[-1])
+
+
+def linear(cfg: EncoderConfig, d_in: int, d_out: int, axes: tuple, *, rngs: nnx.Rngs) -> Dense:
+  return Dense(
       d_in, d_out, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
       kernel_init=nnx.initializers.normal(cfg.initializer_range),
       kernel_metadata={"logical_axes": axes}, bias_metadata={"logical_axes": axes[-1:]}, rngs=rngs)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformers.config import EncoderConfig
+from jaxformers.dropout import Dropout
 from jaxformers.layers.common import Sequences, embed, layer_norm
 
 
@@ -37,7 +38,7 @@ class Embeddings(nnx.Module):
     self.token_type = (embed(cfg, cfg.type_vocab_size, cfg.hidden_size, ("type", "embed"), rngs=rngs)
                        if cfg.type_vocab_size > 0 else None)
     self.norm = layer_norm(cfg, cfg.hidden_size, rngs=rngs)
-    self.dropout = nnx.Dropout(cfg.hidden_dropout, rngs=rngs)
+    self.dropout = Dropout(cfg.hidden_dropout, impl=cfg.dropout_impl, rngs=rngs)
 
   def __call__(self, input_ids: jax.Array, positions: jax.Array, token_type_ids: jax.Array | None) -> jax.Array:
     x_BLD = self.word(input_ids) + self.position(positions)

@@ -5,6 +5,8 @@ import difflib
 
 import ml_collections
 
+from jaxformers.config import DROPOUT_IMPLS
+
 
 class ConfigError(ValueError):
   """A configuration key or value that the trainer does not accept."""
@@ -28,6 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.hidden_dropout = 0.1
   m.attention_dropout = 0.1
   m.attention_impl = "auto"
+  m.dropout_impl = "hash"          # hash | threefry: how dropout masks are drawn (see jaxformers.dropout)
   m.dtype = "float32"              # compute dtype; "bfloat16" keeps float32 parameters
 
   c.data = d = ml_collections.ConfigDict()
@@ -110,7 +113,7 @@ def check_keys(config, reference=None, prefix="") -> None:
 def check_values(c) -> None:
   choices = {"mode": ("train", "eval", "predict"), "task": ("classification", "regression", "mlm"),
              "data.source": ("embedded", "glue_tsv", "tfds", "files"), "data.on_too_long": ("truncate", "error"),
-             "optim.schedule": ("linear", "cosine", "constant")}
+             "optim.schedule": ("linear", "cosine", "constant"), "model.dropout_impl": DROPOUT_IMPLS}
   for key, allowed in choices.items():
     v = c
     for part in key.split("."):

@@ -126,7 +126,7 @@ class Run:
   def _build_model(self):
     c, m = self.c, self.c.model
     runtime = dict(hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout, dtype=m.dtype,
-                   attention_impl=m.attention_impl)
+                   attention_impl=m.attention_impl, dropout_impl=m.dropout_impl)
     self.pretrained = None
     if c.init_from:
       import jaxformers

@@ -36,14 +36,15 @@ from jaxformers.kernels.attention.reference import attention_reference, combined
 
 
 def attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, mask=None, scale=None,
-              impl: str = "auto", dropout_rate: float = 0.0, dropout_rng=None,
+              impl: str = "auto", dropout_rate: float = 0.0, dropout_rng=None, dropout_impl: str = "hash",
               block_mask: BlockSparseMask | None = None, block_sizes: BlockSizes | None = None) -> jax.Array:
   """Bidirectional softmax attention, q/k/v ``[batch, length, heads, head_dim]``.
 
   ``impl``: ``"auto"``, ``"xla"`` (reference), ``"cudnn"`` or ``"pallas"`` (see the module
   docstring). ``block_mask`` restricts attention to a static block-sparse pattern (run by the
   block-sparse kernel under ``pallas``, as a dense mask under ``xla``). ``block_sizes`` overrides
-  the per-backend default blocks of the dense Pallas kernel.
+  the per-backend default blocks of the dense Pallas kernel. Attention dropout (``xla`` only) draws its
+  masks from ``dropout_rng`` with ``dropout_impl`` (see :mod:`jaxformers.dropout`).
   """
   if impl not in IMPLS:
     raise ValueError(f"unknown attention impl {impl!r}; expected one of {', '.join(IMPLS)}")
@@ -60,7 +61,8 @@ def attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, mask=None, scal
       token_mask = dense_block_sparse_mask(block_mask)
       mask = token_mask if mask is None else (mask & token_mask)
     return attention_reference(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, mask=mask,
-                               scale=scale, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+                               scale=scale, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                               dropout_impl=dropout_impl)
 
   if impl == "cudnn":
     reason = cudnn_unsupported_reason(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, mask=mask,

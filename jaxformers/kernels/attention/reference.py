@@ -13,6 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxformers.dropout import dropout
+
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
@@ -46,6 +48,7 @@ def attention_reference(
     scale: float | None = None,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
+    dropout_impl: str = "hash",
 ) -> jax.Array:
   """Softmax attention in float32 accumulation; returns ``[batch, q_len, heads, head_dim]`` in q's dtype."""
   head_dim = q.shape[-1]
@@ -60,7 +63,6 @@ def attention_reference(
   if dropout_rate > 0.0:
     if dropout_rng is None:
       raise ValueError("attention dropout_rate > 0 needs a dropout_rng")
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BNQK.shape)
-    probs_BNQK = jnp.where(keep, probs_BNQK / (1.0 - dropout_rate), 0.0)
+    probs_BNQK = dropout(probs_BNQK, dropout_rate, dropout_rng, dropout_impl)
   out = jnp.einsum("bnqk,bknh->bqnh", probs_BNQK.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return out.astype(q.dtype)
