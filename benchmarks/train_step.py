@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import table  # noqa: E402
 
 
 def parse():
@@ -33,6 +34,8 @@ def parse():
   p.add_argument("--steps", type=int, default=3, help="steps timed per round")
   p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
   p.add_argument("--table", action="store_true", help="also time each block layout at 128 and 512")
+  p.add_argument("--table-repeats", type=int, default=2, help="steps timed per layout in the table (median)")
+  p.add_argument("--table-only", action="store_true", help="skip the PyTorch comparison")
   return p.parse_args()
 
 
@@ -117,44 +120,51 @@ def main():
   torch.set_num_threads(a.threads)
   tokens = a.batch * a.length
   layout = f"serial*{a.layers}"
-  print(f"BERT-base train step, batch {a.batch} x {a.length}, float32, {a.threads} threads, "
-        f"{a.repeats} interleaved rounds x {a.steps} steps")
-  rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  t = time.time()
-  peers = {"jaxformers": jax_step(layout, a.batch, a.length)[0]}
-  print(f"jaxformers step compiled and warmed up in {time.time() - t:.0f}s", flush=True)
-  rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  t = time.time()
-  peers["torch (eager, SDPA)"] = torch_step(a.batch, a.length, False)
-  print(f"PyTorch model built and warmed up in {time.time() - t:.0f}s", flush=True)
-  rss2 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-  if not a.no_compile:
-    try:
-      t = time.time()
-      peers["torch.compile"] = torch_step(a.batch, a.length, True)
-      print(f"torch.compile peer ready in {time.time() - t:.0f}s", flush=True)
-    except Exception as e:  # inductor needs a C++ compiler; report and go on
-      print(f"torch.compile peer skipped: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-  times = {k: [] for k in peers}
-  for i in range(a.repeats):
-    for k, fn in peers.items():
-      times[k].append(fn(a.steps))
-    print(f"round {i + 1}: " + "  ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), flush=True)
-  base = statistics.median(times["jaxformers"])
-  print(f"{'peer':24s} {'median s/step':>14s} {'tokens/s':>10s} {'jaxformers speed-up':>20s}")
-  for k, ts in times.items():
-    med = statistics.median(ts)
-    print(f"{k:24s} {med:14.4f} {tokens / med:10.0f} {med / base:19.2f}x")
-  print(f"(peak RSS growth: after JAX setup {rss1 - rss0:.0f} MiB, after PyTorch setup {rss2 - rss1:.0f} MiB)")
+  if not a.table_only:
+    print(f"BERT-base train step, batch {a.batch} x {a.length}, float32, {a.threads} threads, "
+          f"{a.repeats} interleaved rounds x {a.steps} steps")
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t = time.time()
+    peers = {"jaxformers": jax_step(layout, a.batch, a.length)[0]}
+    print(f"jaxformers step compiled and warmed up in {time.time() - t:.0f}s", flush=True)
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t = time.time()
+    peers["torch (eager, SDPA)"] = torch_step(a.batch, a.length, False)
+    print(f"PyTorch model built and warmed up in {time.time() - t:.0f}s", flush=True)
+    rss2 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if not a.no_compile:
+      try:
+        t = time.time()
+        peers["torch.compile"] = torch_step(a.batch, a.length, True)
+        print(f"torch.compile peer ready in {time.time() - t:.0f}s", flush=True)
+      except Exception as e:  # inductor needs a C++ compiler; report and go on
+        print(f"torch.compile peer skipped: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    times = {k: [] for k in peers}
+    for i in range(a.repeats):
+      for k, fn in peers.items():
+        times[k].append(fn(a.steps))
+      print(f"round {i + 1}: " + "  ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), flush=True)
+    base = statistics.median(times["jaxformers"])
+    print(f"{'peer':24s} {'median s/step':>14s} {'tokens/s':>10s} {'jaxformers speed-up':>20s}")
+    for k, ts in times.items():
+      med = statistics.median(ts)
+      print(f"{k:24s} {med:14.4f} {tokens / med:10.0f} {med / base:19.2f}x")
+    print(f"(peak RSS growth: after JAX setup {rss1 - rss0:.0f} MiB, after PyTorch setup {rss2 - rss1:.0f} MiB)")
 
   if a.table:
-    print("\nper layout (jaxformers, 12 blocks, batch", a.batch, ")")
-    print(f"{'layout':28s} {'length':>6s} {'s/step':>8s} {'tokens/s':>9s} {'XLA peak MiB':>12s}")
-    for lay in ("serial*12", "parallel*12", "fourier*12", "fourier*10,serial*2", "(serial,ffn)*6"):
-      for length in (128, 512):
+    from jaxformers.layout import fnet_hybrid_layout, par_layout
+    n = a.layers
+    layouts = {"serial (BERT)": f"serial*{n}", "parallel (PAF)": f"parallel*{n}", "Fourier (FNet)": f"fourier*{n}",
+               "FNet-hybrid": fnet_hybrid_layout(n), "PAR": par_layout(n), "sparse (window 128)": f"sparse*{n}"}
+    rows = []
+    for length in (128, 512):
+      for name, lay in layouts.items():
         fn, peak = jax_step(lay, a.batch, length)
-        med = statistics.median(fn(1) for _ in range(max(1, a.repeats // 2)))
-        print(f"{lay:28s} {length:6d} {med:8.3f} {a.batch * length / med:9.0f} {peak or float('nan'):12.0f}")
+        med = statistics.median(fn(1) for _ in range(a.table_repeats))
+        rows.append([length, name, f"`{lay}`", f"{med:.2f}", f"{a.batch * length / med:.0f}", f"{peak:.0f}"])
+        print(" | ".join(str(c) for c in rows[-1]), flush=True)
+    print()
+    print(table(["length", "layout", "string", "s/step", "tokens/s", "XLA peak MiB"], rows))
 
 
 if __name__ == "__main__":
