@@ -207,3 +207,14 @@ def test_model_attention_impl_switch_runs_pallas_kernel():
   ker = models.Encoder(cfg.replace(attention_impl="pallas"), rngs=nnx.Rngs(0))
   a, b = ref(ids, mask).last_hidden_state, ker(ids, mask).last_hidden_state
   np.testing.assert_allclose(np.asarray(b)[mask == 1], np.asarray(a)[mask == 1], atol=1e-5)
+
+
+def test_gelu_is_the_exact_gelu():
+  from jaxformers.layers.mlp import gelu_erf
+
+  def exact(t):
+    return jax.nn.gelu(t, approximate=False)
+  x = jnp.linspace(-12.0, 12.0, 20001)
+  np.testing.assert_allclose(np.asarray(gelu_erf(x)), np.asarray(exact(x)), atol=2e-6)
+  np.testing.assert_allclose(np.asarray(jax.vmap(jax.grad(gelu_erf))(x)), np.asarray(jax.vmap(jax.grad(exact))(x)),
+                             atol=1e-6)

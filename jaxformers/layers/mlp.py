@@ -2,15 +2,26 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxformers.config import EncoderConfig
 from jaxformers.layers.common import linear
 
 
+_SQRT_HALF = float(np.sqrt(0.5))
+
+
+def gelu_erf(x: jax.Array) -> jax.Array:
+  """Exact GELU written as BERT and PyTorch write it, ``x/2 (1 + erf(x/sqrt(2)))``: the same function as
+  ``jax.nn.gelu(approximate=False)`` (which goes through erfc) and cheaper on CPU."""
+  return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))
+
+
 def activation(name: str):
   if name == "gelu":
-    return lambda x: jax.nn.gelu(x, approximate=False)
+    return gelu_erf
   if name == "gelu_tanh":
     return lambda x: jax.nn.gelu(x, approximate=True)
   if name == "relu":
