@@ -4,11 +4,11 @@ PyTorch BertForSequenceClassification at the same configuration on this CPU.
   python benchmarks/train_step.py                       # BERT-base, batch 8 x 128, float32, ratio vs PyTorch
   python benchmarks/train_step.py --table               # + step time and memory per layout at 128 and 512
 
-Runs are interleaved (JAX, PyTorch, torch.compile, JAX, ...) and the medians are compared.
-Both sides use the same dropout (0.1), thread count, batch, and AdamW; PyTorch keeps
-its default SDPA attention. Peak memory: XLA's compiled memory analysis for JAX
-(arguments + outputs + temporaries), ``torch.cuda``-less CPU peak is not tracked by
-torch, so the PyTorch column shows the process's peak RSS growth during its runs.
+Each peer lives in its own worker process (so neither framework's thread pool competes with the
+other's), and the runs are interleaved (JAX, PyTorch, torch.compile, JAX, ...): the medians are
+compared. Both sides use the same dropout (0.1), thread count, batch, and AdamW; PyTorch keeps
+its default SDPA attention. Memory: each worker's peak RSS (for JAX it includes XLA's compiler);
+the layout table gives XLA's compiled memory analysis (arguments + outputs + temporaries).
 """
 from __future__ import annotations
 
@@ -113,43 +113,61 @@ def torch_step(batch: int, length: int, compile_: bool):
   return run
 
 
+def _peer(kind: str, a, conn) -> None:
+  """Worker process: build one peer, then time ``n`` steps for every ``n`` received (None stops)."""
+  if kind == "jaxformers":   # XLA:CPU uses one thread per core by default; --threads sets PyTorch's to match
+    run = jax_step(f"serial*{a.layers}", a.batch, a.length)[0]
+  else:
+    import torch
+    torch.set_num_threads(a.threads)
+    try:
+      run = torch_step(a.batch, a.length, compile_=kind == "torch.compile")
+    except Exception as e:  # inductor needs a C++ compiler; report and go on
+      conn.send(f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+      return
+  conn.send("ready")
+  while (n := conn.recv()) is not None:
+    conn.send(run(n))
+  conn.send(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def compare(a) -> None:
+  import multiprocessing as mp
+  ctx = mp.get_context("spawn")
+  print(f"BERT-base train step, batch {a.batch} x {a.length}, float32, {a.threads} threads, "
+        f"{a.repeats} interleaved rounds x {a.steps} steps, one worker process per peer")
+  peers = {}
+  for kind in ("jaxformers", "torch (eager, SDPA)", "torch.compile")[:2 if a.no_compile else 3]:
+    t = time.time()
+    mine, theirs = ctx.Pipe()
+    proc = ctx.Process(target=_peer, args=(kind, a, theirs), daemon=True)
+    proc.start()
+    msg = mine.recv()   # workers are built one at a time, so compile times do not overlap
+    print(f"{kind}: {msg} after {time.time() - t:.0f}s", flush=True)
+    if msg == "ready":
+      peers[kind] = (proc, mine)
+  times = {k: [] for k in peers}
+  for i in range(a.repeats):
+    for k, (_, conn) in peers.items():
+      conn.send(a.steps)
+      times[k].append(conn.recv())
+    print(f"round {i + 1}: " + "  ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), flush=True)
+  rss = {}
+  for k, (proc, conn) in peers.items():
+    conn.send(None)
+    rss[k] = conn.recv()
+    proc.join()
+  base = statistics.median(times["jaxformers"])
+  tokens = a.batch * a.length
+  rows = [[k, f"{statistics.median(ts):.3f}", f"{tokens / statistics.median(ts):.0f}",
+           f"{statistics.median(ts) / base:.2f}x", f"{rss[k]:.0f}"] for k, ts in times.items()]
+  print(table(["peer", "median s/step", "tokens/s", "jaxformers speed-up", "process peak RSS MiB"], rows))
+
+
 def main():
   a = parse()
-  # XLA:CPU uses one thread per core by default; --threads sets PyTorch's count to match.
-  import torch
-  torch.set_num_threads(a.threads)
-  tokens = a.batch * a.length
-  layout = f"serial*{a.layers}"
   if not a.table_only:
-    print(f"BERT-base train step, batch {a.batch} x {a.length}, float32, {a.threads} threads, "
-          f"{a.repeats} interleaved rounds x {a.steps} steps")
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    t = time.time()
-    peers = {"jaxformers": jax_step(layout, a.batch, a.length)[0]}
-    print(f"jaxformers step compiled and warmed up in {time.time() - t:.0f}s", flush=True)
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    t = time.time()
-    peers["torch (eager, SDPA)"] = torch_step(a.batch, a.length, False)
-    print(f"PyTorch model built and warmed up in {time.time() - t:.0f}s", flush=True)
-    rss2 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if not a.no_compile:
-      try:
-        t = time.time()
-        peers["torch.compile"] = torch_step(a.batch, a.length, True)
-        print(f"torch.compile peer ready in {time.time() - t:.0f}s", flush=True)
-      except Exception as e:  # inductor needs a C++ compiler; report and go on
-        print(f"torch.compile peer skipped: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    times = {k: [] for k in peers}
-    for i in range(a.repeats):
-      for k, fn in peers.items():
-        times[k].append(fn(a.steps))
-      print(f"round {i + 1}: " + "  ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), flush=True)
-    base = statistics.median(times["jaxformers"])
-    print(f"{'peer':24s} {'median s/step':>14s} {'tokens/s':>10s} {'jaxformers speed-up':>20s}")
-    for k, ts in times.items():
-      med = statistics.median(ts)
-      print(f"{k:24s} {med:14.4f} {tokens / med:10.0f} {med / base:19.2f}x")
-    print(f"(peak RSS growth: after JAX setup {rss1 - rss0:.0f} MiB, after PyTorch setup {rss2 - rss1:.0f} MiB)")
+    compare(a)
 
   if a.table:
     from jaxformers.layout import fnet_hybrid_layout, par_layout

@@ -54,3 +54,28 @@ def test_one_device_vs_four_devices_dp_and_fsdp(tmp_path):
     assert sorted(got) == sorted(ref)
     np.testing.assert_allclose([got[k] for k in sorted(ref)], [ref[k] for k in sorted(ref)], rtol=2e-4, atol=2e-5,
                                err_msg=name)
+
+
+@pytest.mark.slow
+def test_two_processes_with_multihost_match_one_device(tmp_path):
+  """`train.py --multihost`: two processes (2 CPU devices each) joined by jax.distributed train like one device."""
+  import socket
+  one = tmp_path / "one"
+  run(load_config("tiny", "steps=4"), one)
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+             JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2")
+  multi = tmp_path / "multi"
+  cmd = [sys.executable, "train.py", "--config", "configs/tiny.py:steps=4", "--workdir", str(multi), "--multihost"]
+  procs = [subprocess.Popen(cmd, cwd=ROOT, env=dict(env, JAX_PROCESS_ID=str(i)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  summary = json.loads((multi / "summary.json").read_text())
+  assert summary["devices"] == 4 and summary["mesh"] == {"data": 4, "fsdp": 1}
+  ref, got = train_losses(one), train_losses(multi)
+  assert sorted(got) == sorted(ref)
+  np.testing.assert_allclose([got[k] for k in sorted(ref)], [ref[k] for k in sorted(ref)], rtol=2e-4, atol=2e-5)
