@@ -22,9 +22,10 @@ from jaxformers.layers.mlp import activation
 
 @struct.dataclass
 class EncoderOutput:
-  """``last_hidden_state`` ``[batch, length, hidden]`` (None when only first tokens were computed). ``first_token_state`` and
-  ``pooler_output`` are ``[batch, hidden]``, or for packed rows ``[batch, max_segments, hidden]``
-  (one per sequence, in row order) with ``segment_valid`` ``[batch, max_segments]`` marking real ones."""
+  """``last_hidden_state`` ``[batch, length, hidden]`` (None when only first tokens were computed).
+  ``first_token_state`` and ``pooler_output`` are ``[batch, hidden]``, or for packed rows
+  ``[batch, max_segments, hidden]`` (one per sequence, in row order) with ``segment_valid``
+  ``[batch, max_segments]`` marking real ones."""
   last_hidden_state: jax.Array
   pooler_output: jax.Array | None = None
   first_token_state: jax.Array | None = None

@@ -13,6 +13,8 @@ from jaxformers.layers.common import Sequences, linear
 class SelfAttention(nnx.Module):
   """Q, K, V projections, masked softmax attention, output projection (HF ``attention.self`` + ``attention.output.dense``)."""
 
+  selects_queries = True   # can compute the outputs of some positions only (see Block)
+
   def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
     d = cfg.hidden_size
     self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
@@ -25,8 +27,6 @@ class SelfAttention(nnx.Module):
     self.dropout_impl = cfg.dropout_impl
     self.deterministic = False
     self.rngs = rngs
-
-  selects_queries = True   # can compute the outputs of some positions only (see Block)
 
   def __call__(self, x_BLD: jax.Array, seq: Sequences, qkv_BLD: tuple | None = None,
                select_BS: jax.Array | None = None) -> jax.Array:
