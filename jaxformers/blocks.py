@@ -79,12 +79,11 @@ class Block(nnx.Module):
     self.dropout = Dropout(cfg.hidden_dropout, impl=cfg.dropout_impl, rngs=rngs)
     self.fuse = bool(cfg.fuse_projections and spec.parallel and spec.mixer in ("attention", "sparse"))
 
-  def _sublayer(self, x_BLD, fn, norm, take=None):
-    """Residual sublayer; ``take`` (if given) picks the rows of the residual that ``fn`` returns."""
-    res_BSD = x_BLD if take is None else take(x_BLD)
+  def _sublayer(self, x_BLD, fn, norm, take=lambda t: t):
+    """Residual sublayer; ``take`` picks the rows of the residual that ``fn`` returns."""
     if self.spec.pre_ln:
-      return res_BSD + self.dropout(fn(norm(x_BLD)))
-    return norm(res_BSD + self.dropout(fn(x_BLD)))
+      return take(x_BLD) + self.dropout(fn(norm(x_BLD)))
+    return norm(take(x_BLD) + self.dropout(fn(x_BLD)))
 
   def _mix(self, h_BLD: jax.Array, seq: Sequences, select_BS: jax.Array | None, take) -> jax.Array:
     """The token mixer's output at every position, or only at ``select_BS`` (mixers that can compute
@@ -111,19 +110,21 @@ class Block(nnx.Module):
     positions' outputs ``[batch, S, hidden]`` are computed: every token still feeds the mixer (keys,
     values, Fourier transform), but queries, the feed-forward sublayer and the norms run on S rows."""
     spec = self.spec
-    take = None if select_BS is None else (lambda t: jnp.take_along_axis(t, select_BS[..., None], axis=1))
+    if select_BS is None:
+      take = lambda t: t  # noqa: E731
+    else:
+      take = lambda t: jnp.take_along_axis(t, select_BS[..., None], axis=1)  # noqa: E731
     if spec.parallel:
       h_BLD = self.norm(x_BLD) if spec.pre_ln else x_BLD
-      if self.fuse and take is None:
+      if self.fuse and select_BS is None:
         mix, ff = self._fused_branches(h_BLD, seq)
       else:
-        mix = self._mix(h_BLD, seq, select_BS, take)
-        ff = self.mlp(h_BLD if take is None else take(h_BLD))
-      y_BLD = (x_BLD if take is None else take(x_BLD)) + self.dropout(mix) + self.dropout(ff)
+        mix, ff = self._mix(h_BLD, seq, select_BS, take), self.mlp(take(h_BLD))
+      y_BLD = take(x_BLD) + self.dropout(mix) + self.dropout(ff)
       return y_BLD if spec.pre_ln else self.norm(y_BLD)
     if self.mixer is not None:
       x_BLD = self._sublayer(x_BLD, lambda h: self._mix(h, seq, select_BS, take), self.mixer_norm, take)
-    elif take is not None:
+    else:
       x_BLD = take(x_BLD)
     if self.mlp is not None:
       x_BLD = self._sublayer(x_BLD, self.mlp, self.mlp_norm)

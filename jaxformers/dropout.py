@@ -38,12 +38,16 @@ def _flat_index(shape: tuple[int, ...]) -> jax.Array:
   return idx
 
 
+def _check_impl(impl: str) -> None:
+  if impl not in DROPOUT_IMPLS:
+    raise ValueError(f"dropout impl {impl!r}: expected one of {', '.join(DROPOUT_IMPLS)}")
+
+
 def keep_mask(key: jax.Array, rate: float, shape: tuple[int, ...], impl: str = "hash") -> jax.Array:
   """Boolean ``shape`` mask, True with probability ``1 - rate``."""
+  _check_impl(impl)
   if impl == "threefry":
     return jax.random.bernoulli(key, 1.0 - rate, shape)
-  if impl != "hash":
-    raise ValueError(f"dropout impl {impl!r}: expected one of {', '.join(DROPOUT_IMPLS)}")
   seed = jax.random.bits(key, (2,), jnp.uint32)
   h = _fmix32(_flat_index(tuple(shape)) * jnp.uint32(_GOLDEN) + seed[0])
   h = _fmix32(h ^ seed[1])
@@ -63,8 +67,7 @@ class Dropout(nnx.Dropout):
   """``nnx.Dropout`` (same state and train/eval switch) drawing its masks with :func:`keep_mask`."""
 
   def __init__(self, rate: float, *, impl: str = "hash", rngs: nnx.Rngs):
-    if impl not in DROPOUT_IMPLS:
-      raise ValueError(f"dropout impl {impl!r}: expected one of {', '.join(DROPOUT_IMPLS)}")
+    _check_impl(impl)
     super().__init__(rate, rngs=rngs)
     self.impl = impl
 

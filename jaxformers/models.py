@@ -84,9 +84,10 @@ class Encoder(nnx.Module):
       x_BLD = block(x_BLD, seq, select_BS=starts_BS if first_tokens_only and i == last else None)
     if self.final_norm is not None:
       x_BLD = self.final_norm(x_BLD)
-    first = x_BLD if first_tokens_only else jnp.take_along_axis(x_BLD, starts_BS[..., None], axis=1)
-    if not seq.packed:
-      first = first[:, 0]
+    if first_tokens_only:
+      first = x_BLD[:, 0] if not seq.packed else x_BLD
+    else:
+      first = x_BLD[:, 0] if not seq.packed else jnp.take_along_axis(x_BLD, starts_BS[..., None], axis=1)
     pooled = self.pooler(first) if self.pooler is not None else None
     return EncoderOutput(last_hidden_state=None if first_tokens_only else x_BLD, pooler_output=pooled,
                          first_token_state=first, segment_valid=valid)

@@ -19,25 +19,28 @@ def dtype_of(name: str):
   return jnp.dtype(name)
 
 
-def flat_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  """``x @ w`` over the last axis, computed on the 2-D ``[rows, features]`` view of ``x``.
+def on_rows(fn, x: jax.Array) -> jax.Array:
+  """``fn`` (a map over the last axis) applied to the 2-D ``[rows, features]`` view of ``x``.
 
-  Same result as ``x @ w``; but in the backward pass the weight gradient then contracts a single
-  rows axis, which XLA:CPU runs without first writing a transposed copy of the incoming gradient
-  (with ``[batch, length, features]`` operands it makes one per matmul)."""
+  In the backward pass of a matmul the weight gradient then contracts a single rows axis, which
+  XLA:CPU runs without first writing a transposed copy of the incoming gradient (with
+  ``[batch, length, features]`` operands it makes one per matmul)."""
   if x.ndim <= 2:
-    return x @ w
-  return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
+    return fn(x)
+  y = fn(x.reshape(-1, x.shape[-1]))
+  return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def flat_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """``x @ w`` over the last axis, on the rows view of ``x`` (see :func:`on_rows`)."""
+  return on_rows(lambda rows: rows @ w, x)
 
 
 class Dense(nnx.Linear):
-  """``nnx.Linear`` (same parameters) that multiplies the 2-D rows view of its input, see :func:`flat_matmul`."""
+  """``nnx.Linear`` (same parameters) applied to the rows view of its input (see :func:`on_rows`)."""
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
-    if inputs.ndim <= 2:
-      return super().__call__(inputs, out_sharding)
-    y = super().__call__(inputs.reshape(-1, inputs.shape[-1]), out_sharding)
-    return y.reshape(*inputs.shape[:-1], y.shape[-1])
+    return on_rows(lambda rows: super(Dense, self).__call__(rows, out_sharding), inputs)
 
 
 def linear(cfg: EncoderConfig, d_in: int, d_out: int, axes: tuple, *, rngs: nnx.Rngs) -> Dense:

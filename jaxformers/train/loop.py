@@ -446,11 +446,11 @@ def train(r: Run) -> dict:
       state, m = train_step(state, sharded)
       step += 1
       pending.append((step, m, batching.num_tokens(batch), batching.num_examples(batch)))
-      saved_meta = dict(meta, data_state=batches.state())
       evaluate_now = (c.train.eval_every and step % c.train.eval_every == 0) or step == total
       save_now = step % c.train.checkpoint_every == 0 or step == stop_at or stop["signum"] is not None
       if evaluate_now or save_now:
         account()
+        saved_meta = dict(meta, data_state=batches.state())
       if evaluate_now:
         eval_results = r.evaluate(state["params"], state["rngs"], eval_sets)
         writer.write(step, "eval", eval_results)
