@@ -11,8 +11,6 @@ Parameter names inside a block: ``mixer`` (e.g. ``mixer.query``), ``mixer_norm``
 """
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -22,6 +20,7 @@ from jaxformers.dropout import Dropout
 from jaxformers.layers import FeedForward, FourierMixing, SelfAttention, Sequences
 from jaxformers.layers.attention import SparseSelfAttention
 from jaxformers.layers.common import flat_matmul, layer_norm
+from jaxformers.layout import BLOCKS, BlockSpec
 from jaxformers.registry import Registry
 
 MIXERS: Registry = Registry("token mixer")
@@ -30,34 +29,8 @@ MIXERS.register("fourier")(FourierMixing)
 MIXERS.register("sparse")(SparseSelfAttention)
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockSpec:
-  mixer: str | None
-  mlp: bool
-  parallel: bool = False
-  pre_ln: bool = False
-  doc: str = ""
-
-
-BLOCKS: Registry = Registry("block")
-for _name, _spec in {
-    "serial": BlockSpec("attention", True, doc="BERT/RoBERTa: LN(x + Attn(x)), then LN(h + FFN(h))"),
-    "serial_preln": BlockSpec("attention", True, pre_ln=True, doc="x + Attn(LN(x)), then h + FFN(LN(h))"),
-    "parallel": BlockSpec("attention", True, parallel=True, doc="PAF-RoBERTa: LN(x + Attn(x) + FFN(x))"),
-    "parallel_preln": BlockSpec("attention", True, parallel=True, pre_ln=True,
-                                doc="PaLM / GPT-J: x + Attn(LN(x)) + FFN(LN(x))"),
-    "fourier": BlockSpec("fourier", True, doc="FNet: LN(x + Re(DFT(x))), then LN(h + FFN(h))"),
-    "sparse": BlockSpec("sparse", True, doc="serial block with sliding-window + global-token attention"),
-    "sparse_parallel": BlockSpec("sparse", True, parallel=True,
-                                 doc="parallel block with sliding-window + global-token attention"),
-    "ffn": BlockSpec(None, True, doc="feed-forward sublayer only: LN(x + FFN(x))"),
-    "attention": BlockSpec("attention", False, doc="attention sublayer only: LN(x + Attn(x))"),
-}.items():
-  BLOCKS.register(_name)(_spec)
-
-
 def register_block(name: str, spec: BlockSpec) -> None:
-  """Add a block type usable in layouts."""
+  """Add a block type usable in layouts (its mixer must be registered in :data:`MIXERS` first)."""
   if spec.mixer is not None:
     MIXERS.get(spec.mixer)
   BLOCKS.register(name)(spec)

@@ -7,15 +7,18 @@ import json
 from pathlib import Path
 from typing import Any
 
-from jaxformers.layout import parse_layout
+from jaxformers.dropout import DROPOUT_IMPLS
+from jaxformers.layout import BLOCKS, parse_layout
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 POSITION_STYLES = ("absolute", "roberta")
 FOURIER_IMPLS = ("auto", "fft", "matmul")
 FOURIER_PADDINGS = ("per_sequence", "fnet")
 DTYPES = ("float32", "bfloat16", "float16")
-DROPOUT_IMPLS = ("hash", "threefry")   # see jaxformers.dropout
 FAMILIES = ("bert", "roberta")
+# Fields that change only how a model computes, never its parameters: a checkpoint loads under any value of these.
+RUNTIME_FIELDS = frozenset({"attention_impl", "fourier_impl", "fourier_padding", "fuse_projections", "hidden_dropout",
+                            "attention_dropout", "dropout_impl", "dtype", "sparse_window", "sparse_global_tokens"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,8 +58,6 @@ class EncoderConfig:
   family: str = "bert"
 
   def __post_init__(self):
-    from jaxformers.blocks import BLOCKS  # blocks import this module
-
     def bad(field: str, why: str):
       raise ValueError(f"EncoderConfig.{field}={getattr(self, field)!r}: {why}")
 
@@ -81,7 +82,6 @@ class EncoderConfig:
 
   @property
   def blocks(self) -> tuple[str, ...]:
-    from jaxformers.blocks import BLOCKS
     return parse_layout(self.layout, BLOCKS.names())
 
   @property

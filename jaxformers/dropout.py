@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxformers.config import DROPOUT_IMPLS
-
+DROPOUT_IMPLS = ("hash", "threefry")
 _GOLDEN = 0x9E3779B9
 
 

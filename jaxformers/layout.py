@@ -5,7 +5,7 @@ Grammar::
     layout := item ("," item)*
     item   := NAME ["*" COUNT] | "(" layout ")" ["*" COUNT]
 
-``NAME`` is a registered block (see :data:`jaxformers.blocks.BLOCKS`): ``serial``
+``NAME`` is a registered block (:data:`BLOCKS`, below): ``serial``
 (BERT/RoBERTa post-LN attention then feed-forward), ``serial_preln``, ``parallel``
 (PAF-RoBERTa: attention and feed-forward read the same input, one LayerNorm),
 ``parallel_preln`` (PaLM / GPT-J), ``fourier`` (FNet mixing then feed-forward),
@@ -23,7 +23,39 @@ Examples (12 layers)::
 """
 from __future__ import annotations
 
+import dataclasses
 import re
+
+from jaxformers.registry import Registry
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+  """What a block type is made of: its token mixer (a name in :data:`jaxformers.blocks.MIXERS`, or None),
+  whether it has a feed-forward sublayer, whether the two read the same input (``parallel``) and whether
+  its LayerNorms sit before the sublayers (``pre_ln``). :class:`jaxformers.blocks.Block` builds one."""
+  mixer: str | None
+  mlp: bool
+  parallel: bool = False
+  pre_ln: bool = False
+  doc: str = ""
+
+
+BLOCKS: Registry = Registry("block")
+for _name, _spec in {
+    "serial": BlockSpec("attention", True, doc="BERT/RoBERTa: LN(x + Attn(x)), then LN(h + FFN(h))"),
+    "serial_preln": BlockSpec("attention", True, pre_ln=True, doc="x + Attn(LN(x)), then h + FFN(LN(h))"),
+    "parallel": BlockSpec("attention", True, parallel=True, doc="PAF-RoBERTa: LN(x + Attn(x) + FFN(x))"),
+    "parallel_preln": BlockSpec("attention", True, parallel=True, pre_ln=True,
+                                doc="PaLM / GPT-J: x + Attn(LN(x)) + FFN(LN(x))"),
+    "fourier": BlockSpec("fourier", True, doc="FNet: LN(x + Re(DFT(x))), then LN(h + FFN(h))"),
+    "sparse": BlockSpec("sparse", True, doc="serial block with sliding-window + global-token attention"),
+    "sparse_parallel": BlockSpec("sparse", True, parallel=True,
+                                 doc="parallel block with sliding-window + global-token attention"),
+    "ffn": BlockSpec(None, True, doc="feed-forward sublayer only: LN(x + FFN(x))"),
+    "attention": BlockSpec("attention", False, doc="attention sublayer only: LN(x + Attn(x))"),
+}.items():
+  BLOCKS.register(_name)(_spec)
 
 GRAMMAR = (
     "layout := item ('," "' item)* ; item := NAME ['*' COUNT] | '(' layout ')' ['*' COUNT]\n"

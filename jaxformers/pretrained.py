@@ -12,16 +12,12 @@ import jax
 from flax import nnx
 
 from jaxformers import models
-from jaxformers.config import EncoderConfig
+from jaxformers.config import RUNTIME_FIELDS, EncoderConfig
 from jaxformers.convert.io import CheckpointError
 
 NATIVE_CONFIG = "jaxformers.json"
 PARAMS_DIR = "params"
 FORMAT_VERSION = 1
-
-# Config fields that change only how a model computes, never its parameters.
-RUNTIME_FIELDS = {"attention_impl", "fourier_impl", "fourier_padding", "fuse_projections", "hidden_dropout",
-                  "attention_dropout", "dropout_impl", "dtype", "sparse_window", "sparse_global_tokens"}
 
 
 def is_native(path: str | Path) -> bool:

@@ -5,7 +5,7 @@ import difflib
 
 import ml_collections
 
-from jaxformers.config import DROPOUT_IMPLS
+from jaxformers.dropout import DROPOUT_IMPLS
 
 
 class ConfigError(ValueError):

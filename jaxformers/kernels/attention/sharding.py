@@ -15,7 +15,7 @@ import jax
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jaxformers.kernels.attention import attention
+from jaxformers.kernels.attention.api import attention
 
 
 def _axes_tuple(axes) -> tuple:
