@@ -48,6 +48,8 @@ def jax_step(layout: str, batch: int, length: int, layers_hidden=(768, 12, 3072)
   from jaxformers import models
   from jaxformers.config import EncoderConfig
   from jaxformers.train import steps
+  from jaxformers.train.defaults import base_config
+  from jaxformers.train.tasks import make_task
 
   hidden, heads, inter = layers_hidden
   cfg = EncoderConfig(vocab_size=30522, hidden_size=hidden, num_heads=heads, intermediate_size=inter,
@@ -57,7 +59,7 @@ def jax_step(layout: str, batch: int, length: int, layers_hidden=(768, 12, 3072)
   gd, params, rest = nnx.split(model, nnx.Param, ...)
   tx = optax.adamw(2e-5, eps=1e-8, weight_decay=0.01)
   state = {"params": params, "opt_state": tx.init(params), "rngs": rest, "step": jnp.zeros((), jnp.int32)}
-  fn = jax.jit(steps.make_train_step(gd, tx, lambda s: 2e-5, "classification"), donate_argnums=0)
+  fn = jax.jit(steps.make_train_step(gd, tx, lambda s: 2e-5, make_task(base_config())), donate_argnums=0)
   rng = np.random.default_rng(0)
   batch_d = {"input_ids": jnp.asarray(rng.integers(1000, 30000, (batch, length)), jnp.int32),
              "token_type_ids": jnp.zeros((batch, length), jnp.int32),

@@ -122,7 +122,7 @@ def test_packed_loss_and_gradient_equal_padded(packed_run):
 
   def loss(p, batch):
     model = nnx.merge(r.gd_eval, p, rest, copy=True)
-    s, w, _ = steps.loss_terms(steps.forward(model, batch, r.max_segments), batch, "classification")
+    s, w, _ = r.task.loss_terms(steps.forward(model, batch, r.max_segments), batch)
     return s / w
   grad = jax.jit(jax.value_and_grad(loss))
   (la, ga), (lb, gb) = (grad(params, b) for b in (padded, packed))

@@ -21,6 +21,8 @@ import sysconfig
 import zlib
 from pathlib import Path
 
+from jaxformers.data.sources import SOURCES, DataError, Examples, Labels, Source, finish
+
 PACKAGES = ("asyncio", "email", "http", "importlib", "logging", "multiprocessing", "unittest", "urllib", "xml")
 HELD_OUT_PERCENT = 12
 
@@ -82,3 +84,25 @@ def stdlib_corpus(root: Path | None = None, max_docs: int | None = None) -> list
       if max_docs and len(texts) >= max_docs:
         return texts
   return texts
+
+
+@SOURCES.register("embedded")
+class Embedded(Source):
+  """The standard library's docstrings: classify by package; for masked-LM, the whole corpus (2% held out)."""
+
+  def labels(self, data_cfg) -> Labels:
+    return Labels(len(PACKAGES), PACKAGES, "accuracy")
+
+  def examples(self, data_cfg, split: str) -> Examples:
+    s = "validation" if split != "train" else "train"
+    rows = stdlib_docstrings()[s]
+    return finish(f"embedded:stdlib-docstrings[{s}]", [r["text_a"] for r in rows], [r["text_b"] for r in rows],
+                  [r["label"] for r in rows], False)
+
+  def texts(self, data_cfg, split: str) -> list[str]:
+    texts = stdlib_corpus()
+    keep = [(zlib.crc32(t.encode()) % 50 == 0) == (split != "train") for t in texts]   # a stable 2% held out
+    texts = [t for t, k in zip(texts, keep) if k]
+    if not texts:
+      raise DataError("embedded corpus: the data set is empty")
+    return texts

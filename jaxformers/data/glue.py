@@ -1,8 +1,14 @@
-"""GLUE tasks: columns, labels, metrics and file names, one record per task."""
+"""GLUE tasks (columns, labels, metrics and file names, one record per task) and the ``glue_tsv`` source."""
 from __future__ import annotations
 
+import csv
 import dataclasses
 import difflib
+import io
+import sys
+from pathlib import Path
+
+from jaxformers.data.sources import SOURCES, DataError, Examples, Labels, Source, finish, label_value, read_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,3 +91,95 @@ def get_task(name: str) -> GlueTask:
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     raise ValueError(f"unknown GLUE task {name!r}{hint}; known tasks: {', '.join(TASKS)}")
   return TASKS[key]
+
+
+class GlueSource(Source):
+  """What the GLUE sources share: labels, metric and splits from the task record ``data.glue_task``."""
+
+  def check(self, data_cfg) -> None:
+    if not data_cfg.glue_task:
+      raise DataError(f"config.data.source={data_cfg.source!r} needs config.data.glue_task (one of "
+                      f"{', '.join(TASKS)})")
+    try:
+      get_task(data_cfg.glue_task)
+    except ValueError as e:
+      raise DataError(f"config.data.glue_task: {e}") from None
+
+  def labels(self, data_cfg) -> Labels:
+    t = get_task(data_cfg.glue_task)
+    return Labels(t.num_labels, t.label_names, t.metric)
+
+  def eval_splits(self, data_cfg) -> tuple[str, ...]:
+    return get_task(data_cfg.glue_task).eval_splits
+
+  def test_splits(self, data_cfg) -> tuple[str, ...]:
+    return get_task(data_cfg.glue_task).test_splits
+
+  def prediction_file(self, data_cfg, split: str) -> str:
+    return get_task(data_cfg.glue_task).submission[split]
+
+
+def read_glue_tsv(path: str | Path, cols: TsvColumns, task: GlueTask, with_labels: bool) -> Examples:
+  """One GLUE TSV file as distributed (tab separated, no quoting; CoLA train/dev have no header)."""
+  path = Path(path)
+  if not path.is_file():
+    raise DataError(f"GLUE {task.name}: data file {path} does not exist (expected the GLUE distribution's "
+                    f"{path.name} in {path.parent})")
+  csv.field_size_limit(sys.maxsize)
+  rows = list(csv.reader(io.StringIO(read_text(path), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
+  if cols.header:
+    if not rows:
+      raise DataError(f"{path}: the data set is empty (no header, no rows)")
+    header = [h.strip() for h in rows[0]]
+    rows = rows[1:]
+
+    def col(name):
+      if name not in header:
+        close = difflib.get_close_matches(name, header, n=2)
+        raise DataError(f"{path}: missing column {name!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+                        + f"; columns in the file: {', '.join(header)}")
+      return header.index(name)
+  else:
+    def col(i):
+      return i
+  ia, ib = col(cols.text_a), (col(cols.text_b) if cols.text_b is not None else None)
+  il = col(cols.label) if (with_labels and cols.label is not None) else None
+  a, b, labels = [], ([] if ib is not None else None), ([] if il is not None else None)
+  need = max(i for i in (ia, ib, il) if i is not None)
+  for n, row in enumerate(rows, start=2 if cols.header else 1):
+    if not row or all(not c for c in row):
+      continue
+    if len(row) <= need:
+      raise DataError(f"{path} line {n}: has {len(row)} fields, expected at least {need + 1}")
+    a.append(row[ia])
+    if ib is not None:
+      b.append(row[ib])
+    if il is not None:
+      labels.append(label_value(row[il], task.label_names, task.is_regression, f"{path} line {n}"))
+  return finish(str(path), a, b, labels, task.is_regression)
+
+
+def glue_tsv(task: GlueTask, data_dir: str, split: str) -> Examples:
+  if split not in task.tsv_files:
+    raise DataError(f"GLUE {task.name} has no split {split!r}; splits: {', '.join(task.tsv_files)}")
+  is_test = split.startswith("test")
+  cols = task.tsv_test if is_test else task.tsv_train
+  return read_glue_tsv(Path(data_dir) / task.tsv_files[split], cols, task, with_labels=not is_test)
+
+
+@SOURCES.register("glue_tsv")
+class GlueTsv(GlueSource):
+  """The GLUE TSV files as distributed, ``data.dir`` = the task's folder."""
+
+  def check(self, data_cfg) -> None:
+    super().check(data_cfg)
+    if not data_cfg.dir:
+      raise DataError("config.data.source='glue_tsv' needs config.data.dir, the GLUE task directory")
+
+  def examples(self, data_cfg, split: str) -> Examples:
+    task = get_task(data_cfg.glue_task)
+    if split not in task.tsv_files:
+      raise DataError(f"GLUE {task.name} has no split {split!r}; splits: {', '.join(task.tsv_files)}")
+    is_test = split.startswith("test")
+    cols = task.tsv_test if is_test else task.tsv_train
+    return read_glue_tsv(Path(data_cfg.dir) / task.tsv_files[split], cols, task, with_labels=not is_test)

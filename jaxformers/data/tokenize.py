@@ -73,6 +73,14 @@ def train_wordpiece(texts: list[str], vocab_size: int) -> Tokenizer:
   return tok
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json")
+
+
+def has_tokenizer(directory: str) -> bool:
+  """Whether a checkpoint directory carries a tokenizer (``tokenizer.json`` or a vocabulary file)."""
+  return any((Path(directory) / f).is_file() for f in TOKENIZER_FILES)
+
+
 def load_tokenizer(path: str) -> Tokenizer:
   """From a tokenizer.json file, or a checkpoint directory (tokenizer.json, or vocab files via transformers)."""
   p = Path(path)

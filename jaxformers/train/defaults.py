@@ -1,37 +1,71 @@
 """The full set of training configuration keys with their defaults; config files start from here."""
 from __future__ import annotations
 
+import dataclasses
 import difflib
 
 import ml_collections
+from ml_collections import config_dict
 
-from jaxformers.dropout import DROPOUT_IMPLS
+from jaxformers.config import RUNTIME_FIELDS, EncoderConfig
+from jaxformers.data.sources import SOURCES
+from jaxformers.layout import LayoutError
+from jaxformers.train.tasks import TASKS
 
 
 class ConfigError(ValueError):
   """A configuration key or value that the trainer does not accept."""
 
 
+# A model trained from scratch is small unless the config says otherwise (EncoderConfig's own defaults are BERT-base).
+SCRATCH_MODEL = dict(layout="serial*2", hidden_size=128, num_heads=4, intermediate_size=512,
+                     max_position_embeddings=130)
+# Filled from the tokenizer unless set.
+FROM_TOKENIZER = ("vocab_size", "pad_token_id")
+
+
+def model_defaults() -> ml_collections.ConfigDict:
+  """``config.model``: exactly :class:`EncoderConfig`'s fields. ``None`` (unset) means: the tokenizer's value
+  (``vocab_size``, ``pad_token_id``), else with ``init_from`` the checkpoint's, else EncoderConfig's default.
+  With ``init_from`` the checkpoint fixes the parameters' shapes; ``layout`` ("" keeps the checkpoint's)
+  re-arranges it and the runtime fields (dropout, dtype, attention/Fourier implementation, sparse window...)
+  apply when set."""
+  m = ml_collections.ConfigDict()
+  for f in dataclasses.fields(EncoderConfig):
+    if f.name in FROM_TOKENIZER or f.name in RUNTIME_FIELDS:
+      m[f.name] = config_dict.placeholder(type(f.default))
+    else:
+      m[f.name] = SCRATCH_MODEL.get(f.name, f.default)
+  return m
+
+
+def set_fields(model_cfg) -> dict:
+  """The ``config.model`` fields that are set (not None), as plain values."""
+  return {k: (tuple(v) if isinstance(v, list) else v) for k, v in model_cfg.to_dict().items() if v is not None}
+
+
+def encoder_config(model_cfg, **fill) -> EncoderConfig:
+  """One :class:`EncoderConfig` from ``config.model``; ``fill`` gives values for unset fields (the tokenizer's)."""
+  fields = {**fill, **set_fields(model_cfg)}
+  if not fields.get("layout"):
+    raise ConfigError("config.model.layout is empty: a model trained from scratch needs a layout, e.g. 'serial*2' "
+                      "(an empty layout keeps the layout of config.init_from)")
+  try:
+    return EncoderConfig.from_dict(fields, source="config.model")
+  except LayoutError as e:
+    raise ConfigError(f"config.model.layout: {e}".replace("\n", " ")) from None
+  except (TypeError, ValueError) as e:
+    raise ConfigError(str(e).replace("EncoderConfig.", "config.model.")) from None
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.mode = "train"                 # train | eval | predict
   c.seed = 0
-  c.task = "classification"        # classification | regression | mlm (GLUE sources set it from the task)
+  c.task = "classification"        # a name in jaxformers.train.tasks.TASKS; supervised tasks follow the data's labels
   c.init_from = ""                 # a native jaxformers or HF PyTorch checkpoint directory to fine-tune from
 
-  c.model = m = ml_collections.ConfigDict()
-  m.layout = "serial*2"            # with init_from: "" keeps the checkpoint's layout, anything else re-arranges it
-  m.hidden_size = 128
-  m.num_heads = 4
-  m.intermediate_size = 512
-  m.max_position_embeddings = 130
-  m.type_vocab_size = 2
-  m.hidden_act = "gelu"
-  m.hidden_dropout = 0.1
-  m.attention_dropout = 0.1
-  m.attention_impl = "auto"
-  m.dropout_impl = "hash"          # hash | threefry: how dropout masks are drawn (see jaxformers.dropout)
-  m.dtype = "float32"              # compute dtype; "bfloat16" keeps float32 parameters
+  c.model = model_defaults()
 
   c.data = d = ml_collections.ConfigDict()
   d.source = "embedded"            # embedded | glue_tsv | tfds | files
@@ -111,26 +145,37 @@ def check_keys(config, reference=None, prefix="") -> None:
 
 
 def check_values(c) -> None:
-  choices = {"mode": ("train", "eval", "predict"), "task": ("classification", "regression", "mlm"),
-             "data.source": ("embedded", "glue_tsv", "tfds", "files"), "data.on_too_long": ("truncate", "error"),
-             "optim.schedule": ("linear", "cosine", "constant"), "model.dropout_impl": DROPOUT_IMPLS}
+  """Every value the trainer would otherwise fail on late (or silently misuse), as one ConfigError line."""
+  choices = {"mode": ("train", "eval", "predict"), "task": tuple(TASKS.names()), "data.source": tuple(SOURCES.names()),
+             "data.on_too_long": ("truncate", "error"), "optim.schedule": ("linear", "cosine", "constant")}
   for key, allowed in choices.items():
-    v = c
-    for part in key.split("."):
-      v = v[part]
+    v = _get(c, key)
     if v not in allowed:
       raise ConfigError(f"config.{key}={v!r}: expected one of {', '.join(allowed)}")
+  at_least = {"data.batch_size": 1, "data.eval_batch_size": 1, "data.max_length": 2, "data.pack_max_segments": 1,
+              "optim.accum_steps": 1, "train.checkpoint_every": 1, "train.log_every": 1, "train.keep": 1,
+              "data.pack_rows": 0, "train.eval_every": 0, "data.max_train_examples": 0}
+  for key, low in at_least.items():
+    v = _get(c, key)
+    if v < low:
+      raise ConfigError(f"config.{key}={v}: must be at least {low}")
+  if not c.optim.lr > 0:
+    raise ConfigError(f"config.optim.lr={c.optim.lr}: must be a positive learning rate (a negative one would "
+                      f"train by gradient ascent)")
+  if c.optim.end_lr < 0:
+    raise ConfigError(f"config.optim.end_lr={c.optim.end_lr}: must be at least 0")
+  if c.train.num_epochs <= 0 and c.train.num_steps < 1:
+    raise ConfigError(f"config.train.num_steps={c.train.num_steps}: the run has no steps; raise it or set "
+                      f"train.num_epochs")
   if c.data.batch_size % c.optim.accum_steps:
     raise ConfigError(f"config.data.batch_size={c.data.batch_size} must be divisible by "
                       f"config.optim.accum_steps={c.optim.accum_steps}")
-  if c.data.pack_max_segments < 1:
-    raise ConfigError(f"config.data.pack_max_segments={c.data.pack_max_segments}: must be at least 1")
-  if c.data.pack_rows < 0:
-    raise ConfigError(f"config.data.pack_rows={c.data.pack_rows}: must be 0 (automatic) or a number of rows")
-  if c.data.source in ("glue_tsv", "tfds") and not c.data.glue_task:
-    raise ConfigError(f"config.data.source={c.data.source!r} needs config.data.glue_task")
-  if c.data.source == "glue_tsv" and not c.data.dir:
-    raise ConfigError("config.data.source='glue_tsv' needs config.data.dir, the GLUE task directory")
+
+
+def _get(c, dotted: str):
+  for part in dotted.split("."):
+    c = c[part]
+  return c
 
 
 def parse_arg(arg: str | None, allowed: dict) -> dict:

@@ -1,7 +1,6 @@
 """``run(config, workdir)``: build data, model, mesh and steps; train, evaluate, checkpoint, predict."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -14,15 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxformers import models
-from jaxformers.blocks import BLOCKS
-from jaxformers.config import EncoderConfig
-from jaxformers.data import batching, embedded, sources, tokenize
-from jaxformers.data.glue import get_task
+from jaxformers.config import RUNTIME_FIELDS
+from jaxformers.data import batching, sources, tokenize
+from jaxformers.layout import BLOCKS, LayoutError
 from jaxformers.train import checkpoint as ckpt_lib
 from jaxformers.train import metrics as metrics_lib
 from jaxformers.train import optim, sharding, steps
-from jaxformers.train.defaults import ConfigError, check_keys, check_values
+from jaxformers.train.defaults import ConfigError, check_keys, check_values, encoder_config, set_fields
+from jaxformers.train.tasks import make_task
 
 log = logging.getLogger("jaxformers.train")
 
@@ -40,33 +38,6 @@ class Interrupted(RuntimeError):
     self.signum = signum
 
 
-@dataclasses.dataclass
-class TaskInfo:
-  kind: str                      # classification | regression | mlm
-  num_labels: int
-  metric: str                    # official metric name
-  eval_splits: tuple[str, ...]
-  label_names: tuple[str, ...] | None
-  glue: object = None
-
-
-def task_info(c) -> TaskInfo:
-  if c.data.source in ("glue_tsv", "tfds"):
-    g = get_task(c.data.glue_task)
-    kind = "mlm" if c.task == "mlm" else ("regression" if g.is_regression else "classification")
-    return TaskInfo(kind, g.num_labels, g.metric, g.eval_splits, g.label_names, g)
-  if c.task == "mlm":
-    return TaskInfo("mlm", 0, "accuracy", ("validation",), None)
-  if c.data.source == "embedded":
-    return TaskInfo("classification", len(embedded.PACKAGES), "accuracy", ("validation",), embedded.PACKAGES)
-  n = c.data.num_labels
-  names = tuple(s.strip() for s in c.data.label_names.split(",")) if c.data.label_names else None
-  if names and len(names) != n:
-    raise ConfigError(f"config.data.label_names has {len(names)} names but config.data.num_labels={n}")
-  kind = "regression" if n == 1 else c.task
-  return TaskInfo(kind, n, "pearson" if n == 1 else "accuracy", ("validation",), names)
-
-
 class Run:
   """Everything a run needs, built once: tokenizer, model graph, mesh, shardings, jitted steps."""
 
@@ -75,8 +46,7 @@ class Run:
     check_values(c)
     self.c = c
     self.workdir = Path(workdir)
-    self.workdir.mkdir(parents=True, exist_ok=True)
-    self.task = task_info(c)
+    self.task = make_task(c)
     self.mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
     n_batch_dev = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     for name, b in (("batch_size", c.data.batch_size // c.optim.accum_steps), ("eval_batch_size", c.data.eval_batch_size)):
@@ -87,19 +57,14 @@ class Run:
     self._build_model()
 
   # --- tokenizer and model ---------------------------------------------------------------------------------
-  def _train_texts(self):
-    if self.task.kind == "mlm":
-      return sources.mlm_texts(self.c.data, "train")
-    ex = sources.load_split(self.c.data, "train")
-    return ex.text_a + (ex.text_b or [])
-
   def _build_tokenizer(self):
+    """The tokenizer: ``data.tokenizer``, else ``init_from``'s, else the run's own (DIR/tokenizer.json), else a
+    WordPiece learnt from the training texts. Nothing is written here (see :meth:`save_tokenizer`)."""
     c = self.c
     saved = self.workdir / "tokenizer.json"
     if c.data.tokenizer:
       self.tok = tokenize.load_tokenizer(c.data.tokenizer)
-    elif c.init_from and (Path(c.init_from) / "tokenizer.json").is_file() or \
-        c.init_from and any((Path(c.init_from) / f).is_file() for f in ("vocab.txt", "vocab.json")):
+    elif c.init_from and tokenize.has_tokenizer(c.init_from):
       self.tok = tokenize.load_tokenizer(c.init_from)
     elif saved.is_file():
       self.tok = tokenize.load_tokenizer(str(saved))
@@ -108,40 +73,40 @@ class Run:
         raise FileNotFoundError(f"{saved} not found: mode={c.mode} needs the tokenizer of a trained run "
                                 f"(or config.data.tokenizer)")
       log.info("training a WordPiece tokenizer (vocab %d) on the training texts", c.data.vocab_size)
-      self.tok = tokenize.train_wordpiece(self._train_texts(), c.data.vocab_size)
-    if jax.process_index() == 0:
-      self.tok.save(str(saved))
+      ex = self.task.examples("train")
+      self.tok = tokenize.train_wordpiece(ex.text_a + (ex.text_b or []), c.data.vocab_size)
     self.special = tokenize.special_ids(self.tok)
 
-  def _model_fn(self, cfg: EncoderConfig):
-    t = self.task
-
-    def make(seed: int):
-      rngs = nnx.Rngs(params=seed, dropout=seed + 1)
-      if t.kind == "mlm":
-        return models.MaskedLM(cfg, rngs=rngs)
-      return models.SequenceClassifier(cfg, num_labels=t.num_labels, rngs=rngs)
-    return make
+  def save_tokenizer(self):
+    """Write DIR/tokenizer.json, once it is known that this run may write into DIR. A different tokenizer
+    already there belongs to another run: refuse rather than replace it."""
+    saved = self.workdir / "tokenizer.json"
+    if jax.process_index() != 0:
+      return
+    if saved.is_file():
+      if tokenize.load_tokenizer(str(saved)).get_vocab() != self.tok.get_vocab():
+        raise ConfigError(f"{saved} holds another tokenizer than this run's (from "
+                          f"{self.c.data.tokenizer or self.c.init_from or 'a trained WordPiece'}): the workdir "
+                          f"belongs to another run; use a fresh --workdir")
+      return
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    self.tok.save(str(saved))
 
   def _build_model(self):
-    c, m = self.c, self.c.model
-    runtime = dict(hidden_dropout=m.hidden_dropout, attention_dropout=m.attention_dropout, dtype=m.dtype,
-                   attention_impl=m.attention_impl, dropout_impl=m.dropout_impl)
+    c = self.c
     self.pretrained = None
     if c.init_from:
       import jaxformers
-      head = "masked_lm" if self.task.kind == "mlm" else "classification"
-      self.pretrained = jaxformers.from_pretrained(
-          c.init_from, layout=m.layout or None, task=head,
-          num_labels=None if self.task.kind == "mlm" else self.task.num_labels,
-          rngs=nnx.Rngs(params=c.seed, dropout=c.seed + 1), **runtime)
+      runtime = {k: v for k, v in set_fields(c.model).items() if k in RUNTIME_FIELDS}
+      try:
+        self.pretrained = jaxformers.from_pretrained(
+            c.init_from, layout=c.model.layout or None, task=self.task.model_task, num_labels=self.task.head_labels,
+            rngs=nnx.Rngs(params=c.seed, dropout=c.seed + 1), **runtime)
+      except LayoutError as e:
+        raise ConfigError(f"config.model.layout: {e}".replace("\n", " ")) from None
       self.cfg = self.pretrained.config
     else:
-      self.cfg = EncoderConfig(
-          vocab_size=self.tok.get_vocab_size(), hidden_size=m.hidden_size, num_heads=m.num_heads,
-          intermediate_size=m.intermediate_size, max_position_embeddings=m.max_position_embeddings,
-          type_vocab_size=m.type_vocab_size, pad_token_id=self.special["pad"], layout=m.layout,
-          hidden_act=m.hidden_act, **runtime)
+      self.cfg = encoder_config(c.model, vocab_size=self.tok.get_vocab_size(), pad_token_id=self.special["pad"])
     if self.tok.get_vocab_size() > self.cfg.vocab_size:
       raise ConfigError(f"tokenizer has {self.tok.get_vocab_size()} tokens but the model's vocab_size is "
                         f"{self.cfg.vocab_size}")
@@ -157,8 +122,10 @@ class Run:
       log.warning("%s; sequences are truncated to %d tokens", msg, limit)
       self.max_length = limit
 
-    make = self._model_fn(self.cfg)
-    abstract = nnx.eval_shape(lambda: make(c.seed))
+    def make():
+      return self.task.build_model(self.cfg, nnx.Rngs(params=c.seed, dropout=c.seed + 1))
+    self._make = make
+    abstract = nnx.eval_shape(make)
     abstract.train()
     self.gd_train, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
     abstract.eval()
@@ -168,7 +135,8 @@ class Run:
     self.abs_params, self.abs_rest = abs_params, abs_rest
     self.num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(abs_params)))
     self._check_packing()
-    self.meta = {"model_config": self.cfg.to_dict(), "task": self.task.kind, "num_labels": self.task.num_labels,
+    self.meta = {"model_config": self.cfg.to_dict(), "task": self.task.name, "num_labels": self.task.num_labels,
+                 "label_names": list(self.task.label_names) if self.task.label_names else None,
                  "param_shapes": ckpt_lib.param_shapes(abs_params)}
 
   def _check_packing(self):
@@ -207,58 +175,40 @@ class Run:
     if self.pretrained is not None:
       _, p, r = nnx.split(self.pretrained, nnx.Param, ...)
       return jax.device_put(p, self.param_sh), jax.device_put(r, self.rest_sh)
-    make = self._model_fn(self.cfg)
-
     def create():
-      _, p, r = nnx.split(make(self.c.seed), nnx.Param, ...)
+      _, p, r = nnx.split(self._make(), nnx.Param, ...)
       return p, r
     return jax.jit(create, out_shardings=(self.param_sh, self.rest_sh))()
 
   # --- data ----------------------------------------------------------------------------------------------------
   def mlm_opts(self):
-    if self.task.kind != "mlm":
-      return None
-    if self.special["mask"] is None:
-      raise ConfigError("task=mlm needs a tokenizer with a [MASK] / <mask> token")
-    specials = tuple(v for k, v in self.special.items() if v is not None and k != "mask")
-    return {"mask_id": self.special["mask"], "vocab_size": self.tok.get_vocab_size(), "special_ids": specials,
-            "prob": self.c.data.mlm_probability}
+    return self.task.mlm_options(self.tok, self.special)
 
   def tokenized(self, split: str) -> tokenize.Tokenized:
-    if self.task.kind == "mlm":
-      texts = sources.mlm_texts(self.c.data, split)
-      ex = sources.Examples(texts, None, None, f"{self.c.data.source}:{split}")
-    else:
-      ex = sources.load_split(self.c.data, split)
-      if ex.label is not None and self.task.kind == "classification":
-        bad = np.nonzero((ex.label < 0) | (ex.label >= self.task.num_labels))[0]
-        if len(bad):
-          raise sources.DataError(f"{ex.origin}: example {bad[0]} has label {ex.label[bad[0]]}, outside the "
-                                  f"task's range 0..{self.task.num_labels - 1}")
+    ex = self.task.examples(split)
     n = self.c.data.max_train_examples
     if split == "train" and n > 0 and len(ex) > n:
-      keep = np.sort(np.random.default_rng(0).permutation(len(ex))[:n])   # a fixed random subset
-      ex = sources.Examples([ex.text_a[i] for i in keep], [ex.text_b[i] for i in keep] if ex.text_b else None,
-                            ex.label[keep] if ex.label is not None else None, ex.origin)
+      ex = ex.subset(np.sort(np.random.default_rng(0).permutation(len(ex))[:n]))   # a fixed random subset
     return tokenize.encode(self.tok, ex, self.max_length, self.c.data.on_too_long)
 
   def batch_shardings(self):
     two = sharding.batch_sharding(self.mesh, 2)
     if self.c.data.packing:   # labels / weights per slot [rows, max_segments] or per token [rows, length]
       return {"input_ids": two, "token_type_ids": two, "segment_ids": two, "labels": two, "weights": two}
-    one = two if self.task.kind == "mlm" else sharding.batch_sharding(self.mesh, 1)
+    one = two if self.task.per_token else sharding.batch_sharding(self.mesh, 1)
     return {"input_ids": two, "token_type_ids": two, "attention_mask": two, "labels": one, "weights": one}
 
   # --- steps -------------------------------------------------------------------------------------------------------
   def eval_step(self):
     if not hasattr(self, "_eval_step"):
-      self._eval_step = jax.jit(steps.make_eval_step(self.gd_eval, self.task.kind, self.max_segments),
+      self._eval_step = jax.jit(steps.make_eval_step(self.gd_eval, self.task, self.max_segments),
                                 in_shardings=(self.param_sh, self.rest_sh, self.batch_shardings()),
                                 out_shardings=sharding.replicated(self.mesh))
     return self._eval_step
 
   def predict_split(self, params, rest, data: tokenize.Tokenized):
-    """Logits of every example in data order (and loss / accuracy sums)."""
+    """The task's eval outputs (logits) of every example in data order (None for per-token tasks), and the
+    summed loss, weight and correct predictions."""
     step = self.eval_step()
     out, totals = None, np.zeros(3)
     packing = self.packing(data, self.c.data.eval_batch_size, train=False)
@@ -282,15 +232,8 @@ class Run:
   def evaluate(self, params, rest, eval_sets: dict) -> dict:
     results = {}
     for name, data in eval_sets.items():
-      logits, (s, w, cr) = self.predict_split(params, rest, data)
-      r = {"loss": s / max(w, 1.0)}
-      if self.task.kind == "mlm":
-        r.update(accuracy=cr / max(w, 1.0), perplexity=math.exp(min(r["loss"], 50.0)))
-      elif self.task.kind == "regression":
-        r.update(metrics_lib.regression_metrics(data.label, logits[:, 0]))
-      else:
-        r.update(metrics_lib.classification_metrics(data.label, logits.argmax(-1), self.task.metric))
-      results.update({f"{name}/{k}": float(v) for k, v in r.items()})
+      outputs, sums = self.predict_split(params, rest, data)
+      results.update({f"{name}/{k}": float(v) for k, v in self.task.eval_metrics(data, outputs, sums).items()})
     return results
 
   def padding_report(self, name: str, data: tokenize.Tokenized, batches: batching.TrainBatches | None = None) -> dict:
@@ -328,9 +271,7 @@ class Run:
     t = self.c.train.best_metric
     if t:
       return t, ("min" if t.endswith("loss") or t.endswith("perplexity") or t.endswith("mse") else "max")
-    if self.task.kind == "mlm":
-      return f"{self.task.eval_splits[0]}/loss", "min"
-    return f"{self.task.eval_splits[0]}/{self.task.metric}", "max"
+    return self.task.best_metric()
 
 
 def _abstract_with(sh_tree, abs_tree):
@@ -362,21 +303,27 @@ def train(r: Run) -> dict:
   ckpts = ckpt_lib.Checkpoints(r.workdir, keep=c.train.keep, best_metric=best_name, best_mode=best_mode,
                                async_save=c.train.async_checkpoint)
   meta = dict(r.meta, config=json.loads(c.to_json()))
+  stop_at = min(total, c.train.stop_after) if c.train.stop_after > 0 else total
   start = ckpts.latest_step()
   if start is not None:
     state, saved = ckpts.restore(start, _abstract_with(state_sh, abs_state), meta)
+    r.save_tokenizer()
     try:
       batches.restore(saved["data_state"])
     except ValueError as e:
       raise ConfigError(str(e)) from None
+    if start >= stop_at and (r.workdir / "summary.json").is_file():
+      ckpts.close()
+      return dict(json.loads((r.workdir / "summary.json").read_text()), already_done=True)
     log.info("resumed from %s at step %d", ckpts.dir, start)
   else:
+    r.save_tokenizer()
     params, rest = r.init_params()
     init_opt = jax.jit(tx.init, in_shardings=(state_sh["params"],), out_shardings=state_sh["opt_state"])
     state = {"params": params, "opt_state": init_opt(params), "rngs": rest,
              "step": jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(r.mesh))}
     start = 0
-  train_step = jax.jit(steps.make_train_step(r.gd_train, tx, lr_fn, r.task.kind, c.optim.accum_steps,
+  train_step = jax.jit(steps.make_train_step(r.gd_train, tx, lr_fn, r.task, c.optim.accum_steps,
                                              r.max_segments),
                        in_shardings=(state_sh, r.batch_shardings()),
                        out_shardings=(state_sh, sharding.replicated(r.mesh)), donate_argnums=0)
@@ -397,7 +344,6 @@ def train(r: Run) -> dict:
   if c.train.progress and jax.process_index() == 0:
     from tqdm import tqdm
     bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
-  stop_at = min(total, c.train.stop_after) if c.train.stop_after > 0 else total
   step, t0 = start, time.time()
   totals = {"tokens": 0, "examples": 0}
   window = {"loss": 0.0, "accuracy": 0.0, "n": 0, "tokens": 0, "t": time.time()}
@@ -464,6 +410,8 @@ def train(r: Run) -> dict:
         ckpts.wait()
         raise Interrupted(stop["signum"], step)
     account()
+    if step == total and not eval_results:   # finished earlier, but killed before its summary was written
+      eval_results = r.evaluate(state["params"], state["rngs"], eval_sets)
   finally:
     if bar is not None:
       bar.close()
@@ -508,35 +456,36 @@ def evaluate_checkpoint(r: Run) -> dict:
 
 
 def predict(r: Run) -> dict:
-  """GLUE-submission-style ``index<TAB>prediction`` TSV files, one per test split."""
-  if r.task.kind == "mlm":
-    raise ConfigError("mode=predict needs a classification or regression task")
+  """Submission-style ``index<TAB>prediction`` TSV files, one per test split (GLUE's file names for GLUE)."""
+  if not r.task.can_predict:
+    raise ConfigError(f"mode=predict needs a classification or regression task; this run is task={r.task.name}")
+  splits = {split: r.tokenized(split) for split in r.task.source.test_splits(r.c.data)}
   params, rest, step = _restore_for_inference(r)
   out_dir = Path(r.c.predict.output_dir or r.workdir / "predictions")
   out_dir.mkdir(parents=True, exist_ok=True)
   written = {}
-  for split in sources.test_splits(r.c.data):
-    data = r.tokenized(split)
-    logits, _ = r.predict_split(params, rest, data)
-    g = r.task.glue
-    name = g.submission[split] if g is not None else f"{split}.tsv"
-    lines = ["index\tprediction"]
-    for i, row in enumerate(logits):
-      if r.task.kind == "regression":
-        lines.append(f"{i}\t{float(row[0]):.3f}")
-      else:
-        k = int(row.argmax())
-        lines.append(f"{i}\t{r.task.label_names[k] if r.task.label_names else k}")
-    (out_dir / name).write_text("\n".join(lines) + "\n")
-    written[split] = str(out_dir / name)
+  for split, data in splits.items():
+    outputs, _ = r.predict_split(params, rest, data)
+    path = out_dir / r.task.source.prediction_file(r.c.data, split)
+    r.task.write_predictions(outputs, path)
+    written[split] = str(path)
   return {"mode": "predict", "step": int(step), "files": written}
 
 
 def run(config, workdir: str | Path) -> dict:
-  """Train (resuming from ``workdir`` when it holds checkpoints), evaluate, or predict, as ``config.mode`` says."""
-  r = Run(config, workdir)
-  if config.mode == "train":
-    return train(r)
-  if config.mode == "eval":
-    return evaluate_checkpoint(r)
-  return predict(r)
+  """Train (resuming from ``workdir`` when it holds checkpoints), evaluate, or predict, as ``config.mode`` says.
+  A run that fails leaves no workdir behind that it created and wrote nothing into."""
+  workdir = Path(workdir)
+  existed = workdir.exists()
+  try:
+    r = Run(config, workdir)
+    if config.mode == "train":
+      return train(r)
+    if config.mode == "eval":
+      return evaluate_checkpoint(r)
+    return predict(r)
+  except BaseException:
+    if not existed and workdir.is_dir() and not any(p.is_file() for p in workdir.rglob("*")):
+      import shutil
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise

@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxformers.train.tasks import Task
+
 
 def forward(model, batch, max_segments: int | None = None):
   if "segment_ids" in batch:
@@ -27,21 +29,7 @@ def forward(model, batch, max_segments: int | None = None):
                token_type_ids=batch["token_type_ids"])
 
 
-def loss_terms(logits, batch, task: str):
-  """Sum of per-example (or per-token, for MLM) losses, sum of weights and sum of correct predictions."""
-  logits = logits.astype(jnp.float32)
-  w = batch["weights"]
-  if task == "regression":
-    pred = logits[..., 0]
-    per = jnp.square(pred - batch["labels"].astype(jnp.float32))
-    correct = jnp.zeros((), jnp.float32)
-  else:
-    per = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
-    correct = jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * w)
-  return jnp.sum(per * w), jnp.sum(w), correct
-
-
-def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, task: str, accum_steps: int = 1,
+def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, task: Task, accum_steps: int = 1,
                     max_segments: int | None = None):
   """``step(state, batch) -> (state, metrics)``; ``accum_steps`` micro-batches are summed before one update,
   which gives exactly the gradient of the whole batch."""
@@ -49,7 +37,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, task: str
   def micro(params, rngs, mb):
     def f(p):
       model = nnx.merge(graphdef, p, rngs, copy=True)
-      s, w, c = loss_terms(forward(model, mb, max_segments), mb, task)
+      s, w, c = task.loss_terms(forward(model, mb, max_segments), mb)
       return s, (w, c, nnx.split(model, nnx.Param, ...)[2])
     (s, (w, c, rngs)), g = jax.value_and_grad(f, has_aux=True)(params)
     return s, w, c, rngs, g
@@ -81,15 +69,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, task: str
   return step
 
 
-def make_eval_step(graphdef, task: str, max_segments: int | None = None):
-  """``eval_step(params, rngs, batch) -> (logits or None, loss_sum, weight_sum, correct_sum)``."""
+def make_eval_step(graphdef, task: Task, max_segments: int | None = None):
+  """``eval_step(params, rngs, batch) -> (task.eval_outputs(logits), loss_sum, weight_sum, correct_sum)``."""
 
   def step(params, rngs, batch):
     model = nnx.merge(graphdef, params, rngs, copy=True)
     logits = forward(model, batch, max_segments)
-    s, w, c = loss_terms(logits, batch, task)
-    if task == "mlm":
-      return None, s, w, c
-    return logits.astype(jnp.float32), s, w, c
+    s, w, c = task.loss_terms(logits, batch)
+    return task.eval_outputs(logits), s, w, c
 
   return step
