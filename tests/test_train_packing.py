@@ -1,13 +1,11 @@
 """Packed (padding-free) batches in training, eval and predict: they train, give the padded path's per-example
 predictions, resume bit for bit, and report the padding they remove."""
-import functools
 import json
 import logging
 
 import numpy as np
 import pytest
 
-from jaxformers.config import EncoderConfig
 from jaxformers.data import batching, embedded
 from jaxformers.data.tokenize import Tokenized
 from jaxformers.packing import best_fit, first_fit
@@ -194,11 +192,11 @@ def test_resume_with_packing_is_bit_identical(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(kf))
 
 
-def test_packing_config_errors(tmp_path, monkeypatch):
+def test_packing_config_errors(tmp_path):
   with pytest.raises(ConfigError, match=r"pack_max_segments=0: must be at least 1"):
     run(load_config("tiny", data__packing=True, data__pack_max_segments=0), tmp_path / "a")
   with pytest.raises(ConfigError, match=r"pack_rows=3 must be divisible by 2"):
     run(load_config("tiny", data__packing=True, data__pack_rows=3, optim__accum_steps=2), tmp_path / "b")
-  monkeypatch.setattr(loop, "EncoderConfig", functools.partial(EncoderConfig, fourier_padding="fnet"))
   with pytest.raises(ConfigError, match=r"Fourier blocks.*fourier_padding='fnet'"):
-    loop.Run(load_config("tiny", "layout=fourier*1,serial*1", data__packing=True), tmp_path / "c")
+    loop.Run(load_config("tiny", "layout=fourier*1,serial*1", data__packing=True, model__fourier_padding="fnet"),
+             tmp_path / "c")

@@ -20,7 +20,6 @@ LOGICAL_AXIS_RULES = (
     ("embed", "fsdp"),
     ("mlp", "fsdp"),
     ("heads", "fsdp"),
-    ("kv", "fsdp"),
     ("vocab", "fsdp"),
     ("position", None),
     ("type", None),
