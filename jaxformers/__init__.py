@@ -1,4 +1,21 @@
-"""jaxformers: efficient transformer encoders in JAX / Flax NNX."""
+"""jaxformers: efficient transformer encoders in JAX / Flax NNX.
+
+Shape letters. An array's name ends with one capital letter per axis (``x_BLD`` is
+``[batch, length, hidden]``), with the same meaning in every module, layers and kernels alike:
+
+====  ==========================================================================
+B     batch (rows)
+L     length: token positions of a row
+S     selected positions of a row (one per sequence: first tokens, packed segments)
+Q, K  query and key positions (a kernel's block of them, or all of L)
+D     hidden size (model width)
+F     feed-forward width (intermediate size)
+N     attention heads
+H     head dimension (D = N x H)
+M     padded transform length of the chirp-z (Bluestein) Fourier path
+V     vocabulary
+====  ==========================================================================
+"""
 from jaxformers.config import EncoderConfig
 from jaxformers.convert import CheckpointError, export_hf
 from jaxformers.layout import parse_layout

@@ -52,8 +52,8 @@ def _chirp(m: jax.Array, n: jax.Array) -> jax.Array:
 def _hidden_mix(x_BLD: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``X C_D`` and ``X S_D`` (the real and minus-imaginary parts of the hidden-axis DFT) as one matmul."""
   c, s = dft_matrices(x_BLD.shape[-1])
-  cs_DE = jnp.asarray(np.concatenate([c, s], axis=1))
-  xcs = jnp.einsum("bld,de->ble", x_BLD, cs_DE)
+  cos_sin = jnp.asarray(np.concatenate([c, s], axis=1))   # [D, 2D]
+  xcs = jnp.einsum("bld,de->ble", x_BLD, cos_sin)
   return jnp.split(xcs, 2, axis=-1)
 
 

@@ -79,19 +79,19 @@ def _fwd_kernel(*refs, cfg: KernelConfig):
   lists, refs = _split_lists(cfg, refs)
   q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref = refs
   qi = pl.program_id(2)
-  q_QD, qseg_Q1 = q_ref[...], qseg_ref[...]
+  q_QH, qseg_Q1 = q_ref[...], qseg_ref[...]
   bk = cfg.block_k
   count, block_at = _loop_bounds(lists, qi, cfg.num_kv_blocks)
 
   def body(t, carry):
     kj = block_at(t)
     start = pl.multiple_of(kj * bk, bk)
-    return tiles.fwd_tile(cfg, q_QD, k_ref[pl.ds(start, bk), :], v_ref[pl.ds(start, bk), :], qseg_Q1,
+    return tiles.fwd_tile(cfg, q_QH, k_ref[pl.ds(start, bk), :], v_ref[pl.ds(start, bk), :], qseg_Q1,
                           kseg_ref[:, pl.ds(start, bk)], qi, kj, *carry)
 
-  m_Q1, l_Q1, acc_QD = lax.fori_loop(0, count, body, tiles.fwd_init(*q_QD.shape))
-  o_QD, lse_Q1 = tiles.fwd_finish(m_Q1, l_Q1, acc_QD)
-  o_ref[...] = o_QD.astype(o_ref.dtype)
+  m_Q1, l_Q1, acc_QH = lax.fori_loop(0, count, body, tiles.fwd_init(*q_QH.shape))
+  o_QH, lse_Q1 = tiles.fwd_finish(m_Q1, l_Q1, acc_QH)
+  o_ref[...] = o_QH.astype(o_ref.dtype)
   lse_ref[...] = lse_Q1
 
 
@@ -99,7 +99,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig):
   lists, refs = _split_lists(cfg, refs)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dk_ref, dv_ref = refs
   kj = pl.program_id(2)
-  k_KD, v_KD, kseg_K1 = k_ref[...], v_ref[...], kseg_ref[...]
+  k_KH, v_KH, kseg_K1 = k_ref[...], v_ref[...], kseg_ref[...]
   bq = cfg.block_q
   count, block_at = _loop_bounds(lists, kj, cfg.num_q_blocks)
 
@@ -107,32 +107,32 @@ def _dkv_kernel(*refs, cfg: KernelConfig):
     qi = block_at(t)
     start = pl.multiple_of(qi * bq, bq)
     rows = pl.ds(start, bq)
-    return tiles.dkv_tile(cfg, q_ref[rows, :], k_KD, v_KD, do_ref[rows, :], lse_ref[:, rows], delta_ref[:, rows],
+    return tiles.dkv_tile(cfg, q_ref[rows, :], k_KH, v_KH, do_ref[rows, :], lse_ref[:, rows], delta_ref[:, rows],
                           qseg_ref[:, rows], kseg_K1, qi, kj, *carry)
 
-  zeros_KD = jnp.zeros(k_KD.shape, jnp.float32)
-  dk_KD, dv_KD = lax.fori_loop(0, count, body, (zeros_KD, zeros_KD))
-  dk_ref[...] = (dk_KD * cfg.scale).astype(dk_ref.dtype)
-  dv_ref[...] = dv_KD.astype(dv_ref.dtype)
+  zeros_KH = jnp.zeros(k_KH.shape, jnp.float32)
+  dk_KH, dv_KH = lax.fori_loop(0, count, body, (zeros_KH, zeros_KH))
+  dk_ref[...] = (dk_KH * cfg.scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv_KH.astype(dv_ref.dtype)
 
 
 def _dq_kernel(*refs, cfg: KernelConfig):
   lists, refs = _split_lists(cfg, refs)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dq_ref = refs
   qi = pl.program_id(2)
-  q_QD, do_QD, lse_Q1, delta_Q1, qseg_Q1 = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...], qseg_ref[...]
+  q_QH, do_QH, lse_Q1, delta_Q1, qseg_Q1 = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...], qseg_ref[...]
   bk = cfg.block_k
   count, block_at = _loop_bounds(lists, qi, cfg.num_kv_blocks)
 
-  def body(t, dq_QD):
+  def body(t, dq_QH):
     kj = block_at(t)
     start = pl.multiple_of(kj * bk, bk)
     cols = pl.ds(start, bk)
-    return tiles.dq_tile(cfg, q_QD, k_ref[cols, :], v_ref[cols, :], do_QD, lse_Q1, delta_Q1, qseg_Q1,
-                         kseg_ref[:, cols], qi, kj, dq_QD)
+    return tiles.dq_tile(cfg, q_QH, k_ref[cols, :], v_ref[cols, :], do_QH, lse_Q1, delta_Q1, qseg_Q1,
+                         kseg_ref[:, cols], qi, kj, dq_QH)
 
-  dq_QD = lax.fori_loop(0, count, body, jnp.zeros(q_QD.shape, jnp.float32))
-  dq_ref[...] = (dq_QD * cfg.scale).astype(dq_ref.dtype)
+  dq_QH = lax.fori_loop(0, count, body, jnp.zeros(q_QH.shape, jnp.float32))
+  dq_ref[...] = (dq_QH * cfg.scale).astype(dq_ref.dtype)
 
 
 # ----------------------------------------------------------------------------- loop-driver launching
@@ -177,80 +177,80 @@ def _head_spec(shape):
   return pl.BlockSpec((None, None) + tuple(shape), lambda b, n, i: (b, n, 0, 0))
 
 
-def _fwd(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, cfg: KernelConfig):
-  """Output ``[B, N, Lq, D]`` and logsumexp ``[B, N, Lq, 1]`` (rows past the last query block unset)."""
+def _fwd(q_BNQH, k_BNKH, v_BNKH, qseg_BQ1, kseg_B1K, cfg: KernelConfig):
+  """Output ``[B, N, Lq, H]`` and logsumexp ``[B, N, Lq, 1]`` (rows past the last query block unset)."""
   if cfg.backend in TPU_BACKENDS:
     from jaxformers.kernels.attention import flash_tpu
-    return flash_tpu.fwd(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, cfg)
-  B, N, Lq, D = q_BNQD.shape
-  Lk = k_BNKD.shape[2]
+    return flash_tpu.fwd(q_BNQH, k_BNKH, v_BNKH, qseg_BQ1, kseg_B1K, cfg)
+  B, N, Lq, H = q_BNQH.shape
+  Lk = k_BNKH.shape[2]
   in_specs = [
-      _own_spec(cfg.block_q, D), _head_spec((Lk, D)), _head_spec((Lk, D)),
+      _own_spec(cfg.block_q, H), _head_spec((Lk, H)), _head_spec((Lk, H)),
       pl.BlockSpec((None, cfg.block_q, 1), lambda b, n, i: (b, i, 0)),
       pl.BlockSpec((None, 1, Lk), lambda b, n, i: (b, 0, 0)),
   ]
-  out_specs = [_own_spec(cfg.block_q, D), _own_spec(cfg.block_q, 1)]
-  out_shape = [jax.ShapeDtypeStruct(q_BNQD.shape, q_BNQD.dtype), jax.ShapeDtypeStruct((B, N, Lq, 1), jnp.float32)]
+  out_specs = [_own_spec(cfg.block_q, H), _own_spec(cfg.block_q, 1)]
+  out_shape = [jax.ShapeDtypeStruct(q_BNQH.shape, q_BNQH.dtype), jax.ShapeDtypeStruct((B, N, Lq, 1), jnp.float32)]
   return _launch(_fwd_kernel, cfg, (B, N, cfg.num_q_blocks), in_specs, out_specs, out_shape,
-                 (q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K), transpose_lists=False, name="flash_fwd")
+                 (q_BNQH, k_BNKH, v_BNKH, qseg_BQ1, kseg_B1K), transpose_lists=False, name="flash_fwd")
 
 
-def _bwd(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, o_BNQD, lse_BNQ1, do_BNQD, cfg: KernelConfig):
-  B, N, Lq, D = q_BNQD.shape
-  Lk = k_BNKD.shape[2]
+def _bwd(q_BNQH, k_BNKH, v_BNKH, qseg_BQ1, kseg_B1K, o_BNQH, lse_BNQ1, do_BNQH, cfg: KernelConfig):
+  B, N, Lq, H = q_BNQH.shape
+  Lk = k_BNKH.shape[2]
   # delta = rowsum(dO * O); rows past the last query block (Triton's power-of-two padding) are unset: zero them.
   rows_Q1 = jnp.arange(Lq)[:, None] < cfg.num_q_blocks * cfg.block_q
-  delta_BNQ1 = jnp.sum(do_BNQD.astype(jnp.float32) * o_BNQD.astype(jnp.float32), axis=-1, keepdims=True)
+  delta_BNQ1 = jnp.sum(do_BNQH.astype(jnp.float32) * o_BNQH.astype(jnp.float32), axis=-1, keepdims=True)
   delta_BNQ1 = jnp.where(rows_Q1, delta_BNQ1, 0.0)
   lse_BNQ1 = jnp.where(rows_Q1, lse_BNQ1, 0.0)
   if cfg.backend in TPU_BACKENDS:
     from jaxformers.kernels.attention import flash_tpu
-    return flash_tpu.bwd(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, lse_BNQ1, delta_BNQ1, do_BNQD, cfg)
+    return flash_tpu.bwd(q_BNQH, k_BNKH, v_BNKH, qseg_BQ1, kseg_B1K, lse_BNQ1, delta_BNQ1, do_BNQH, cfg)
 
   # The dk/dv kernel reads per-query vectors as rows [1, Lq] and key segment ids as columns.
   kv_specs = [
-      _head_spec((Lq, D)), _own_spec(cfg.block_k, D), _own_spec(cfg.block_k, D), _head_spec((Lq, D)),
+      _head_spec((Lq, H)), _own_spec(cfg.block_k, H), _own_spec(cfg.block_k, H), _head_spec((Lq, H)),
       _head_spec((1, Lq)), _head_spec((1, Lq)),
       pl.BlockSpec((None, 1, Lq), lambda b, n, j: (b, 0, 0)),
       pl.BlockSpec((None, cfg.block_k, 1), lambda b, n, j: (b, j, 0)),
   ]
-  dk_BNKD, dv_BNKD = _launch(
-      _dkv_kernel, cfg, (B, N, cfg.num_kv_blocks), kv_specs, [_own_spec(cfg.block_k, D)] * 2,
-      [jax.ShapeDtypeStruct(k_BNKD.shape, k_BNKD.dtype), jax.ShapeDtypeStruct(v_BNKD.shape, v_BNKD.dtype)],
-      (q_BNQD, k_BNKD, v_BNKD, do_BNQD, lse_BNQ1.reshape(B, N, 1, Lq), delta_BNQ1.reshape(B, N, 1, Lq),
+  dk_BNKH, dv_BNKH = _launch(
+      _dkv_kernel, cfg, (B, N, cfg.num_kv_blocks), kv_specs, [_own_spec(cfg.block_k, H)] * 2,
+      [jax.ShapeDtypeStruct(k_BNKH.shape, k_BNKH.dtype), jax.ShapeDtypeStruct(v_BNKH.shape, v_BNKH.dtype)],
+      (q_BNQH, k_BNKH, v_BNKH, do_BNQH, lse_BNQ1.reshape(B, N, 1, Lq), delta_BNQ1.reshape(B, N, 1, Lq),
        qseg_BQ1.reshape(B, 1, Lq), kseg_B1K.reshape(B, Lk, 1)),
       transpose_lists=True, name="flash_bwd_dkv")
 
   q_specs = [
-      _own_spec(cfg.block_q, D), _head_spec((Lk, D)), _head_spec((Lk, D)), _own_spec(cfg.block_q, D),
+      _own_spec(cfg.block_q, H), _head_spec((Lk, H)), _head_spec((Lk, H)), _own_spec(cfg.block_q, H),
       _own_spec(cfg.block_q, 1), _own_spec(cfg.block_q, 1),
       pl.BlockSpec((None, cfg.block_q, 1), lambda b, n, i: (b, i, 0)),
       pl.BlockSpec((None, 1, Lk), lambda b, n, i: (b, 0, 0)),
   ]
-  dq_BNQD = _launch(
-      _dq_kernel, cfg, (B, N, cfg.num_q_blocks), q_specs, _own_spec(cfg.block_q, D),
-      jax.ShapeDtypeStruct(q_BNQD.shape, q_BNQD.dtype),
-      (q_BNQD, k_BNKD, v_BNKD, do_BNQD, lse_BNQ1, delta_BNQ1, qseg_BQ1, kseg_B1K),
+  dq_BNQH = _launch(
+      _dq_kernel, cfg, (B, N, cfg.num_q_blocks), q_specs, _own_spec(cfg.block_q, H),
+      jax.ShapeDtypeStruct(q_BNQH.shape, q_BNQH.dtype),
+      (q_BNQH, k_BNKH, v_BNKH, do_BNQH, lse_BNQ1, delta_BNQ1, qseg_BQ1, kseg_B1K),
       transpose_lists=False, name="flash_bwd_dq")
-  return dq_BNQD, dk_BNKD, dv_BNKD
+  return dq_BNQH, dk_BNKH, dv_BNKH
 
 
 # ----------------------------------------------------------------------------- custom_vjp
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash_padded(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, cfg: KernelConfig):
-  return _fwd(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, cfg)[0]
+def _flash_padded(q_BNQH, k_BNKH, v_BNKH, qseg_BQ1, kseg_B1K, cfg: KernelConfig):
+  return _fwd(q_BNQH, k_BNKH, v_BNKH, qseg_BQ1, kseg_B1K, cfg)[0]
 
 
-def _flash_padded_fwd(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, cfg: KernelConfig):
-  o_BNQD, lse_BNQ1 = _fwd(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, cfg)
-  return o_BNQD, (q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, o_BNQD, lse_BNQ1)
+def _flash_padded_fwd(q_BNQH, k_BNKH, v_BNKH, qseg_BQ1, kseg_B1K, cfg: KernelConfig):
+  o_BNQH, lse_BNQ1 = _fwd(q_BNQH, k_BNKH, v_BNKH, qseg_BQ1, kseg_B1K, cfg)
+  return o_BNQH, (q_BNQH, k_BNKH, v_BNKH, qseg_BQ1, kseg_B1K, o_BNQH, lse_BNQ1)
 
 
-def _flash_padded_bwd(cfg: KernelConfig, res, do_BNQD):
-  q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, o_BNQD, lse_BNQ1 = res
-  dq, dk, dv = _bwd(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, o_BNQD, lse_BNQ1, do_BNQD, cfg)
+def _flash_padded_bwd(cfg: KernelConfig, res, do_BNQH):
+  q_BNQH, k_BNKH, v_BNKH, qseg_BQ1, kseg_B1K, o_BNQH, lse_BNQ1 = res
+  dq, dk, dv = _bwd(q_BNQH, k_BNKH, v_BNKH, qseg_BQ1, kseg_B1K, o_BNQH, lse_BNQ1, do_BNQH, cfg)
   return dq, dk, dv, None, None
 
 
@@ -269,17 +269,17 @@ def check_inputs(q, k, v, *, segment_ids=None, kv_segment_ids=None) -> None:
                      "head_dim must agree with q")
   if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
     raise ValueError(f"q, k, v dtypes must be equal and one of float32, bfloat16; got {q.dtype}, {k.dtype}, {v.dtype}")
-  D = q.shape[-1]
-  if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM or D % 8:
+  H = q.shape[-1]
+  if not MIN_HEAD_DIM <= H <= MAX_HEAD_DIM or H % 8:
     raise ValueError(f"head_dim must be a multiple of 8 in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}] for the Pallas "
-                     f"kernels, got {D}")
+                     f"kernels, got {H}")
   if segment_ids is not None and segment_ids.shape != q.shape[:2]:
     raise ValueError(f"segment_ids must be [batch, q_len] = {q.shape[:2]}, got {segment_ids.shape}")
   if kv_segment_ids is not None and kv_segment_ids.shape != k.shape[:2]:
     raise ValueError(f"kv_segment_ids must be [batch, kv_len] = {k.shape[:2]}, got {kv_segment_ids.shape}")
 
 
-def flash_attention(q_BLND, k_BLND, v_BLND, *, segment_ids=None, kv_segment_ids=None, scale: float | None = None,
+def flash_attention(q_BLNH, k_BLNH, v_BLNH, *, segment_ids=None, kv_segment_ids=None, scale: float | None = None,
                     block_sizes: BlockSizes | None = None, block_mask: BlockSparseMask | None = None,
                     backend: str | None = None, num_warps: int | None = None, num_stages: int = 2):
   """Flash attention, q/k/v ``[batch, length, heads, head_dim]`` -> ``[batch, q_len, heads, head_dim]``.
@@ -293,9 +293,9 @@ def flash_attention(q_BLND, k_BLND, v_BLND, *, segment_ids=None, kv_segment_ids=
   (loop driver, GPU) or ``"mosaic"`` (grid driver, TPU); None picks from the current JAX
   backend (interpret on CPU or when forced).
   """
-  check_inputs(q_BLND, k_BLND, v_BLND, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
-  B, Lq, N, D = q_BLND.shape
-  Lk = k_BLND.shape[1]
+  check_inputs(q_BLNH, k_BLNH, v_BLNH, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+  B, Lq, N, H = q_BLNH.shape
+  Lk = k_BLNH.shape[1]
   backend = backend or kernel_backend()
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -307,19 +307,19 @@ def flash_attention(q_BLND, k_BLND, v_BLND, *, segment_ids=None, kv_segment_ids=
   else:
     platform = {"triton": "gpu", "mosaic": "tpu", "interpret": "cpu", "interpret_gpu": "cpu",
                 "interpret_tpu": "cpu"}[backend]
-    bs = block_sizes or default_block_sizes(platform, D)
+    bs = block_sizes or default_block_sizes(platform, H)
   nq, nk = _cdiv(Lq, bs.block_q), _cdiv(Lk, bs.block_k)
   if backend in POW2_BACKENDS and (bs.block_q & (bs.block_q - 1) or bs.block_k & (bs.block_k - 1)):
     raise ValueError(f"block sizes must be powers of two on GPU (Triton), got {bs}")
   if backend == "mosaic" and ((bs.block_q % 128 and nq > 1) or (bs.block_k % 128 and nk > 1)):
     raise ValueError(f"block sizes must be multiples of 128 on TPU (Mosaic) unless one block covers the length, "
                      f"got {bs}")
-  scale = D**-0.5 if scale is None else float(scale)
+  scale = H**-0.5 if scale is None else float(scale)
 
   Lq_pad, Lk_pad = nq * bs.block_q, nk * bs.block_k
-  D_pad = D
+  H_pad = H
   if backend in POW2_BACKENDS:  # Triton blocks are powers of two; full-length refs and head_dim too
-    Lq_pad, Lk_pad, D_pad = _next_pow2(Lq_pad), _next_pow2(Lk_pad), _next_pow2(D)
+    Lq_pad, Lk_pad, H_pad = _next_pow2(Lq_pad), _next_pow2(Lk_pad), _next_pow2(H)
 
   q_any = segment_ids is None and kv_segment_ids is not None
   qseg_BQ = jnp.ones((B, Lq), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
@@ -334,12 +334,12 @@ def flash_attention(q_BLND, k_BLND, v_BLND, *, segment_ids=None, kv_segment_ids=
   qseg_BQ1 = jnp.pad(qseg_BQ, ((0, 0), (0, Lq_pad - Lq)))[:, :, None]
   kseg_B1K = jnp.pad(kseg_BK, ((0, 0), (0, Lk_pad - Lk)))[:, None, :]
 
-  def prep(x_BLND, L_pad):
-    x_BNLD = jnp.transpose(x_BLND, (0, 2, 1, 3))
-    return jnp.pad(x_BNLD, ((0, 0), (0, 0), (0, L_pad - x_BNLD.shape[2]), (0, D_pad - D)))
+  def prep(x_BLNH, L_pad):
+    x_BNLH = jnp.transpose(x_BLNH, (0, 2, 1, 3))
+    return jnp.pad(x_BNLH, ((0, 0), (0, 0), (0, L_pad - x_BNLH.shape[2]), (0, H_pad - H)))
 
   cfg = KernelConfig(scale=scale, block_q=bs.block_q, block_k=bs.block_k, num_q_blocks=nq, num_kv_blocks=nk,
                      q_any=q_any, backend=backend, block_mask=block_mask,
-                     num_warps=num_warps or (4 if D_pad <= 64 else 8), num_stages=num_stages)
-  o_BNQD = _flash_padded(prep(q_BLND, Lq_pad), prep(k_BLND, Lk_pad), prep(v_BLND, Lk_pad), qseg_BQ1, kseg_B1K, cfg)
-  return jnp.transpose(o_BNQD[:, :, :Lq, :D], (0, 2, 1, 3))
+                     num_warps=num_warps or (4 if H_pad <= 64 else 8), num_stages=num_stages)
+  o_BNQH = _flash_padded(prep(q_BLNH, Lq_pad), prep(k_BLNH, Lk_pad), prep(v_BLNH, Lk_pad), qseg_BQ1, kseg_B1K, cfg)
+  return jnp.transpose(o_BNQH[:, :, :Lq, :H], (0, 2, 1, 3))

@@ -133,9 +133,9 @@ def _dq_kernel(*refs, cfg: KernelConfig, steps: int):
     dq_ref[...] = (dq_sc[...] * cfg.scale).astype(dq_ref.dtype)
 
 
-def fwd(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, cfg: KernelConfig):
+def fwd(q_BNQH, k_BNKH, v_BNKH, qseg_BQ1, kseg_B1K, cfg: KernelConfig):
   """Output ``[B, N, Lq, D]`` and logsumexp ``[B, N, Lq, 1]``."""
-  B, N, Lq, D = q_BNQD.shape
+  B, N, Lq, D = q_BNQH.shape
   bq, bk = cfg.block_q, cfg.block_k
   own = lambda b, n, i, t, *p: (b, n, i, 0)
   other = lambda b, n, i, t, *p: (b, n, _other(cfg, i, t, p), 0)
@@ -146,17 +146,17 @@ def fwd(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, cfg: KernelConfig):
       pl.BlockSpec((None, 1, bk), lambda b, n, i, t, *p: (b, 0, _other(cfg, i, t, p))),
   ]
   out_specs = [pl.BlockSpec((None, None, bq, D), own), pl.BlockSpec((None, None, bq, 1), own)]
-  out_shape = [jax.ShapeDtypeStruct(q_BNQD.shape, q_BNQD.dtype), jax.ShapeDtypeStruct((B, N, Lq, 1), jnp.float32)]
+  out_shape = [jax.ShapeDtypeStruct(q_BNQH.shape, q_BNQH.dtype), jax.ShapeDtypeStruct((B, N, Lq, 1), jnp.float32)]
   scratch = [pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, D), jnp.float32)]
   return _call(_fwd_kernel, cfg, own_blocks=cfg.num_q_blocks, dense_steps=cfg.num_kv_blocks, transpose_lists=False,
                in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, scratch=scratch,
-               args=(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K), name="flash_fwd_tpu")
+               args=(q_BNQH, k_BNKH, v_BNKH, qseg_BQ1, kseg_B1K), name="flash_fwd_tpu")
 
 
-def bwd(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, lse_BNQ1, delta_BNQ1, do_BNQD, cfg: KernelConfig):
+def bwd(q_BNQH, k_BNKH, v_BNKH, qseg_BQ1, kseg_B1K, lse_BNQ1, delta_BNQ1, do_BNQH, cfg: KernelConfig):
   """(dq, dk, dv) from two kernels: dk/dv over key blocks, dq over query blocks."""
-  B, N, Lq, D = q_BNQD.shape
-  Lk = k_BNKD.shape[2]
+  B, N, Lq, D = q_BNQH.shape
+  Lk = k_BNKH.shape[2]
   bq, bk = cfg.block_q, cfg.block_k
   own = lambda b, n, j, t, *p: (b, n, j, 0)
   other = lambda b, n, j, t, *p: (b, n, _other(cfg, j, t, p), 0)
@@ -168,12 +168,12 @@ def bwd(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, lse_BNQ1, delta_BNQ1, do_BNQ
       pl.BlockSpec((None, 1, bq), lambda b, n, j, t, *p: (b, 0, _other(cfg, j, t, p))),
       pl.BlockSpec((None, bk, 1), lambda b, n, j, t, *p: (b, j, 0)),
   ]
-  dk_BNKD, dv_BNKD = _call(
+  dk_BNKH, dv_BNKH = _call(
       _dkv_kernel, cfg, own_blocks=cfg.num_kv_blocks, dense_steps=cfg.num_q_blocks, transpose_lists=True,
       in_specs=kv_specs, out_specs=[pl.BlockSpec((None, None, bk, D), own)] * 2,
-      out_shape=[jax.ShapeDtypeStruct(k_BNKD.shape, k_BNKD.dtype), jax.ShapeDtypeStruct(v_BNKD.shape, v_BNKD.dtype)],
+      out_shape=[jax.ShapeDtypeStruct(k_BNKH.shape, k_BNKH.dtype), jax.ShapeDtypeStruct(v_BNKH.shape, v_BNKH.dtype)],
       scratch=[pltpu.VMEM((bk, D), jnp.float32), pltpu.VMEM((bk, D), jnp.float32)],
-      args=(q_BNQD, k_BNKD, v_BNKD, do_BNQD, lse_BNQ1.reshape(B, N, 1, Lq), delta_BNQ1.reshape(B, N, 1, Lq),
+      args=(q_BNQH, k_BNKH, v_BNKH, do_BNQH, lse_BNQ1.reshape(B, N, 1, Lq), delta_BNQ1.reshape(B, N, 1, Lq),
             qseg_BQ1.reshape(B, 1, Lq), kseg_B1K.reshape(B, Lk, 1)),
       name="flash_bwd_dkv_tpu")
 
@@ -184,9 +184,9 @@ def bwd(q_BNQD, k_BNKD, v_BNKD, qseg_BQ1, kseg_B1K, lse_BNQ1, delta_BNQ1, do_BNQ
       pl.BlockSpec((None, bq, 1), lambda b, n, i, t, *p: (b, i, 0)),
       pl.BlockSpec((None, 1, bk), lambda b, n, i, t, *p: (b, 0, _other(cfg, i, t, p))),
   ]
-  dq_BNQD = _call(
+  dq_BNQH = _call(
       _dq_kernel, cfg, own_blocks=cfg.num_q_blocks, dense_steps=cfg.num_kv_blocks, transpose_lists=False,
       in_specs=q_specs, out_specs=pl.BlockSpec((None, None, bq, D), own),
-      out_shape=jax.ShapeDtypeStruct(q_BNQD.shape, q_BNQD.dtype), scratch=[pltpu.VMEM((bq, D), jnp.float32)],
-      args=(q_BNQD, k_BNKD, v_BNKD, do_BNQD, lse_BNQ1, delta_BNQ1, qseg_BQ1, kseg_B1K), name="flash_bwd_dq_tpu")
-  return dq_BNQD, dk_BNKD, dv_BNKD
+      out_shape=jax.ShapeDtypeStruct(q_BNQH.shape, q_BNQH.dtype), scratch=[pltpu.VMEM((bq, D), jnp.float32)],
+      args=(q_BNQH, k_BNKH, v_BNKH, do_BNQH, lse_BNQ1, delta_BNQ1, qseg_BQ1, kseg_B1K), name="flash_bwd_dq_tpu")
+  return dq_BNQH, dk_BNKH, dv_BNKH

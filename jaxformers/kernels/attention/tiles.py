@@ -66,45 +66,45 @@ def fwd_init(block_q: int, head_dim: int):
           jnp.zeros((block_q, head_dim), jnp.float32))
 
 
-def fwd_tile(cfg: KernelConfig, q_QD, k_KD, v_KD, qseg_Q1, kseg_1K, qi, kj, m_Q1, l_Q1, acc_QD):
+def fwd_tile(cfg: KernelConfig, q_QH, k_KH, v_KH, qseg_Q1, kseg_1K, qi, kj, m_Q1, l_Q1, acc_QH):
   """One online-softmax step over a key block; returns the new ``(m, l, acc)``."""
-  s_QK = lax.dot_general(q_QD, k_KD, NT, preferred_element_type=jnp.float32) * cfg.scale
+  s_QK = lax.dot_general(q_QH, k_KH, NT, preferred_element_type=jnp.float32) * cfg.scale
   valid_QK = tile_mask(cfg, qseg_Q1, kseg_1K, qi, kj)
   s_QK = jnp.where(valid_QK, s_QK, NEG)
   m_new_Q1 = jnp.maximum(m_Q1, jnp.max(s_QK, axis=1, keepdims=True))
   p_QK = jnp.where(valid_QK, jnp.exp(s_QK - m_new_Q1), 0.0)
   alpha_Q1 = jnp.exp(m_Q1 - m_new_Q1)
   l_Q1 = alpha_Q1 * l_Q1 + jnp.sum(p_QK, axis=1, keepdims=True)
-  pv_QD = jnp.dot(p_QK.astype(v_KD.dtype), v_KD, preferred_element_type=jnp.float32)
-  return m_new_Q1, l_Q1, alpha_Q1 * acc_QD + pv_QD
+  pv_QH = jnp.dot(p_QK.astype(v_KH.dtype), v_KH, preferred_element_type=jnp.float32)
+  return m_new_Q1, l_Q1, alpha_Q1 * acc_QH + pv_QH
 
 
-def fwd_finish(m_Q1, l_Q1, acc_QD):
+def fwd_finish(m_Q1, l_Q1, acc_QH):
   """Normalised output (zeros for rows with no key) and logsumexp (0 for those rows)."""
   empty_Q1 = l_Q1 == 0.0
   l_safe_Q1 = jnp.where(empty_Q1, 1.0, l_Q1)
-  o_QD = jnp.where(empty_Q1, 0.0, acc_QD / l_safe_Q1)
+  o_QH = jnp.where(empty_Q1, 0.0, acc_QH / l_safe_Q1)
   lse_Q1 = jnp.where(empty_Q1, 0.0, m_Q1 + jnp.log(l_safe_Q1))
-  return o_QD, lse_Q1
+  return o_QH, lse_Q1
 
 
-def dkv_tile(cfg: KernelConfig, q_QD, k_KD, v_KD, do_QD, lse_1Q, delta_1Q, qseg_1Q, kseg_K1, qi, kj, dk_KD, dv_KD):
+def dkv_tile(cfg: KernelConfig, q_QH, k_KH, v_KH, do_QH, lse_1Q, delta_1Q, qseg_1Q, kseg_K1, qi, kj, dk_KH, dv_KH):
   """Adds one query block's contribution to (unscaled) dk and dv, on key-major tiles."""
-  s_KQ = lax.dot_general(k_KD, q_QD, NT, preferred_element_type=jnp.float32) * cfg.scale
+  s_KQ = lax.dot_general(k_KH, q_QH, NT, preferred_element_type=jnp.float32) * cfg.scale
   valid_KQ = tile_mask(cfg, qseg_1Q, kseg_K1, qi, kj, key_major=True)
   p_KQ = jnp.where(valid_KQ, jnp.exp(jnp.where(valid_KQ, s_KQ - lse_1Q, 0.0)), 0.0)
-  dv_KD = dv_KD + jnp.dot(p_KQ.astype(do_QD.dtype), do_QD, preferred_element_type=jnp.float32)
-  dp_KQ = lax.dot_general(v_KD, do_QD, NT, preferred_element_type=jnp.float32)
+  dv_KH = dv_KH + jnp.dot(p_KQ.astype(do_QH.dtype), do_QH, preferred_element_type=jnp.float32)
+  dp_KQ = lax.dot_general(v_KH, do_QH, NT, preferred_element_type=jnp.float32)
   ds_KQ = p_KQ * (dp_KQ - delta_1Q)
-  dk_KD = dk_KD + jnp.dot(ds_KQ.astype(q_QD.dtype), q_QD, preferred_element_type=jnp.float32)
-  return dk_KD, dv_KD
+  dk_KH = dk_KH + jnp.dot(ds_KQ.astype(q_QH.dtype), q_QH, preferred_element_type=jnp.float32)
+  return dk_KH, dv_KH
 
 
-def dq_tile(cfg: KernelConfig, q_QD, k_KD, v_KD, do_QD, lse_Q1, delta_Q1, qseg_Q1, kseg_1K, qi, kj, dq_QD):
+def dq_tile(cfg: KernelConfig, q_QH, k_KH, v_KH, do_QH, lse_Q1, delta_Q1, qseg_Q1, kseg_1K, qi, kj, dq_QH):
   """Adds one key block's contribution to (unscaled) dq, on query-major tiles."""
-  s_QK = lax.dot_general(q_QD, k_KD, NT, preferred_element_type=jnp.float32) * cfg.scale
+  s_QK = lax.dot_general(q_QH, k_KH, NT, preferred_element_type=jnp.float32) * cfg.scale
   valid_QK = tile_mask(cfg, qseg_Q1, kseg_1K, qi, kj)
   p_QK = jnp.where(valid_QK, jnp.exp(jnp.where(valid_QK, s_QK - lse_Q1, 0.0)), 0.0)
-  dp_QK = lax.dot_general(do_QD, v_KD, NT, preferred_element_type=jnp.float32)
+  dp_QK = lax.dot_general(do_QH, v_KH, NT, preferred_element_type=jnp.float32)
   ds_QK = p_QK * (dp_QK - delta_Q1)
-  return dq_QD + jnp.dot(ds_QK.astype(k_KD.dtype), k_KD, preferred_element_type=jnp.float32)
+  return dq_QH + jnp.dot(ds_QK.astype(k_KH.dtype), k_KH, preferred_element_type=jnp.float32)
