@@ -1,4 +1,7 @@
-"""Encoder blocks, registered by name; a layout string arranges them by depth.
+"""Encoder blocks: one :class:`Block` class built from a block type's :class:`~jaxformers.layout.BlockSpec`.
+
+Block types are registered by name in :data:`jaxformers.layout.BLOCKS`, token mixers in
+:data:`jaxformers.layers.common.MIXERS`; a layout string arranges block types by depth.
 
 Every block is one :class:`Block` configured by a :class:`BlockSpec`: which token
 mixer it has (self-attention, Fourier mixing, sparse attention, or none), whether it
@@ -17,23 +20,9 @@ from flax import nnx
 
 from jaxformers.config import EncoderConfig
 from jaxformers.dropout import Dropout
-from jaxformers.layers import FeedForward, FourierMixing, SelfAttention, Sequences
-from jaxformers.layers.attention import SparseSelfAttention
-from jaxformers.layers.common import flat_matmul, layer_norm
-from jaxformers.layout import BLOCKS, BlockSpec
-from jaxformers.registry import Registry
-
-MIXERS: Registry = Registry("token mixer")
-MIXERS.register("attention")(SelfAttention)
-MIXERS.register("fourier")(FourierMixing)
-MIXERS.register("sparse")(SparseSelfAttention)
-
-
-def register_block(name: str, spec: BlockSpec) -> None:
-  """Add a block type usable in layouts (its mixer must be registered in :data:`MIXERS` first)."""
-  if spec.mixer is not None:
-    MIXERS.get(spec.mixer)
-  BLOCKS.register(name)(spec)
+from jaxformers.layers import FeedForward, Sequences
+from jaxformers.layers.common import MIXERS, flat_matmul, layer_norm
+from jaxformers.layout import BLOCKS, BlockSpec  # noqa: F401  (BLOCKS: the block types, re-exported here)
 
 
 class Block(nnx.Module):

@@ -7,9 +7,10 @@ from flax import nnx
 
 from jaxformers.config import EncoderConfig
 from jaxformers.kernels.attention import attention
-from jaxformers.layers.common import Sequences, linear
+from jaxformers.layers.common import MIXERS, Sequences, linear
 
 
+@MIXERS.register("attention")
 class SelfAttention(nnx.Module):
   """Q, K, V projections, masked softmax attention, output projection (HF ``attention.self`` + ``attention.output.dense``)."""
 
@@ -54,6 +55,7 @@ class SelfAttention(nnx.Module):
         dropout_rng=self.rngs.dropout() if train_dropout else None, dropout_impl=self.dropout_impl)
 
 
+@MIXERS.register("sparse")
 class SparseSelfAttention(SelfAttention):
   """Sliding-window + global-token attention with the same parameters as :class:`SelfAttention`,
   so BERT/RoBERTa attention weights load into it unchanged. See :mod:`jaxformers.layers.sparse`.

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from jaxformers.config import EncoderConfig
-from jaxformers.layers.common import Sequences
+from jaxformers.layers.common import MIXERS, Sequences
 
 
 @functools.lru_cache(maxsize=32)
@@ -107,6 +107,7 @@ def choose_fourier_impl(impl: str, packed: bool, length: int, backend: str | Non
   return "fft"
 
 
+@MIXERS.register("fourier")
 class FourierMixing(nnx.Module):
   """The FNet mixing sublayer (no parameters)."""
 
