@@ -159,14 +159,6 @@ def read_glue_tsv(path: str | Path, cols: TsvColumns, task: GlueTask, with_label
   return finish(str(path), a, b, labels, task.is_regression)
 
 
-def glue_tsv(task: GlueTask, data_dir: str, split: str) -> Examples:
-  if split not in task.tsv_files:
-    raise DataError(f"GLUE {task.name} has no split {split!r}; splits: {', '.join(task.tsv_files)}")
-  is_test = split.startswith("test")
-  cols = task.tsv_test if is_test else task.tsv_train
-  return read_glue_tsv(Path(data_dir) / task.tsv_files[split], cols, task, with_labels=not is_test)
-
-
 @SOURCES.register("glue_tsv")
 class GlueTsv(GlueSource):
   """The GLUE TSV files as distributed, ``data.dir`` = the task's folder."""
@@ -177,6 +169,7 @@ class GlueTsv(GlueSource):
       raise DataError("config.data.source='glue_tsv' needs config.data.dir, the GLUE task directory")
 
   def examples(self, data_cfg, split: str) -> Examples:
+    """One split's TSV file; test files have no labels."""
     task = get_task(data_cfg.glue_task)
     if split not in task.tsv_files:
       raise DataError(f"GLUE {task.name} has no split {split!r}; splits: {', '.join(task.tsv_files)}")

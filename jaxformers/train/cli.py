@@ -10,7 +10,6 @@ import sys
 log = logging.getLogger("jaxformers.train")
 
 EXIT_ERROR = 1
-EXIT_USAGE = 2
 
 
 def _load_config_file(spec: str):
