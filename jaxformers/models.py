@@ -25,11 +25,14 @@ class EncoderOutput:
   """``last_hidden_state`` ``[batch, length, hidden]`` (None when only first tokens were computed).
   ``first_token_state`` and ``pooler_output`` are ``[batch, hidden]``, or for packed rows
   ``[batch, max_segments, hidden]`` (one per sequence, in row order) with ``segment_valid``
-  ``[batch, max_segments]`` marking real ones."""
+  ``[batch, max_segments]`` marking real ones. ``hidden_states`` (with ``output_hidden_states``): the
+  embeddings' output and every block's output, ``num_layers + 1`` arrays ``[batch, length, hidden]``
+  (the last before a pre-LN stack's final norm)."""
   last_hidden_state: jax.Array
   pooler_output: jax.Array | None = None
   first_token_state: jax.Array | None = None
   segment_valid: jax.Array | None = None
+  hidden_states: tuple[jax.Array, ...] | None = None
 
 
 def segment_starts(seq: Sequences) -> tuple[jax.Array, jax.Array]:
@@ -60,13 +63,15 @@ class Encoder(nnx.Module):
 
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, *, segment_ids=None,
                max_segments: int | None = None, position_ids_override=None,
-               first_tokens_only: bool = False) -> EncoderOutput:
+               first_tokens_only: bool = False, output_hidden_states: bool = False) -> EncoderOutput:
     """Padded rows pass ``attention_mask``; packed rows pass ``segment_ids`` (and may bound
     ``max_segments``, the most sequences one row holds, default 32).
 
     ``first_tokens_only``: compute the last block only where heads that read each sequence's first
     token need it (its keys and values still come from every token), so ``last_hidden_state`` is None.
-    The outputs are those of the full pass; a classifier saves most of one block's work."""
+    The outputs are those of the full pass; a classifier saves most of one block's work.
+    ``output_hidden_states``: also return every block's output (then every block runs in full)."""
+    first_tokens_only = first_tokens_only and not output_hidden_states
     input_ids = jnp.asarray(input_ids, jnp.int32)
     b, l = input_ids.shape
     if l > self.config.max_position_embeddings and not (segment_ids is not None or position_ids_override is not None):
@@ -79,9 +84,11 @@ class Encoder(nnx.Module):
     else:
       starts_BS = jnp.zeros((b, 1), jnp.int32)
     x_BLD = self.embeddings(input_ids, pos, token_type_ids)
+    hidden = [x_BLD]
     last = len(self.blocks) - 1
     for i, block in enumerate(self.blocks):
       x_BLD = block(x_BLD, seq, select_BS=starts_BS if first_tokens_only and i == last else None)
+      hidden.append(x_BLD)
     if self.final_norm is not None:
       x_BLD = self.final_norm(x_BLD)
     if first_tokens_only:
@@ -90,7 +97,12 @@ class Encoder(nnx.Module):
       first = x_BLD[:, 0] if not seq.packed else jnp.take_along_axis(x_BLD, starts_BS[..., None], axis=1)
     pooled = self.pooler(first) if self.pooler is not None else None
     return EncoderOutput(last_hidden_state=None if first_tokens_only else x_BLD, pooler_output=pooled,
-                         first_token_state=first, segment_valid=valid)
+                         first_token_state=first, segment_valid=valid,
+                         hidden_states=tuple(hidden) if output_hidden_states else None)
+
+  def head(self, out: EncoderOutput) -> EncoderOutput:
+    """The model's output from the encoder's (here: itself), as for the task models' ``head``."""
+    return out
 
 
 class MaskedLMHead(nnx.Module):
@@ -123,7 +135,10 @@ class MaskedLM(nnx.Module):
     return self.encoder.config
 
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, **kw) -> jax.Array:
-    out = self.encoder(input_ids, attention_mask, token_type_ids, **kw)
+    return self.head(self.encoder(input_ids, attention_mask, token_type_ids, **kw))
+
+  def head(self, out: EncoderOutput) -> jax.Array:
+    """Logits from the encoder's output (``model(x) == model.head(model.encoder(x))``)."""
     return self.lm_head(out.last_hidden_state, self.encoder.embeddings.word.embedding[...])
 
 
@@ -134,10 +149,8 @@ class PreTraining(MaskedLM):
     super().__init__(cfg, rngs=rngs, pooler=True)
     self.nsp = linear(cfg, cfg.hidden_size, 2, ("embed", "labels"), rngs=rngs)
 
-  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, **kw) -> tuple[jax.Array, jax.Array]:
-    out = self.encoder(input_ids, attention_mask, token_type_ids, **kw)
-    mlm = self.lm_head(out.last_hidden_state, self.encoder.embeddings.word.embedding[...])
-    return mlm, self.nsp(out.pooler_output)
+  def head(self, out: EncoderOutput) -> tuple[jax.Array, jax.Array]:
+    return super().head(out), self.nsp(out.pooler_output)
 
 
 class ClassifierHead(nnx.Module):
@@ -172,7 +185,10 @@ class SequenceClassifier(nnx.Module):
     return self.encoder.config
 
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, **kw) -> jax.Array:
-    out = self.encoder(input_ids, attention_mask, token_type_ids, first_tokens_only=True, **kw)
+    return self.head(self.encoder(input_ids, attention_mask, token_type_ids, first_tokens_only=True, **kw))
+
+  def head(self, out: EncoderOutput) -> jax.Array:
+    """Logits from the encoder's output (``model(x) == model.head(model.encoder(x))``)."""
     if self.classifier.style == "bert":
       return self.classifier(out.pooler_output)
     return self.classifier(out.first_token_state)
@@ -191,7 +207,10 @@ class TokenClassifier(nnx.Module):
     return self.encoder.config
 
   def __call__(self, input_ids, attention_mask=None, token_type_ids=None, **kw) -> jax.Array:
-    return self.classifier(self.encoder(input_ids, attention_mask, token_type_ids, **kw).last_hidden_state)
+    return self.head(self.encoder(input_ids, attention_mask, token_type_ids, **kw))
+
+  def head(self, out: EncoderOutput) -> jax.Array:
+    return self.classifier(out.last_hidden_state)
 
 
 TASKS = {
@@ -214,6 +233,11 @@ def build(task: str, cfg: EncoderConfig, *, num_labels: int | None = None, head:
   if task == "token_classification":
     return TokenClassifier(cfg, num_labels or 2, rngs=rngs)
   return TASKS[task](cfg, rngs=rngs)
+
+
+def encoder_of(model) -> Encoder:
+  """The :class:`Encoder` of any model (itself for ``base``)."""
+  return model if isinstance(model, Encoder) else model.encoder
 
 
 def task_of(model) -> str:
