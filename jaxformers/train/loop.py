@@ -98,8 +98,7 @@ class Run:
     saved = self.workdir / "tokenizer.json"
     if c.data.tokenizer:
       self.tok = tokenize.load_tokenizer(c.data.tokenizer)
-    elif c.init_from and (Path(c.init_from) / "tokenizer.json").is_file() or \
-        c.init_from and any((Path(c.init_from) / f).is_file() for f in ("vocab.txt", "vocab.json")):
+    elif c.init_from and tokenize.has_tokenizer(c.init_from):
       self.tok = tokenize.load_tokenizer(c.init_from)
     elif saved.is_file():
       self.tok = tokenize.load_tokenizer(str(saved))
@@ -169,7 +168,8 @@ class Run:
     self.num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(abs_params)))
     self._check_packing()
     self.meta = {"model_config": self.cfg.to_dict(), "task": self.task.kind, "num_labels": self.task.num_labels,
-                 "param_shapes": ckpt_lib.param_shapes(abs_params)}
+                 "param_shapes": ckpt_lib.param_shapes(abs_params),
+                 "label_names": list(self.task.label_names) if self.task.label_names else None}
 
   def _check_packing(self):
     """Packing needs every block to handle packed rows; the only one that may not is Fourier mixing."""
