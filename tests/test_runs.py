@@ -36,6 +36,9 @@ TOPICS = {
                 "Thunderstorms and hail in the afternoon", "Fog covers the valley until noon"],
 }
 
+TESTS = RAGGED[1:] + ["Fry the fish in hot oil with lemon", "The goalkeeper caught the ball in the last minute",
+                      "Strong wind and rain tonight"]
+
 
 def _write_csv(path, rows, header=("text", "label")):
   with path.open("w", newline="", encoding="utf-8") as fh:
@@ -49,7 +52,7 @@ def _named_csvs(tmp_path):
   rows = [(t, name) for name, ts in TOPICS.items() for t in ts]
   train = _write_csv(tmp_path / "train.csv", rows * 2)
   evalf = _write_csv(tmp_path / "eval.csv", rows[::2])
-  test = _write_csv(tmp_path / "test.csv", [(t,) for t in RAGGED[1:]], header=("text",))
+  test = _write_csv(tmp_path / "test.csv", [(t,) for t in TESTS], header=("text",))
   return train, evalf, test
 
 
@@ -87,14 +90,14 @@ def _export(src, dst, capsys=None):
 @pytest.mark.slow
 def test_minilm_finetune_exports_to_text_classification_pipeline(tmp_path, minilm_dir):
   wd = tmp_path / "run"
-  c = _files_config(tmp_path, steps=3, init_from=str(minilm_dir), model__layout="", optim__lr=1e-4)
+  c = _files_config(tmp_path, steps=8, init_from=str(minilm_dir), model__layout="", optim__lr=3e-4)
   run(c, wd)
-  run(_files_config(tmp_path, steps=3, init_from=str(minilm_dir), model__layout="", mode="predict"), wd)
+  run(_files_config(tmp_path, steps=8, init_from=str(minilm_dir), model__layout="", mode="predict"), wd)
   predicted = [l.split("\t")[1] for l in (wd / "predictions" / "test.tsv").read_text().splitlines()[1:]]
 
   model = jaxformers.from_pretrained(wd)
   assert isinstance(model, jaxformers.SequenceClassifier) and model.label_names == ("cooking", "sports", "weather")
-  logits, _ = _jax_out(model, jaxformers.load_tokenizer(wd), RAGGED[1:])
+  logits, _ = _jax_out(model, jaxformers.load_tokenizer(wd), TESTS)
   probs = _softmax(logits)
 
   dst = tmp_path / "hf"
@@ -103,10 +106,10 @@ def test_minilm_finetune_exports_to_text_classification_pipeline(tmp_path, minil
   assert hf["id2label"] == {"0": "cooking", "1": "sports", "2": "weather"}
   assert hf["label2id"] == {"cooking": 0, "sports": 1, "weather": 2}
   pipe = transformers.pipeline("text-classification", model=str(dst), device="cpu")
-  out = pipe(RAGGED[1:])
+  out = pipe(TESTS)
   assert [o["label"] for o in out] == predicted == [model.label_names[k] for k in probs.argmax(-1)]
-  np.testing.assert_allclose([o["score"] for o in out], probs.max(-1), atol=1e-4)
-  assert probs.max(-1).min() < 0.999   # scores are not saturated: the comparison means something
+  np.testing.assert_allclose([o["score"] for o in out], probs.max(-1), atol=1e-5)   # measured 3e-7
+  assert predicted[-3:] == ["cooking", "sports", "weather"]   # it learnt from the named labels
 
 
 def test_trained_wordpiece_run_exports_with_identical_ids_and_logits(tmp_path):
@@ -138,8 +141,34 @@ def test_trained_wordpiece_run_exports_with_identical_ids_and_logits(tmp_path):
   pt = transformers.AutoModelForSequenceClassification.from_pretrained(str(dst)).eval()
   with torch.no_grad():
     theirs = pt(**hf_tok(short, padding=True, return_tensors="pt")).logits.numpy()
-  np.testing.assert_allclose(ours, theirs, atol=2e-5, rtol=1e-5)
+  np.testing.assert_allclose(ours, theirs, atol=1e-6, rtol=0)   # measured 3e-8
   assert np.abs(ours).max() > 1e-2
+
+  # `jaxformers convert WORKDIR` gives a native directory with the tokenizer and label names; it exports the same,
+  # and layout= re-arranges a run exactly as it re-arranges that native checkpoint
+  native = tmp_path / "native"
+  assert cli(["convert", str(wd), str(native)]) == 0
+  assert (native / "tokenizer.json").read_text() == (wd / "tokenizer.json").read_text()
+  dst2 = tmp_path / "hf2"
+  assert _export(native, dst2) == hf
+  for name in ("tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+    assert (dst2 / name).read_text() == (dst / name).read_text()
+  a, b = (jaxformers.from_pretrained(p, layout="parallel*2") for p in (wd, native))
+  assert a.config.layout == "parallel*2" and a.label_names == b.label_names == tuple(embedded.PACKAGES)
+  fa, fb = _flat(a), _flat(b)
+  assert fa.keys() == fb.keys() and all(np.array_equal(fa[k], fb[k]) for k in fa)
+  assert isinstance(jaxformers.from_pretrained(wd, task="masked_lm"), jaxformers.MaskedLM)
+
+
+def test_converted_hf_checkpoint_keeps_its_tokenizer_files(tmp_path, minilm_dir):
+  native, dst = tmp_path / "native", tmp_path / "hf"
+  assert cli(["convert", str(minilm_dir), str(native), "--task", "classification", "--num-labels", "2"]) == 0
+  _export(native, dst)
+  for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+    assert (dst / name).read_bytes() == (minilm_dir / name).read_bytes(), name
+  tok = transformers.AutoTokenizer.from_pretrained(str(dst))
+  ref = transformers.AutoTokenizer.from_pretrained(str(minilm_dir))
+  assert all(tok(t)["input_ids"] == ref(t)["input_ids"] for t in RAGGED)
 
 
 def test_mlm_run_exports_to_fill_mask_pipeline(tmp_path):
@@ -150,7 +179,7 @@ def test_mlm_run_exports_to_fill_mask_pipeline(tmp_path):
   assert isinstance(model, jaxformers.MaskedLM)
   dst = tmp_path / "hf"
   hf = _export(wd, dst)
-  assert hf["architectures"] == ["BertForMaskedLM"] and "id2label" not in hf or hf.get("num_labels") is None
+  assert hf["architectures"] == ["BertForMaskedLM"] and "id2label" not in hf
   texts = ["Stir the [MASK] in the pan", "The striker [MASK] twice", "Snow will fall on the [MASK] tonight",
            "[MASK] the bread"]
   tok = jaxformers.load_tokenizer(wd)
@@ -160,7 +189,7 @@ def test_mlm_run_exports_to_fill_mask_pipeline(tmp_path):
     at = e.ids.index(tok.token_to_id("[MASK]"))
     top = pipe(t, top_k=2)
     assert top[0]["token"] == int(lg[at].argmax()), t
-    np.testing.assert_allclose([x["score"] for x in top], np.sort(_softmax(lg[at]))[::-1][:2], atol=1e-5)
+    np.testing.assert_allclose([x["score"] for x in top], np.sort(_softmax(lg[at]))[::-1][:2], atol=1e-7)
 
 
 def test_regression_run_exports_with_problem_type(tmp_path):
@@ -178,7 +207,7 @@ def test_regression_run_exports_with_problem_type(tmp_path):
   assert hf["id2label"] == {"0": "LABEL_0"}
   ours, _ = _jax_out(model, jaxformers.load_tokenizer(wd), RAGGED[1:6])
   out = transformers.pipeline("text-classification", model=str(dst), device="cpu")(RAGGED[1:6])
-  np.testing.assert_allclose([o["score"] for o in out], ours[:, 0], atol=1e-4)
+  np.testing.assert_allclose([o["score"] for o in out], ours[:, 0], atol=1e-6)   # measured 3e-8
   assert np.ptp(ours[:, 0]) > 1e-4
 
 
