@@ -42,7 +42,8 @@ def workdir_of(path: str | Path) -> Path | None:
     return p.parent.parent
   if p.name in STATE_DIRS and (_steps(p) or (p.parent / TOKENIZER).is_file()):
     return p.parent
-  if any((p / d).is_dir() for d in STATE_DIRS):
+  if any(_steps(p / d) for d in STATE_DIRS) or \
+      any((p / d).is_dir() for d in STATE_DIRS) and any((p / f).is_file() for f in (TOKENIZER, "metrics.jsonl")):
     return p
   return None
 

@@ -279,9 +279,15 @@ def test_run_states_load_exactly_and_start_a_further_run(tmp_path):
 
 
 def test_run_directory_bad_input(tmp_path):
-  empty = tmp_path / "run"
+  empty = tmp_path / "run"   # a run that has not saved its first state yet
   (empty / "checkpoints").mkdir(parents=True)
+  (empty / "metrics.jsonl").write_text("")
   with pytest.raises(CheckpointError, match="no saved state yet"):
     jaxformers.from_pretrained(empty)
   with pytest.raises(CheckpointError, match="no tokenizer found"):
     jaxformers.load_tokenizer(empty)
+  assert cli(["export", str(empty), str(tmp_path / "hf")]) == 2
+  other = tmp_path / "other"      # a directory that merely has a checkpoints/ folder is not taken for a run
+  (other / "checkpoints").mkdir(parents=True)
+  with pytest.raises(CheckpointError, match="no config.json"):
+    jaxformers.from_pretrained(other)
