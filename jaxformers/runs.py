@@ -55,7 +55,7 @@ def is_run_dir(path: str | Path) -> bool:
 def step_dir(path: str | Path) -> Path:
   """The trainer state that ``path`` names: itself (a step), the newest step of ``best/`` or ``checkpoints/``,
   or for ``WORKDIR`` the best state, else the latest saved one."""
-  p = Path(path)
+  p = Path(path).absolute()   # orbax takes absolute paths only
   if _is_step_dir(p):
     return p
   for d in ([p] if p.name in STATE_DIRS and _steps(p) else [p / s for s in STATE_DIRS]):
