@@ -82,7 +82,7 @@ def _softmax(x):
   return e / e.sum(-1, keepdims=True)
 
 
-def _export(src, dst, capsys=None):
+def _export(src, dst):
   assert cli(["export", str(src), str(dst)]) == 0
   return json.loads((dst / "config.json").read_text())
 
