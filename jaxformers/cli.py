@@ -14,15 +14,22 @@ def _convert(args) -> int:
   if report is not None:
     print(report.summary())
   out = jaxformers.save_pretrained(model, args.dst)
-  print(f"wrote {out} (layout {model.config.layout}, {_count(model):,} parameters) in {time.perf_counter() - t0:.1f}s")
+  from jaxformers.convert.tokenizer import copy_tokenizer_files
+  tok = copy_tokenizer_files(args.src, out)
+  print(f"wrote {out} (layout {model.config.layout}, {_count(model):,} parameters"
+        + (f"; tokenizer: {', '.join(tok)}" if tok else "; no tokenizer files in the source") + ")"
+        + f" in {time.perf_counter() - t0:.1f}s")
   return 0
 
 
 def _export(args) -> int:
   import jaxformers
   model = jaxformers.from_pretrained(args.src, progress=True)
-  out = jaxformers.export_hf(model, args.dst)
-  print(f"wrote {out}/config.json and model.safetensors ({_count(model):,} parameters)")
+  out = jaxformers.export_hf(model, args.dst, tokenizer=args.src)
+  from jaxformers.convert.tokenizer import HF_TOKENIZER_FILES
+  tok = [n for n in HF_TOKENIZER_FILES if (out / n).is_file()]
+  print(f"wrote {out}/config.json and model.safetensors ({_count(model):,} parameters)"
+        + (f", tokenizer: {', '.join(tok)}" if tok else f"; {args.src} has no tokenizer, none written"))
   return 0
 
 
@@ -55,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
                  help="head to build (default: the checkpoint's own)")
   c.add_argument("--num-labels", type=int, help="labels of a new classification head")
   c.set_defaults(fn=_convert)
-  e = sub.add_parser("export", help="jaxformers checkpoint -> HF PyTorch directory (config.json + model.safetensors)")
+  e = sub.add_parser("export", help="jaxformers checkpoint or training run -> HF PyTorch directory (config.json, "
+                                    "model.safetensors, tokenizer files)",
+                     description="Read SRC (a jaxformers directory, a train.py --workdir, WORKDIR/checkpoints/N) and "
+                                 "write what transformers' from_pretrained and pipeline() load to DST.")
   e.add_argument("src")
   e.add_argument("dst")
   e.set_defaults(fn=_export)

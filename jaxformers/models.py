@@ -174,6 +174,8 @@ class SequenceClassifier(nnx.Module):
   """Sequence classification (``num_labels`` > 1) or regression (``num_labels`` = 1): logits ``[batch, num_labels]``,
   or ``[batch, max_segments, num_labels]`` for packed rows (one per sequence)."""
 
+  label_names: tuple[str, ...] | None = None   # class names in label-id order, kept by checkpoints and exports
+
   def __init__(self, cfg: EncoderConfig, num_labels: int = 2, head: str | None = None, *, rngs: nnx.Rngs):
     head = head or cfg.family
     self.num_labels = num_labels
@@ -196,6 +198,8 @@ class SequenceClassifier(nnx.Module):
 
 class TokenClassifier(nnx.Module):
   """Token tagging: logits ``[batch, length, num_labels]``."""
+
+  label_names: tuple[str, ...] | None = None
 
   def __init__(self, cfg: EncoderConfig, num_labels: int = 2, *, rngs: nnx.Rngs):
     self.num_labels = num_labels

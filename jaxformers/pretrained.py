@@ -31,7 +31,8 @@ def save_pretrained(model, path: str | Path) -> Path:
   path.mkdir(parents=True, exist_ok=True)
   meta = {"format_version": FORMAT_VERSION, "task": models.task_of(model), "config": model.config.to_dict(),
           "num_labels": getattr(model, "num_labels", None),
-          "head": model.classifier.style if hasattr(model, "classifier") else None}
+          "head": model.classifier.style if hasattr(model, "classifier") else None,
+          "label_names": list(getattr(model, "label_names", None) or []) or None}
   with ocp.StandardCheckpointer() as ckpt:
     ckpt.save(path / PARAMS_DIR, nnx.state(model, nnx.Param), force=True)
   (path / NATIVE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
@@ -50,12 +51,8 @@ def _load_native(path: Path, *, layout=None, task=None, num_labels=None, head=No
   wants_other = (layout is not None and layout != cfg.layout) or stray or \
       (task is not None and task != meta["task"]) or (num_labels is not None and num_labels != meta.get("num_labels"))
   if wants_other:
-    # A different arrangement or head: go through the HF layout, which the converter re-arranges.
-    from jaxformers.convert.hf import load_hf_state, to_hf_state
-    model = _load_native(path)
-    state, hf = to_hf_state(model, where=str(path))
-    return load_hf_state(state, hf, where=str(path), layout=layout, task=task, num_labels=num_labels, head=head,
-                         rngs=rngs, **overrides)[0]
+    return rearrange(_load_native(path), str(path), layout=layout, task=task, num_labels=num_labels, head=head,
+                     rngs=rngs, **overrides)
   cfg = cfg.replace(**changes)
   build = lambda: models.build(meta["task"], cfg, num_labels=meta.get("num_labels"), head=meta.get("head"), rngs=rngs)
   abstract = nnx.eval_shape(build)
@@ -71,13 +68,33 @@ def _load_native(path: Path, *, layout=None, task=None, num_labels=None, head=No
       raise CheckpointError(f"{params_dir}: parameters do not match {NATIVE_CONFIG} ({e})") from None
   model = build()
   nnx.update(model, restored)
+  if meta.get("label_names"):
+    model.label_names = tuple(meta["label_names"])
   return model
+
+
+def wants_rearrangement(model, *, layout=None, task=None, num_labels=None, head=None, overrides=()) -> bool:
+  """Whether loading ``model`` with these arguments needs other blocks or another head than it has."""
+  return (layout is not None and layout != model.config.layout) or bool(set(overrides) - RUNTIME_FIELDS) or \
+      (task is not None and task != models.task_of(model)) or \
+      (num_labels is not None and num_labels != getattr(model, "num_labels", None)) or \
+      (head is not None and head != getattr(getattr(model, "classifier", None), "style", None))
+
+
+def rearrange(model, where: str, *, layout=None, task=None, num_labels=None, head=None, rngs=None, **overrides):
+  """``model`` in another layout, task or head: through the HF layout, which the converter re-arranges."""
+  from jaxformers.convert.hf import load_hf_state, to_hf_state
+  state, hf = to_hf_state(model, where=where)
+  return load_hf_state(state, hf, where=where, layout=layout, task=task, num_labels=num_labels, head=head,
+                       rngs=rngs, **overrides)[0]
 
 
 def from_pretrained(path: str | Path, *, layout: str | None = None, task: str | None = None,
                     num_labels: int | None = None, head: str | None = None, rngs: nnx.Rngs | None = None,
                     progress: bool = False, return_report: bool = False, **overrides):
-  """Load a model from a native jaxformers directory or an HF PyTorch checkpoint directory.
+  """Load a model from a native jaxformers directory, a training run's directory or an HF PyTorch checkpoint
+  directory. A run directory (``train.py --workdir``) gives its task model with the best saved parameters, else
+  the latest; ``WORKDIR/checkpoints/N`` a given state.
 
   ``layout`` re-arranges the weights into other blocks (e.g. ``"parallel*12"``,
   ``"fourier*10,serial*2"``); ``task`` picks the head (``base``, ``masked_lm``,
@@ -87,6 +104,10 @@ def from_pretrained(path: str | Path, *, layout: str | None = None, task: str | 
   conversion also returns its :class:`jaxformers.convert.Report`.
   """
   path = Path(path)
+  from jaxformers import runs
+  if runs.is_run_dir(path):   # a train.py work directory, WORKDIR/best or WORKDIR/checkpoints/N
+    model = runs.load_run(path, layout=layout, task=task, num_labels=num_labels, head=head, rngs=rngs, **overrides)
+    return (model, None) if return_report else model
   if is_native(path):
     model = _load_native(path, layout=layout, task=task, num_labels=num_labels, head=head, rngs=rngs, **overrides)
     return (model, None) if return_report else model

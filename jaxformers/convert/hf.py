@@ -187,6 +187,9 @@ def load_hf_state(state: dict[str, np.ndarray], hf: dict, *, where: str, layout:
       num_source_layers=_num_layers(state) or hf["num_hidden_layers"], prefix="" if task == "base" else "encoder.",
       may_be_new=lambda p: p.startswith(_NEW_OK), where=where, progress=progress, display=original.__getitem__)
   set_params(model, params)
+  names = label_names(hf)
+  if names and len(names) == getattr(model, "num_labels", None):
+    model.label_names = names
   if extended:
     report.notes.append(extended)
   return model, report
@@ -223,6 +226,16 @@ def load_hf(directory: str | Path, *, progress: bool = False, **kw):
   return load_hf_state(state, hf, where=str(directory), progress=progress, **kw)
 
 
+def label_names(hf: dict) -> tuple[str, ...] | None:
+  """Class names from an HF config's ``id2label``; None when absent or only transformers' ``LABEL_i`` defaults."""
+  id2label = hf.get("id2label") or {}
+  try:
+    names = tuple(str(id2label[k]) for k in sorted(id2label, key=int))
+  except (ValueError, TypeError):
+    return None
+  return None if not names or names == tuple(f"LABEL_{i}" for i in range(len(names))) else names
+
+
 def _exportable(cfg: EncoderConfig, where: str) -> str:
   kinds = set(cfg.blocks)
   if kinds <= {"serial"}:
@@ -230,9 +243,11 @@ def _exportable(cfg: EncoderConfig, where: str) -> str:
   if kinds <= {"parallel"}:
     return "parallel"
   bad = sorted(kinds - {"serial", "parallel"}) or sorted(kinds)
-  raise CheckpointError(f"{where}: layout {cfg.layout!r} cannot be written as an HF checkpoint: the HF format has "
-                        f"one attention and one feed-forward per layer, serial (BERT/RoBERTa) or parallel (PAF); "
-                        f"found {', '.join(bad)}")
+  raise CheckpointError(f"{where}: layout {cfg.layout!r} cannot be written as an HF checkpoint: transformers' "
+                        f"BERT/RoBERTa/PAF models have one attention and one feed-forward per layer, serial or "
+                        f"parallel, and this layout has {', '.join(bad)} blocks; keep it in the native format "
+                        f"(jaxformers convert SRC DST, or use the run directory itself) and load it with "
+                        f"jaxformers.from_pretrained")
 
 
 def to_hf_state(model, where: str = "model") -> tuple[dict[str, np.ndarray], dict]:
@@ -255,10 +270,11 @@ def to_hf_state(model, where: str = "model") -> tuple[dict[str, np.ndarray], dic
     for i in range(cfg.num_layers):
       state[f"{pre}encoder.layer.{i}.attention.output.LayerNorm.weight"] = np.ones(cfg.hidden_size, np.float32)
       state[f"{pre}encoder.layer.{i}.attention.output.LayerNorm.bias"] = np.zeros(cfg.hidden_size, np.float32)
-  return state, hf_config(cfg, task, getattr(model, "num_labels", None))
+  return state, hf_config(cfg, task, getattr(model, "num_labels", None), getattr(model, "label_names", None))
 
 
-def hf_config(cfg: EncoderConfig, task: str, num_labels: int | None = None) -> dict:
+def hf_config(cfg: EncoderConfig, task: str, num_labels: int | None = None,
+              label_names: tuple[str, ...] | None = None) -> dict:
   family = cfg.family
   suffix = next(s for s, t in ARCHITECTURES.items() if t == task)
   acts = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
@@ -276,15 +292,27 @@ def hf_config(cfg: EncoderConfig, task: str, num_labels: int | None = None) -> d
   if family == "roberta":
     out.update(bos_token_id=0, eos_token_id=2)
   if num_labels is not None:
-    out["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
-    out["label2id"] = {f"LABEL_{i}": i for i in range(num_labels)}
+    names = list(label_names) if label_names and len(label_names) == num_labels else \
+        [f"LABEL_{i}" for i in range(num_labels)]
+    out["id2label"] = {str(i): n for i, n in enumerate(names)}
+    out["label2id"] = {n: i for i, n in enumerate(names)}
     if num_labels == 1 and task == "classification":
       out["problem_type"] = "regression"
   return out
 
 
-def export_hf(model, directory: str | Path) -> Path:
-  """Write ``config.json`` + ``model.safetensors`` that transformers loads."""
+def export_hf(model, directory: str | Path, tokenizer=None) -> Path:
+  """Write ``config.json`` + ``model.safetensors`` that transformers loads, and with ``tokenizer`` (a checkpoint
+  or run directory, a ``tokenizer.json`` file or a ``tokenizers.Tokenizer``) its tokenizer files, so that
+  ``transformers.pipeline(..., model=directory)`` needs nothing else."""
   state, config = to_hf_state(model, where=str(directory))
   write_hf_checkpoint(directory, config, state)
+  if tokenizer is not None:
+    from jaxformers.convert.tokenizer import write_hf_tokenizer
+    write_hf_tokenizer(tokenizer, directory, model_max_length=max_length(model.config))
   return Path(directory)
+
+
+def max_length(cfg: EncoderConfig) -> int:
+  """Longest input the model's position table takes (RoBERTa's positions start after the padding id)."""
+  return cfg.max_position_embeddings - (cfg.pad_token_id + 1 if cfg.position_style == "roberta" else 0)

@@ -64,6 +64,7 @@ def train_wordpiece(texts: list[str], vocab_size: int) -> Tokenizer:
       seen.add(w)
       budget -= 1
   tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+  tok.add_special_tokens(list(SPECIALS))   # matched in raw text, as BERT's tokenizers do; ids stay 0..4
   tok.normalizer = normalizer
   tok.pre_tokenizer = pre
   tok.decoder = decoders.WordPiece()
@@ -76,14 +77,22 @@ def train_wordpiece(texts: list[str], vocab_size: int) -> Tokenizer:
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json")
 
 
-def has_tokenizer(directory: str) -> bool:
-  """Whether a checkpoint directory carries a tokenizer (``tokenizer.json`` or a vocabulary file)."""
-  return any((Path(directory) / f).is_file() for f in TOKENIZER_FILES)
+def _resolve(path: str | Path) -> Path:
+  """A training run's directory (or one of its saved states) keeps its tokenizer in the run directory."""
+  from jaxformers.runs import tokenizer_dir
+  return tokenizer_dir(path)
+
+
+def has_tokenizer(path: str | Path) -> bool:
+  """Whether ``path`` is a tokenizer file, or a checkpoint or run directory with tokenizer.json or vocab files."""
+  p = _resolve(path)
+  return (p.is_file() and p.suffix == ".json") or any((p / f).is_file() for f in TOKENIZER_FILES)
 
 
 def load_tokenizer(path: str) -> Tokenizer:
-  """From a tokenizer.json file, or a checkpoint directory (tokenizer.json, or vocab files via transformers)."""
-  p = Path(path)
+  """From a tokenizer.json file, or a checkpoint or training run directory (tokenizer.json, or vocab files via
+  transformers)."""
+  p = _resolve(path)
   if p.is_file():
     return Tokenizer.from_file(str(p))
   if (p / "tokenizer.json").is_file():

@@ -135,7 +135,8 @@ class Run:
     self.abs_params, self.abs_rest = abs_params, abs_rest
     self.num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(abs_params)))
     self._check_packing()
-    self.meta = {"model_config": self.cfg.to_dict(), "task": self.task.name, "num_labels": self.task.num_labels,
+    self.meta = {"model_config": self.cfg.to_dict(), "task": self.task.name, "model_task": self.task.model_task,
+                 "num_labels": self.task.num_labels,
                  "label_names": list(self.task.label_names) if self.task.label_names else None,
                  "param_shapes": ckpt_lib.param_shapes(abs_params)}
 

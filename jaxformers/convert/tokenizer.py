@@ -1,0 +1,108 @@
+"""Tokenizer files beside exported and converted checkpoints, in the form transformers' ``AutoTokenizer`` reads.
+
+A checkpoint directory that already has transformers' tokenizer files (``tokenizer_config.json``
+and the vocabulary) passes them on unchanged. A training run (or native directory) with only
+``tokenizer.json`` gets them written: a BERT-style WordPiece tokenizer (the trainer's learnt
+vocabulary, or BERT's own) becomes ``BertTokenizer`` (``tokenizer_config.json`` with the
+normaliser's lower-casing, accent and CJK options, ``vocab.txt`` in id order), anything else
+``PreTrainedTokenizerFast`` over the same ``tokenizer.json``. Padding and truncation stored in
+``tokenizer.json`` are dropped: transformers pads and truncates per call.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from jaxformers.convert.io import CheckpointError
+
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                      "vocab.json", "merges.txt", "added_tokens.json")
+_SPECIAL_KEYS = ("pad", "unk", "cls", "sep", "mask")
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+  """Copy the tokenizer files of ``src`` (a checkpoint or run directory) into ``dst``; returns their names."""
+  from jaxformers.runs import tokenizer_dir
+  src_dir, dst = tokenizer_dir(src), Path(dst)
+  if not src_dir.is_dir():
+    return []
+  names = [n for n in HF_TOKENIZER_FILES if (src_dir / n).is_file()]
+  dst.mkdir(parents=True, exist_ok=True)
+  for n in names:
+    if (src_dir / n).resolve() != (dst / n).resolve():
+      shutil.copyfile(src_dir / n, dst / n)
+  return names
+
+
+def write_hf_tokenizer(source, dst: str | Path, model_max_length: int | None = None) -> list[str]:
+  """Write transformers tokenizer files for ``source`` (a checkpoint or run directory, a ``tokenizer.json`` or a
+  ``tokenizers.Tokenizer``) into ``dst``; returns the file names, empty when ``source`` has no tokenizer."""
+  from tokenizers import Tokenizer
+  from jaxformers.data import tokenize
+  from jaxformers.runs import tokenizer_dir
+  if not isinstance(source, Tokenizer):
+    src = tokenizer_dir(source) if Path(source).is_dir() else Path(source)
+    if src.is_dir() and (src / "tokenizer_config.json").is_file():
+      return copy_tokenizer_files(src, dst)
+    if not tokenize.has_tokenizer(src):
+      return []
+    source = tokenize.load_tokenizer(str(src))
+  files = hf_tokenizer_files(source, model_max_length)
+  dst = Path(dst)
+  dst.mkdir(parents=True, exist_ok=True)
+  for name, text in files.items():
+    (dst / name).write_text(text, encoding="utf-8")
+  return sorted(files)
+
+
+def hf_tokenizer_files(tok, model_max_length: int | None = None) -> dict[str, str]:
+  """File name -> content of the transformers tokenizer files that reproduce ``tok`` (a ``tokenizers.Tokenizer``)."""
+  from jaxformers.data.tokenize import special_ids
+  spec = json.loads(tok.to_str())
+  spec["padding"] = None
+  spec["truncation"] = None
+  ids = special_ids(tok)
+  specials = {f"{k}_token": tok.id_to_token(ids[k]) for k in _SPECIAL_KEYS if ids.get(k) is not None}
+  config = dict(specials)
+  if model_max_length:
+    config["model_max_length"] = int(model_max_length)
+  files = {"tokenizer.json": json.dumps(spec, ensure_ascii=False, indent=2) + "\n",
+           "special_tokens_map.json": json.dumps(specials, ensure_ascii=False, indent=2) + "\n"}
+  bert = bert_options(spec, specials)
+  if bert is not None:
+    config.update(tokenizer_class="BertTokenizer", **bert)
+    vocab = tok.get_vocab(with_added_tokens=True)
+    by_id = sorted(vocab.items(), key=lambda kv: kv[1])
+    if [i for _, i in by_id] != list(range(len(by_id))):
+      raise CheckpointError("tokenizer vocabulary ids are not contiguous from 0; cannot write vocab.txt")
+    files["vocab.txt"] = "".join(w + "\n" for w, _ in by_id)
+  else:
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+  files["tokenizer_config.json"] = json.dumps(config, ensure_ascii=False, indent=2) + "\n"
+  return files
+
+
+def bert_options(spec: dict, specials: dict) -> dict | None:
+  """``BertTokenizer`` arguments that rebuild the tokenizer ``spec`` (tokenizer.json as a dict) exactly, or None
+  when it is not a BERT WordPiece tokenizer (transformers' ``BertTokenizer`` rebuilds its pipeline from these
+  options and the vocabulary, so every other part must be the one it would build)."""
+  model, norm, pre, post = (spec.get(k) or {} for k in ("model", "normalizer", "pre_tokenizer", "post_processor"))
+  if model.get("type") != "WordPiece" or model.get("continuing_subword_prefix") != "##" or \
+      model.get("max_input_chars_per_word") != 100 or model.get("unk_token") != specials.get("unk_token"):
+    return None
+  if norm.get("type") != "BertNormalizer" or not norm.get("clean_text") or pre.get("type") != "BertPreTokenizer":
+    return None
+  cls, sep = specials.get("cls_token"), specials.get("sep_token")
+
+  def special(t, type_id):
+    return {"SpecialToken": {"id": t, "type_id": type_id}}
+
+  def seq(s, type_id):
+    return {"Sequence": {"id": s, "type_id": type_id}}
+  if post.get("type") != "TemplateProcessing" or \
+      post.get("single") != [special(cls, 0), seq("A", 0), special(sep, 0)] or \
+      post.get("pair") != [special(cls, 0), seq("A", 0), special(sep, 0), seq("B", 1), special(sep, 1)]:
+    return None
+  return {"do_lower_case": bool(norm.get("lowercase")), "strip_accents": norm.get("strip_accents"),
+          "tokenize_chinese_chars": bool(norm.get("handle_chinese_chars"))}

@@ -1,0 +1,143 @@
+"""Training runs as models: a ``train.py`` work directory loads like a native checkpoint.
+
+A run directory ``WORKDIR`` holds ``tokenizer.json`` and orbax trainer states in
+``best/<step>`` (the best by the task's metric) and ``checkpoints/<step>`` (the latest
+saves). ``from_pretrained(WORKDIR)`` restores the parameters of the best state, else of the
+latest in ``checkpoints/``; ``WORKDIR/checkpoints/N`` (or ``WORKDIR/best``) picks one. The
+optimiser state is never read.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from jaxformers import models
+from jaxformers.config import EncoderConfig
+from jaxformers.convert.io import CheckpointError
+
+STATE_DIRS = ("best", "checkpoints")   # searched in this order for WORKDIR
+TOKENIZER = "tokenizer.json"
+# The model each trainer task trains, for runs saved before the metadata named it ("model_task").
+TASKS = {"classification": "classification", "regression": "classification", "mlm": "masked_lm"}
+
+
+def _steps(d: Path) -> list[int]:
+  """Finished steps of an orbax manager directory (half-written ``N.orbax-checkpoint-tmp-*`` are skipped)."""
+  if not d.is_dir():
+    return []
+  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / "state").is_dir())
+
+
+def _is_step_dir(p: Path) -> bool:
+  return p.name.isdigit() and p.parent.name in STATE_DIRS and (p / "state").is_dir() and (p / "meta").is_dir()
+
+
+def workdir_of(path: str | Path) -> Path | None:
+  """The run directory ``path`` belongs to (``WORKDIR``, ``WORKDIR/best``, ``WORKDIR/checkpoints/N``), else None."""
+  p = Path(path)
+  if not p.is_dir() or (p / "jaxformers.json").is_file() or (p / "config.json").is_file():
+    return None
+  if _is_step_dir(p):
+    return p.parent.parent
+  if p.name in STATE_DIRS and (_steps(p) or (p.parent / TOKENIZER).is_file()):
+    return p.parent
+  if any(_steps(p / d) for d in STATE_DIRS) or \
+      any((p / d).is_dir() for d in STATE_DIRS) and any((p / f).is_file() for f in (TOKENIZER, "metrics.jsonl")):
+    return p
+  return None
+
+
+def is_run_dir(path: str | Path) -> bool:
+  return workdir_of(path) is not None
+
+
+def step_dir(path: str | Path) -> Path:
+  """The trainer state that ``path`` names: itself (a step), the newest step of ``best/`` or ``checkpoints/``,
+  or for ``WORKDIR`` the best state, else the latest saved one."""
+  p = Path(path).absolute()   # orbax takes absolute paths only
+  if _is_step_dir(p):
+    return p
+  for d in ([p] if p.name in STATE_DIRS and _steps(p) else [p / s for s in STATE_DIRS]):
+    steps = _steps(d)
+    if steps:
+      return d / str(steps[-1])
+  raise CheckpointError(f"{p}: a training run directory with no saved state yet (no step under "
+                        f"{' or '.join(f'{s}/' for s in STATE_DIRS)}); train first, or wait for the first checkpoint")
+
+
+def read_meta(step: Path) -> dict:
+  """The metadata the trainer saved beside a state (model_config, task, num_labels, param_shapes, label_names...)."""
+  import orbax.checkpoint as ocp
+  with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as c:
+    return c.restore(step / "meta")
+
+
+def build(meta: dict, where: str, rngs: nnx.Rngs | None = None, **runtime):
+  """The task model the run trained (SequenceClassifier for classification and regression, MaskedLM for mlm)."""
+  try:
+    cfg = EncoderConfig.from_dict(meta["model_config"], source=where).replace(**runtime)
+    task = meta.get("model_task") or TASKS[meta["task"]]
+  except (KeyError, ValueError, TypeError) as e:
+    raise CheckpointError(f"{where}: not a jaxformers trainer state ({type(e).__name__}: {e})") from None
+  return models.build(task, cfg, num_labels=meta.get("num_labels"), rngs=rngs)
+
+
+def restore(step: Path, rngs: nnx.Rngs | None = None, **runtime):
+  """The model of one trainer state with its trained parameters, in eval mode, ``label_names`` set."""
+  import orbax.checkpoint as ocp
+  from jaxformers.train.checkpoint import param_shapes
+  meta = read_meta(step)
+  where = str(step)
+  abstract = nnx.eval_shape(lambda: build(meta, where, **runtime))
+  params = nnx.split(abstract, nnx.Param, ...)[1]
+  saved, now = meta.get("param_shapes", {}), param_shapes(params)
+  if saved != now:
+    diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    raise CheckpointError(f"{where}: saved parameters do not fit the model its metadata describes (first: "
+                          f"{diff[0]} saved {saved.get(diff[0])}, model {now.get(diff[0])})")
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), params)}
+  with ocp.PyTreeCheckpointer() as c:
+    out = c.restore(step / "state", args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+  model = build(meta, where, rngs=rngs, **runtime)
+  nnx.update(model, out["params"])
+  if meta.get("label_names") and hasattr(model, "num_labels"):
+    model.label_names = tuple(meta["label_names"])
+  model.eval()
+  return model
+
+
+def load_run(path: str | Path, *, layout: str | None = None, task: str | None = None, num_labels: int | None = None,
+             head: str | None = None, rngs: nnx.Rngs | None = None, **overrides):
+  """``from_pretrained`` for run directories: the run's task model, re-arranged as for a native checkpoint when
+  ``layout`` / ``task`` / ``num_labels`` / ``head`` / structural ``overrides`` differ from the run's."""
+  from jaxformers import pretrained
+  step = step_dir(path)
+  runtime = {k: v for k, v in overrides.items() if k in pretrained.RUNTIME_FIELDS}
+  model = restore(step, rngs=rngs, **runtime)
+  if pretrained.wants_rearrangement(model, layout=layout, task=task, num_labels=num_labels, head=head,
+                                    overrides=overrides):
+    model = pretrained.rearrange(model, str(step), layout=layout, task=task, num_labels=num_labels, head=head,
+                                 rngs=rngs, **overrides)
+    model.eval()
+  return model
+
+
+def tokenizer_dir(path: str | Path) -> Path:
+  """Where the tokenizer of ``path`` lives: the run directory for a run or one of its states, else ``path``."""
+  root = workdir_of(path)
+  return root if root is not None else Path(path)
+
+
+def load_tokenizer(path: str | Path):
+  """The ``tokenizers.Tokenizer`` of a run directory (or one of its states), a native or HF checkpoint directory,
+  or a ``tokenizer.json`` file."""
+  from jaxformers.data import tokenize
+  if not tokenize.has_tokenizer(path):
+    raise CheckpointError(f"{path}: no tokenizer found (expected a tokenizer.json file, a directory with "
+                          f"tokenizer.json, vocab.txt or vocab.json, or a training run directory)")
+  return tokenize.load_tokenizer(str(path))
+
