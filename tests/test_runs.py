@@ -249,9 +249,9 @@ def _flat(model):
 
 def test_run_states_load_exactly_and_start_a_further_run(tmp_path, monkeypatch):
   wd = tmp_path / "run"
-  # gradient ascent: the validation loss rises, so best/ keeps step 2 while checkpoints/ goes on to step 4
-  run(load_config("tiny", "steps=4", optim__lr=-3e-3, train__eval_every=2, train__checkpoint_every=2,
-                  train__keep=3, train__best_metric="validation/loss"), wd)
+  # the best state is the one with the highest validation loss: best/ keeps step 2 while checkpoints/ goes on to 4
+  run(load_config("tiny", "steps=4", train__eval_every=2, train__checkpoint_every=2, train__keep=3,
+                  train__best_metric="validation/loss", train__best_mode="max"), wd)
   assert [p.name for p in (wd / "best").iterdir() if p.name.isdigit()] == ["2"]
   best, step4 = _raw_params(wd / "best" / "2"), _raw_params(wd / "checkpoints" / "4")
   loaded = _flat(jaxformers.from_pretrained(wd))
@@ -265,9 +265,10 @@ def test_run_states_load_exactly_and_start_a_further_run(tmp_path, monkeypatch):
            if isinstance(m, nnx.Dropout)]
   assert drops and all(d.deterministic for d in drops)   # handed over in eval mode
 
-  # WORKDIR/best as init_from: the tokenizer resolves to WORKDIR's, the parameters are exactly best/2's (lr 0)
+  # WORKDIR/best as init_from: the tokenizer resolves to WORKDIR's, the parameters are exactly best/2's (an lr of
+  # 1e-30 moves no float32 parameter)
   wd2 = tmp_path / "further"
-  run(load_config("tiny", "steps=1", init_from=str(wd / "best"), optim__lr=0.0), wd2)
+  run(load_config("tiny", "steps=1", init_from=str(wd / "best"), optim__lr=1e-30), wd2)
   assert (wd2 / "tokenizer.json").read_text() == (wd / "tokenizer.json").read_text()
   further = _raw_params(wd2 / "checkpoints" / "1")
   assert all(np.array_equal(further[k], best[k]) for k in best)

@@ -119,6 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.checkpoint_every = 500
   t.keep = 2
   t.best_metric = ""               # "": the task's official metric on its first eval split
+  t.best_mode = ""                 # max | min; "": min for losses, perplexity and mse, else max
   t.async_checkpoint = True
   t.progress = True
 
@@ -147,7 +148,8 @@ def check_keys(config, reference=None, prefix="") -> None:
 def check_values(c) -> None:
   """Every value the trainer would otherwise fail on late (or silently misuse), as one ConfigError line."""
   choices = {"mode": ("train", "eval", "predict"), "task": tuple(TASKS.names()), "data.source": tuple(SOURCES.names()),
-             "data.on_too_long": ("truncate", "error"), "optim.schedule": ("linear", "cosine", "constant")}
+             "data.on_too_long": ("truncate", "error"), "optim.schedule": ("linear", "cosine", "constant"),
+             "train.best_mode": ("", "max", "min")}
   for key, allowed in choices.items():
     v = _get(c, key)
     if v not in allowed:

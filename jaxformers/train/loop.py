@@ -269,10 +269,12 @@ class Run:
     return batching.Packing(rows=rows, max_segments=self.max_segments)
 
   def best_metric(self) -> tuple[str, str]:
-    t = self.c.train.best_metric
-    if t:
-      return t, ("min" if t.endswith("loss") or t.endswith("perplexity") or t.endswith("mse") else "max")
-    return self.task.best_metric()
+    t, mode = self.c.train.best_metric, self.c.train.best_mode
+    if not t:
+      t, default = self.task.best_metric()
+    else:
+      default = "min" if t.endswith(("loss", "perplexity", "mse")) else "max"
+    return t, mode or default
 
 
 def _abstract_with(sh_tree, abs_tree):
