@@ -94,13 +94,14 @@ class Run:
     return ex.text_a + (ex.text_b or [])
 
   def _build_tokenizer(self):
+    from jaxformers import hub
     c = self.c
     saved = self.workdir / "tokenizer.json"
+    init = hub.resolve(c.init_from) if c.init_from else None  # a directory, or a Hugging Face Hub id
     if c.data.tokenizer:
       self.tok = tokenize.load_tokenizer(c.data.tokenizer)
-    elif c.init_from and (Path(c.init_from) / "tokenizer.json").is_file() or \
-        c.init_from and any((Path(c.init_from) / f).is_file() for f in ("vocab.txt", "vocab.json")):
-      self.tok = tokenize.load_tokenizer(c.init_from)
+    elif init is not None and any((init / f).is_file() for f in ("tokenizer.json", "vocab.txt", "vocab.json")):
+      self.tok = tokenize.load_tokenizer(str(init))
     elif saved.is_file():
       self.tok = tokenize.load_tokenizer(str(saved))
     else:
