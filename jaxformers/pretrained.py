@@ -57,7 +57,7 @@ def _restore(path: Path, meta: dict, cfg: EncoderConfig, rngs: nnx.Rngs | None =
   abstract = nnx.eval_shape(build)
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  params_dir = path / PARAMS_DIR
+  params_dir = path.absolute() / PARAMS_DIR   # orbax takes absolute paths only
   if not params_dir.exists():
     raise CheckpointError(f"{path}: no {PARAMS_DIR}/ directory next to {NATIVE_CONFIG}")
   with ocp.StandardCheckpointer() as ckpt:

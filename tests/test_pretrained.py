@@ -206,3 +206,27 @@ def test_native_positions_extend_when_rearranged(native_mixed):
   table = get_params(model)["encoder.embeddings.position.embedding"]
   np.testing.assert_array_equal(table, np.concatenate([src["encoder.embeddings.position.embedding"]] * 3))
   assert any("extended from 20 to 60" in n for n in report.notes)
+
+
+def test_deeper_layout_initialises_only_the_blocks_no_source_layer_reaches(minilm_dir):
+  src = get_params(jaxformers.from_pretrained(minilm_dir))
+  model, report = jaxformers.from_pretrained(minilm_dir, layout="fourier*8", return_report=True)
+  got = get_params(model)
+  extra = {f"blocks.{j}.{n}" for j in (6, 7) for n in ln("mixer_norm") + MLP + ln("mlp_norm")}
+  assert set(report.new) == extra
+  for k in range(6):   # the k-th feed-forward and post-mixing norm fill block k
+    for n in ln("mixer_norm") + MLP + ln("mlp_norm"):
+      np.testing.assert_array_equal(got[f"blocks.{k}.{n}"], src[f"blocks.{k}.{n}"])
+
+
+def test_a_tensor_missing_from_a_layer_is_still_an_error(hf_factory, tmp_path):
+  from safetensors.numpy import load_file, save_file
+  import shutil
+  path, _ = hf_factory("BertForSequenceClassification", "safetensors")
+  shutil.copytree(path, tmp_path / "c")
+  state = load_file(str(tmp_path / "c" / "model.safetensors"))
+  del state["bert.encoder.layer.1.output.dense.weight"]
+  save_file(state, str(tmp_path / "c" / "model.safetensors"))
+  for layout in (None, "serial*5"):
+    with pytest.raises(CheckpointError, match="encoder.blocks.1.mlp.down.kernel: no tensor in the checkpoint fills"):
+      jaxformers.from_pretrained(tmp_path / "c", layout=layout)

@@ -127,10 +127,12 @@ def load(source: dict[str, np.ndarray], rules: Iterable[Rule], ignores: Iterable
          target: dict[str, tuple], target_blocks: list, source_blocks: list, prefix: str,
          may_be_new: Callable[[str], bool], where: str, progress: bool = False,
          display: Callable[[str], str] = lambda k: k) -> tuple[dict, Report]:
-  """Map HF tensors onto a model's parameters.
+  """Map source tensors (an HF state dict, or a jaxformers model's own parameters) onto a model's parameters.
 
   ``target`` maps each model parameter path to its shape; ``prefix`` is prepended to
-  encoder paths (``"encoder."`` for head models). Returns ``(params, report)`` where
+  encoder paths (``"encoder."`` for head models). Parameters nothing fills are an error unless
+  ``may_be_new`` accepts them or no source sublayer maps to their block's sublayer (a target
+  deeper than the source); those are left as initialised and listed in ``report.new``. Returns ``(params, report)`` where
   ``params`` maps paths to arrays; raises :class:`CheckpointError` listing every problem.
   ``display`` turns a source name into the name printed in messages and the report.
   """
@@ -179,14 +181,27 @@ def load(source: dict[str, np.ndarray], rules: Iterable[Rule], ignores: Iterable
       continue
     params[path] = array
     report.loaded[path] = name
+  unfed = _unfed_sublayers(rules, lmap, len(target_blocks), prefix)
   for path in sorted(set(target) - set(params) - misfit):
-    if may_be_new(path):
+    if may_be_new(path) or unfed(path):
       report.new.append(path)
     else:
       problems.append(f"{path}: no tensor in the checkpoint fills this parameter")
   if problems:
     raise CheckpointError(f"{where}: {len(problems)} problem(s) converting the checkpoint:\n  - " + "\n  - ".join(problems))
   return params, report
+
+
+def _unfed_sublayers(rules: list[Rule], lmap: dict, num_blocks: int, prefix: str) -> Callable[[str], bool]:
+  """Whether a parameter lies in a sublayer that no source sublayer maps to (a deeper target's extra blocks)."""
+  fed = {(j, g) for (_, g), j in lmap.items() if j is not None}
+  owner = {}
+  for r in rules:
+    if r.group is not None:
+      for c in r.jax:
+        for j in range(num_blocks):
+          owner[(prefix if r.base else "") + c.format(i=j)] = (j, r.group)
+  return lambda path: path in owner and owner[path] not in fed
 
 
 def export(params: dict[str, np.ndarray], rules: Iterable[Rule], *, num_layers: int, prefix: str,

@@ -27,8 +27,9 @@ attention projections and their LayerNorm go to blocks with attention, feed-forw
 weights and their LayerNorm to blocks with a feed-forward sublayer; a Fourier block
 reuses the post-mixing LayerNorm; a parallel block takes ``output.LayerNorm`` as its
 single norm. Attention sublayers the layout does not have are dropped and listed in
-the report; parameters with no source (a pre-LN stack's final norm, a new task head)
-are newly initialised and listed.
+the report; parameters with no source (a pre-LN stack's final norm, a new task head,
+blocks of a layout deeper than the checkpoint) are newly initialised and listed. Native
+models are re-arranged by the same tables (:mod:`jaxformers.convert.native`).
 """
 from __future__ import annotations
 
