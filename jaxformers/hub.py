@@ -30,7 +30,8 @@ def resolve(path_or_id: str | Path, revision: str | None = None, *, cache_dir: s
   local = Path(path_or_id).expanduser()
   if local.is_dir():
     if revision is not None:
-      raise CheckpointError(f"{path_or_id}: revision={revision!r} applies to Hugging Face Hub ids, not local directories")
+      raise CheckpointError(f"{path_or_id}: revision={revision!r} applies to Hugging Face Hub ids, not local "
+                            f"directories")
     return local
   name = str(path_or_id)
   if local.exists() or not _ID.match(name) or name.endswith((".json", ".safetensors", ".bin")):
