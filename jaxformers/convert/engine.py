@@ -133,7 +133,8 @@ def load(source: dict[str, np.ndarray], rules: Iterable[Rule], ignores: Iterable
   encoder paths (``"encoder."`` for head models). Parameters nothing fills are an error unless
   ``may_be_new`` accepts them or no source sublayer maps to their block's sublayer (a target
   deeper than the source); those are left as initialised and listed in ``report.new``.
-  Returns ``(params, report)`` where ``params`` maps paths to arrays; raises :class:`CheckpointError` listing every problem.
+  Returns ``(params, report)`` where ``params`` maps paths to arrays; raises
+  :class:`CheckpointError` listing every problem.
   ``display`` turns a source name into the name printed in messages and the report.
   """
   rules, ignores = list(rules), list(ignores)
