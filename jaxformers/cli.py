@@ -9,8 +9,8 @@ import time
 def _convert(args) -> int:
   import jaxformers
   t0 = time.perf_counter()
-  model, report = jaxformers.from_pretrained(args.src, layout=args.layout, task=args.task, num_labels=args.num_labels,
-                                             progress=True, return_report=True)
+  model, report = jaxformers.from_pretrained(args.src, revision=args.revision, layout=args.layout, task=args.task,
+                                             num_labels=args.num_labels, progress=True, return_report=True)
   if report is not None:
     print(report.summary())
   out = jaxformers.save_pretrained(model, args.dst)
@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
   sub = p.add_subparsers(dest="command", required=True)
   c = sub.add_parser("convert", help="HF PyTorch (or native) checkpoint -> native jaxformers checkpoint",
                      description="Read SRC (an HF directory with config.json and model.safetensors or "
-                                 "pytorch_model.bin, or a jaxformers directory) and write a jaxformers checkpoint to DST.")
+                                 "pytorch_model.bin, a Hugging Face Hub id such as roberta-base, or a jaxformers "
+                                 "directory) and write a jaxformers checkpoint to DST.")
   c.add_argument("src")
   c.add_argument("dst")
   c.add_argument("--layout", help="re-arrange into this layout, e.g. 'parallel*12' or 'fourier*10,serial*2' "
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
   c.add_argument("--task", choices=["base", "masked_lm", "pretraining", "classification", "token_classification"],
                  help="head to build (default: the checkpoint's own)")
   c.add_argument("--num-labels", type=int, help="labels of a new classification head")
+  c.add_argument("--revision", help="branch, tag or commit of a Hub id (default: main)")
   c.set_defaults(fn=_convert)
   e = sub.add_parser("export", help="jaxformers checkpoint or training run -> HF PyTorch directory (config.json, "
                                     "model.safetensors, tokenizer files)",

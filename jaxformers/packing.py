@@ -152,7 +152,8 @@ def encode_texts(model, tokenizer, texts: Sequence[str], *, row_length: int = 51
 
   ``tokenizer`` is a ``tokenizers.Tokenizer`` or a transformers tokenizer. Returns
   ``{"last_hidden_state": [array [len_i, hidden] per text], "pooler_output": [n, hidden] or None,
-  "first_token_state": [n, hidden], "padding_fraction": float}``. Rows are run ``rows_per_call`` at a time
+  "first_token_state": [n, hidden], "padding_fraction": float}``, computed in eval mode (no dropout) whatever
+  mode ``model`` is in. Rows are run ``rows_per_call`` at a time
   through one jitted function, so every call has the same shape.
   """
   import jax
@@ -167,12 +168,13 @@ def encode_texts(model, tokenizer, texts: Sequence[str], *, row_length: int = 51
   ids = [i[:row_length] for i in ids]
   batch = pack(ids, row_length, max_segments=max_segments, pad_id=model.config.pad_token_id)
   encoder = model if isinstance(model, models.Encoder) else model.encoder
-  encoder.eval()
   graphdef, state = nnx.split(encoder)
 
   @jax.jit
   def run(state, input_ids, segment_ids):
-    out = nnx.merge(graphdef, state)(input_ids, segment_ids=segment_ids, max_segments=max_segments)
+    enc = nnx.merge(graphdef, state)
+    enc.eval()  # inference without dropout; the caller's model keeps its mode
+    out = enc(input_ids, segment_ids=segment_ids, max_segments=max_segments)
     return out.last_hidden_state, out.pooler_output, out.first_token_state
 
   n_rows = batch.input_ids.shape[0]

@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 from flax import nnx
 
-from jaxformers import models
+from jaxformers import hub, models
 from jaxformers.config import RUNTIME_FIELDS, EncoderConfig
 from jaxformers.convert.io import CheckpointError
 
@@ -39,26 +39,22 @@ def save_pretrained(model, path: str | Path) -> Path:
   return path
 
 
-def _load_native(path: Path, *, layout=None, task=None, num_labels=None, head=None, rngs=None, **overrides):
-  import orbax.checkpoint as ocp
+def _read_meta(path: Path) -> tuple[dict, EncoderConfig]:
   try:
     meta = json.loads((path / NATIVE_CONFIG).read_text())
-    cfg = EncoderConfig.from_dict(meta["config"], source=str(path / NATIVE_CONFIG))
+    return meta, EncoderConfig.from_dict(meta["config"], source=str(path / NATIVE_CONFIG))
   except (json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
     raise CheckpointError(f"{path / NATIVE_CONFIG}: not a valid jaxformers model config ({e})") from None
-  changes = {k: v for k, v in overrides.items() if k in RUNTIME_FIELDS}
-  stray = sorted(set(overrides) - RUNTIME_FIELDS)
-  wants_other = (layout is not None and layout != cfg.layout) or stray or \
-      (task is not None and task != meta["task"]) or (num_labels is not None and num_labels != meta.get("num_labels"))
-  if wants_other:
-    return rearrange(_load_native(path), str(path), layout=layout, task=task, num_labels=num_labels, head=head,
-                     rngs=rngs, **overrides)
-  cfg = cfg.replace(**changes)
+
+
+def _restore(path: Path, meta: dict, cfg: EncoderConfig, rngs: nnx.Rngs | None = None):
+  """The model saved in ``path`` built for ``cfg`` (the saved config, runtime fields possibly changed)."""
+  import orbax.checkpoint as ocp
   build = lambda: models.build(meta["task"], cfg, num_labels=meta.get("num_labels"), head=meta.get("head"), rngs=rngs)
   abstract = nnx.eval_shape(build)
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  params_dir = path / PARAMS_DIR
+  params_dir = path.absolute() / PARAMS_DIR   # orbax takes absolute paths only
   if not params_dir.exists():
     raise CheckpointError(f"{path}: no {PARAMS_DIR}/ directory next to {NATIVE_CONFIG}")
   with ocp.StandardCheckpointer() as ckpt:
@@ -73,6 +69,22 @@ def _load_native(path: Path, *, layout=None, task=None, num_labels=None, head=No
   return model
 
 
+def _load_native(path: Path, *, layout=None, task=None, num_labels=None, head=None, rngs=None, progress=False,
+                 **overrides):
+  """``(model, None)`` as saved, or ``(model, report)`` re-arranged / re-headed directly from the saved parameters."""
+  meta, cfg = _read_meta(path)
+  as_saved = layout in (None, cfg.layout) and task in (None, meta["task"]) and \
+      num_labels in (None, meta.get("num_labels")) and head in (None, meta.get("head")) and \
+      set(overrides) <= RUNTIME_FIELDS
+  runtime = {k: v for k, v in overrides.items() if k in RUNTIME_FIELDS}
+  model = _restore(path, meta, cfg.replace(**runtime), rngs if as_saved else None)
+  if as_saved:
+    model.eval()
+    return model, None
+  return rearrange(model, str(path), layout=layout, task=task, num_labels=num_labels, head=head, rngs=rngs,
+                   progress=progress, **overrides)
+
+
 def wants_rearrangement(model, *, layout=None, task=None, num_labels=None, head=None, overrides=()) -> bool:
   """Whether loading ``model`` with these arguments needs other blocks or another head than it has."""
   return (layout is not None and layout != model.config.layout) or bool(set(overrides) - RUNTIME_FIELDS) or \
@@ -81,37 +93,46 @@ def wants_rearrangement(model, *, layout=None, task=None, num_labels=None, head=
       (head is not None and head != getattr(getattr(model, "classifier", None), "style", None))
 
 
-def rearrange(model, where: str, *, layout=None, task=None, num_labels=None, head=None, rngs=None, **overrides):
-  """``model`` in another layout, task or head: through the HF layout, which the converter re-arranges."""
-  from jaxformers.convert.hf import load_hf_state, to_hf_state
-  state, hf = to_hf_state(model, where=where)
-  return load_hf_state(state, hf, where=where, layout=layout, task=task, num_labels=num_labels, head=head,
-                       rngs=rngs, **overrides)[0]
+def rearrange(model, where: str, *, layout=None, task=None, num_labels=None, head=None, rngs=None, progress=False,
+              **overrides):
+  """``(model, report)``: ``model``'s weights in another layout, task or head (runtime ``overrides`` applied as
+  they are), in eval mode; label names carry over when the head does."""
+  from jaxformers.convert.native import rearrange as native_rearrange
+  new, report = native_rearrange(model, layout=layout, task=task, num_labels=num_labels, head=head, rngs=rngs,
+                                 where=where, progress=progress, **overrides)
+  names = getattr(model, "label_names", None)
+  if names and getattr(new, "num_labels", None) == len(names) and models.task_of(new) == models.task_of(model):
+    new.label_names = names
+  new.eval()
+  return new, report
 
 
-def from_pretrained(path: str | Path, *, layout: str | None = None, task: str | None = None,
-                    num_labels: int | None = None, head: str | None = None, rngs: nnx.Rngs | None = None,
-                    progress: bool = False, return_report: bool = False, **overrides):
-  """Load a model from a native jaxformers directory, a training run's directory or an HF PyTorch checkpoint
-  directory. A run directory (``train.py --workdir``) gives its task model with the best saved parameters, else
-  the latest; ``WORKDIR/checkpoints/N`` a given state.
+def from_pretrained(path: str | Path, *, revision: str | None = None, layout: str | None = None,
+                    task: str | None = None, num_labels: int | None = None, head: str | None = None,
+                    rngs: nnx.Rngs | None = None, progress: bool = False, return_report: bool = False, **overrides):
+  """Load a model, in eval mode, from a native jaxformers directory, a training run's directory, an HF PyTorch
+  checkpoint directory or a Hugging Face Hub id (``"bert-base-uncased"``, ``"org/name"``; ``revision`` picks a
+  branch, tag or commit). A run directory (``train.py --workdir``) gives its task model with the best saved
+  parameters, else the latest; ``WORKDIR/checkpoints/N`` a given state.
 
   ``layout`` re-arranges the weights into other blocks (e.g. ``"parallel*12"``,
   ``"fourier*10,serial*2"``); ``task`` picks the head (``base``, ``masked_lm``,
   ``pretraining``, ``classification``, ``token_classification``), defaulting to the
   checkpoint's own; ``overrides`` set other :class:`EncoderConfig` fields (e.g.
-  ``attention_impl="xla"``, ``dtype="bfloat16"``). With ``return_report`` an HF
-  conversion also returns its :class:`jaxformers.convert.Report`.
+  ``attention_impl="xla"``, ``dtype="bfloat16"``). With ``return_report`` a conversion or
+  re-arrangement also returns its :class:`jaxformers.convert.Report` (None for a native
+  checkpoint loaded as saved). ``model.train()`` switches dropout on for fine-tuning.
   """
-  path = Path(path)
+  path = hub.resolve(path, revision)
   from jaxformers import runs
   if runs.is_run_dir(path):   # a train.py work directory, WORKDIR/best or WORKDIR/checkpoints/N
-    model = runs.load_run(path, layout=layout, task=task, num_labels=num_labels, head=head, rngs=rngs, **overrides)
-    return (model, None) if return_report else model
-  if is_native(path):
-    model = _load_native(path, layout=layout, task=task, num_labels=num_labels, head=head, rngs=rngs, **overrides)
-    return (model, None) if return_report else model
-  from jaxformers.convert.hf import load_hf
-  model, report = load_hf(path, layout=layout, task=task, num_labels=num_labels, head=head, rngs=rngs,
-                          progress=progress, **overrides)
+    model, report = runs.load_run(path, layout=layout, task=task, num_labels=num_labels, head=head, rngs=rngs,
+                                  progress=progress, **overrides)
+  elif is_native(path):
+    model, report = _load_native(path, layout=layout, task=task, num_labels=num_labels, head=head, rngs=rngs,
+                                 progress=progress, **overrides)
+  else:
+    from jaxformers.convert.hf import load_hf
+    model, report = load_hf(path, layout=layout, task=task, num_labels=num_labels, head=head, rngs=rngs,
+                            progress=progress, **overrides)
   return (model, report) if return_report else model

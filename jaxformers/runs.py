@@ -111,33 +111,16 @@ def restore(step: Path, rngs: nnx.Rngs | None = None, **runtime):
 
 
 def load_run(path: str | Path, *, layout: str | None = None, task: str | None = None, num_labels: int | None = None,
-             head: str | None = None, rngs: nnx.Rngs | None = None, **overrides):
-  """``from_pretrained`` for run directories: the run's task model, re-arranged as for a native checkpoint when
-  ``layout`` / ``task`` / ``num_labels`` / ``head`` / structural ``overrides`` differ from the run's."""
+             head: str | None = None, rngs: nnx.Rngs | None = None, progress: bool = False, **overrides):
+  """``from_pretrained`` for run directories: ``(model, report)``, the run's task model, re-arranged as for a native
+  checkpoint when ``layout`` / ``task`` / ``num_labels`` / ``head`` / structural ``overrides`` differ from the
+  run's (``report`` None otherwise)."""
   from jaxformers import pretrained
   step = step_dir(path)
   runtime = {k: v for k, v in overrides.items() if k in pretrained.RUNTIME_FIELDS}
   model = restore(step, rngs=rngs, **runtime)
   if pretrained.wants_rearrangement(model, layout=layout, task=task, num_labels=num_labels, head=head,
                                     overrides=overrides):
-    model = pretrained.rearrange(model, str(step), layout=layout, task=task, num_labels=num_labels, head=head,
-                                 rngs=rngs, **overrides)
-    model.eval()
-  return model
-
-
-def tokenizer_dir(path: str | Path) -> Path:
-  """Where the tokenizer of ``path`` lives: the run directory for a run or one of its states, else ``path``."""
-  root = workdir_of(path)
-  return root if root is not None else Path(path)
-
-
-def load_tokenizer(path: str | Path):
-  """The ``tokenizers.Tokenizer`` of a run directory (or one of its states), a native or HF checkpoint directory,
-  or a ``tokenizer.json`` file."""
-  from jaxformers.data import tokenize
-  if not tokenize.has_tokenizer(path):
-    raise CheckpointError(f"{path}: no tokenizer found (expected a tokenizer.json file, a directory with "
-                          f"tokenizer.json, vocab.txt or vocab.json, or a training run directory)")
-  return tokenize.load_tokenizer(str(path))
-
+    return pretrained.rearrange(model, str(step), layout=layout, task=task, num_labels=num_labels, head=head,
+                                rngs=rngs, progress=progress, **overrides)
+  return model, None

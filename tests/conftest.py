@@ -75,3 +75,40 @@ def padded_batch(vocab: int, lengths=(11, 7, 3), pad_id: int = 0, seed: int = 0,
     ids[b, :n] = rng.integers(first_id, vocab, n)
     mask[b, :n] = 1
   return ids, mask
+
+
+MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+MINILM_SHA = "c9745ed1d9f207416be6d2e6f8de32d1f16199bf"  # any 40-hex commit id names the snapshot
+HUB_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "vocab.txt")
+
+
+@pytest.fixture(scope="session")
+def hub_cache_dir(minilm_dir, tmp_path_factory):
+  """A Hugging Face Hub cache holding all-MiniLM-L6-v2 at ``MINILM_SHA`` (main), laid out as huggingface_hub
+  writes it: ``models--ORG--NAME/refs/main`` names the commit, ``snapshots/<commit>/<file>`` link to ``blobs/``."""
+  import hashlib
+  cache = tmp_path_factory.mktemp("hub")
+  repo = cache / ("models--" + MINILM_ID.replace("/", "--"))
+  (repo / "refs").mkdir(parents=True)
+  (repo / "refs" / "main").write_text(MINILM_SHA)
+  (repo / "blobs").mkdir()
+  snap = repo / "snapshots" / MINILM_SHA
+  snap.mkdir(parents=True)
+  for name in HUB_FILES:
+    src = minilm_dir / name
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    (repo / "blobs" / digest).symlink_to(src)
+    (snap / name).symlink_to(os.path.join("..", "..", "blobs", digest))
+  return cache
+
+
+@pytest.fixture
+def hub_cache(hub_cache_dir, monkeypatch):
+  """Point huggingface_hub (this process and child processes) at ``hub_cache_dir``, offline."""
+  from huggingface_hub import constants
+  monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache_dir))
+  monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+  monkeypatch.setenv("HF_HUB_CACHE", str(hub_cache_dir))
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  return hub_cache_dir

@@ -29,7 +29,6 @@ def max_diff_valid(a, b, mask):
 
 def test_minilm_real_weights_match_pytorch(minilm_dir):
   model = jaxformers.from_pretrained(minilm_dir)
-  model.eval()
   ref_model = T.BertModel.from_pretrained(str(minilm_dir), attn_implementation="sdpa").eval()
   ids, mask = padded_batch(30522, lengths=(23, 9, 16, 4), first_id=1000)
   ref = torch_outputs(ref_model, ids, mask)
@@ -51,7 +50,6 @@ CASES = [
 def test_random_checkpoints_match_pytorch(hf_factory, arch, fmt):
   path, ref_model = hf_factory(arch, fmt)
   model, report = load_hf(path)
-  model.eval()
   pad = ref_model.config.pad_token_id
   ids, mask = padded_batch(120, lengths=(13, 6, 9), pad_id=pad)
   types = np.zeros_like(ids)
@@ -115,7 +113,6 @@ def test_paf_checkpoint_matches_reference(hf_factory):
   state = {k: torch.tensor(v) for k, v in load_file(str(path / "model.safetensors")).items()}
   ref = PafLayerReference(state, hf_model.config)
   model, report = load_hf(path, layout="parallel*3")
-  model.eval()
   assert all("attention.output.LayerNorm" in k for k in report.dropped), report.dropped
   assert len(report.dropped) == 2 * 3 and not report.new
   ids, mask = padded_batch(120, lengths=(12, 5), pad_id=1)
@@ -157,7 +154,6 @@ def test_parallel_export_uses_paf_key_layout(hf_factory, tmp_path):
   again = jaxformers.from_pretrained(tmp_path / "paf")
   assert again.config.layout == "parallel*3"
   ids, mask = padded_batch(120, pad_id=1)
-  model.eval(), again.eval()
   np.testing.assert_array_equal(np.asarray(model(ids, mask)), np.asarray(again(ids, mask)))
 
 
@@ -170,7 +166,6 @@ def test_rearranged_models_reuse_source_weights(hf_factory, layout, reused_atten
   path, _ = hf_factory("BertForSequenceClassification", "safetensors")
   src = jaxformers.from_pretrained(path)
   model, report = jaxformers.from_pretrained(path, layout=layout, return_report=True)
-  model.eval()
   ids, mask = padded_batch(120)
   logits = np.asarray(model(ids, mask))
   assert logits.shape == (3, 3) and np.isfinite(logits).all()

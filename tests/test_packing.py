@@ -87,10 +87,15 @@ def test_encode_texts_returns_outputs_in_input_order(minilm_dir):
   from tokenizers import Tokenizer
   tok = Tokenizer.from_file(str(minilm_dir / "tokenizer.json"))
   model = jaxformers.from_pretrained(minilm_dir)
-  model.eval()
   texts = ["a short one", "padding should cost nothing at all when sequences are packed together",
            "jax", "three words here"]
   out = encode_texts(model, tok, texts, row_length=32, rows_per_call=2)
+  model.train()  # encode_texts runs without dropout in either mode and leaves the model's mode alone
+  again = encode_texts(model, tok, texts, row_length=32, rows_per_call=2)
+  assert model.blocks[0].dropout.deterministic is False
+  model.eval()
+  for a, b in zip(out["last_hidden_state"], again["last_hidden_state"]):
+    np.testing.assert_array_equal(a, b)
   assert out["padding_fraction"] < 0.5
   for text, hidden, pooled in zip(texts, out["last_hidden_state"], out["pooler_output"]):
     enc = tok.encode(text)
@@ -144,7 +149,6 @@ def test_extended_checkpoint_runs_4096_and_keeps_first_512_outputs(minilm_dir):
   sparse, report = jaxformers.from_pretrained(minilm_dir, layout="sparse*6", max_position_embeddings=4096,
                                               sparse_window=1024, return_report=True)
   assert any("extended from 512 to 4096" in n for n in report.notes)
-  dense.eval(), sparse.eval()
   ids = np.random.default_rng(0).integers(1000, 20000, (1, 512))
   np.testing.assert_allclose(np.asarray(sparse(ids).last_hidden_state), np.asarray(dense(ids).last_hidden_state),
                              atol=1e-4)

@@ -92,23 +92,24 @@ class Report:
     return "\n".join(lines)
 
 
-def layer_map(num_source_layers: int, target_blocks: list) -> dict[tuple[int, str], int | None]:
-  """Which target block receives each source layer's mixer (attention) and mlp sublayer.
+def layer_map(source_blocks: list, target_blocks: list) -> dict[tuple[int, str], int | None]:
+  """Which target block receives each source block's mixer (token mixer) and mlp sublayer.
 
-  Same depth: layer ``i`` goes to block ``i`` (a block without that sublayer drops it).
-  Different depth: the k-th source attention goes to the k-th block with a token mixer,
-  and the k-th feed-forward to the k-th block with a feed-forward sublayer.
+  Blocks are :class:`jaxformers.blocks.BlockSpec` s (anything with ``mixer`` and ``mlp``);
+  an HF checkpoint is a stack of serial layers. Same depth: block ``i`` goes to block ``i``
+  (a block without that sublayer drops it). Different depth: the k-th source token mixer
+  goes to the k-th block with a token mixer, and the k-th feed-forward to the k-th block
+  with a feed-forward sublayer.
   """
   out: dict[tuple[int, str], int | None] = {}
-  if len(target_blocks) == num_source_layers:
-    for i in range(num_source_layers):
+  if len(target_blocks) == len(source_blocks):
+    for i in range(len(source_blocks)):
       out[(i, "mixer")] = out[(i, "mlp")] = i
     return out
-  slots = {"mixer": [j for j, s in enumerate(target_blocks) if s.mixer],
-           "mlp": [j for j, s in enumerate(target_blocks) if s.mlp]}
-  for group, js in slots.items():
-    for i in range(num_source_layers):
-      out[(i, group)] = js[i] if i < len(js) else None
+  for group, has in (("mixer", lambda s: bool(s.mixer)), ("mlp", lambda s: bool(s.mlp))):
+    slots = [j for j, s in enumerate(target_blocks) if has(s)]
+    for k, i in enumerate(i for i, s in enumerate(source_blocks) if has(s)):
+      out[(i, group)] = slots[k] if k < len(slots) else None
   return out
 
 
@@ -123,18 +124,21 @@ def _resolve(rule: Rule, groups: dict, lmap: dict, prefix: str) -> tuple[list[st
 
 
 def load(source: dict[str, np.ndarray], rules: Iterable[Rule], ignores: Iterable[Ignore], *,
-         target: dict[str, tuple], target_blocks: list, num_source_layers: int, prefix: str,
+         target: dict[str, tuple], target_blocks: list, source_blocks: list, prefix: str,
          may_be_new: Callable[[str], bool], where: str, progress: bool = False,
          display: Callable[[str], str] = lambda k: k) -> tuple[dict, Report]:
-  """Map HF tensors onto a model's parameters.
+  """Map source tensors (an HF state dict, or a jaxformers model's own parameters) onto a model's parameters.
 
   ``target`` maps each model parameter path to its shape; ``prefix`` is prepended to
-  encoder paths (``"encoder."`` for head models). Returns ``(params, report)`` where
-  ``params`` maps paths to arrays; raises :class:`CheckpointError` listing every problem.
+  encoder paths (``"encoder."`` for head models). Parameters nothing fills are an error unless
+  ``may_be_new`` accepts them or no source sublayer maps to their block's sublayer (a target
+  deeper than the source); those are left as initialised and listed in ``report.new``.
+  Returns ``(params, report)`` where ``params`` maps paths to arrays; raises
+  :class:`CheckpointError` listing every problem.
   ``display`` turns a source name into the name printed in messages and the report.
   """
   rules, ignores = list(rules), list(ignores)
-  lmap = layer_map(num_source_layers, target_blocks)
+  lmap = layer_map(source_blocks, target_blocks)
   params: dict[str, np.ndarray] = {}
   report, problems, misfit = Report(), [], set()
   items = sorted(source.items())
@@ -178,14 +182,27 @@ def load(source: dict[str, np.ndarray], rules: Iterable[Rule], ignores: Iterable
       continue
     params[path] = array
     report.loaded[path] = name
+  unfed = _unfed_sublayers(rules, lmap, len(target_blocks), prefix)
   for path in sorted(set(target) - set(params) - misfit):
-    if may_be_new(path):
+    if may_be_new(path) or unfed(path):
       report.new.append(path)
     else:
       problems.append(f"{path}: no tensor in the checkpoint fills this parameter")
   if problems:
     raise CheckpointError(f"{where}: {len(problems)} problem(s) converting the checkpoint:\n  - " + "\n  - ".join(problems))
   return params, report
+
+
+def _unfed_sublayers(rules: list[Rule], lmap: dict, num_blocks: int, prefix: str) -> Callable[[str], bool]:
+  """Whether a parameter lies in a sublayer that no source sublayer maps to (a deeper target's extra blocks)."""
+  fed = {(j, g) for (_, g), j in lmap.items() if j is not None}
+  owner = {}
+  for r in rules:
+    if r.group is not None:
+      for c in r.jax:
+        for j in range(num_blocks):
+          owner[(prefix if r.base else "") + c.format(i=j)] = (j, r.group)
+  return lambda path: path in owner and owner[path] not in fed
 
 
 def export(params: dict[str, np.ndarray], rules: Iterable[Rule], *, num_layers: int, prefix: str,

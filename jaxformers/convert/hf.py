@@ -27,8 +27,9 @@ attention projections and their LayerNorm go to blocks with attention, feed-forw
 weights and their LayerNorm to blocks with a feed-forward sublayer; a Fourier block
 reuses the post-mixing LayerNorm; a parallel block takes ``output.LayerNorm`` as its
 single norm. Attention sublayers the layout does not have are dropped and listed in
-the report; parameters with no source (a pre-LN stack's final norm, a new task head)
-are newly initialised and listed.
+the report; parameters with no source (a pre-LN stack's final norm, a new task head,
+blocks of a layout deeper than the checkpoint) are newly initialised and listed. Native
+models are re-arranged by the same tables (:mod:`jaxformers.convert.native`).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from jaxformers.blocks import BLOCKS
+from jaxformers.layout import BLOCKS
 from jaxformers.config import EncoderConfig
 from jaxformers.convert import engine
 from jaxformers.convert.engine import Ignore, Report, Rule, embedding, linear, norm
@@ -169,35 +170,65 @@ def _num_layers(state: dict) -> int:
 def load_hf_state(state: dict[str, np.ndarray], hf: dict, *, where: str, layout: str | None = None,
                   task: str | None = None, num_labels: int | None = None, head: str | None = None,
                   rngs: nnx.Rngs | None = None, progress: bool = False, **overrides):
-  """Build a model from an in-memory HF state dict and config dict; returns ``(model, report)``."""
+  """Build a model from an in-memory HF state dict and config dict; returns ``(model, report)`` (eval mode)."""
   family, source_task = family_and_task(hf, where)
   task = task or source_task
   state, original = _normalise(state, family)
   cfg = encoder_config(hf, where, layout, **overrides)
-  extended = _extend_positions(state, cfg)
-  if num_labels is None and task in ("classification", "token_classification"):
-    num_labels = len(hf["id2label"]) if hf.get("id2label") else hf.get("num_labels", 2)
+  labels = len(hf["id2label"]) if hf.get("id2label") else hf.get("num_labels", 2)
+  source_labels = labels if source_task in LABELLED else None
+  if num_labels is None and task in LABELLED:
+    num_labels = labels
   if task == "base" and "use_pooler" not in overrides:
     cfg = cfg.replace(use_pooler="pooler.dense.weight" in state)
-  model = models.build(task, cfg, num_labels=num_labels, head=head, rngs=rngs)
-  shapes = param_shapes(model)
+  n = _num_layers(state) or hf["num_hidden_layers"]
   rules = BASE_RULES + [r for (fam, _), rs in HEAD_RULES.items() if fam == family for r in rs]
-  params, report = engine.load(
-      state, _dedupe(rules), IGNORES[family], target=shapes, target_blocks=[BLOCKS.get(b) for b in cfg.blocks],
-      num_source_layers=_num_layers(state) or hf["num_hidden_layers"], prefix="" if task == "base" else "encoder.",
-      may_be_new=lambda p: p.startswith(_NEW_OK), where=where, progress=progress, display=original.__getitem__)
-  set_params(model, params)
+  model, report = fill_model(
+      state, _dedupe(rules), IGNORES[family], cfg=cfg, task=task, num_labels=num_labels, head=head, rngs=rngs,
+      source_blocks=[BLOCKS.get("serial")] * n, source_labels=source_labels,
+      position_key="embeddings.position_embeddings.weight", may_be_new=lambda p: p.startswith(_NEW_OK), where=where,
+      progress=progress, display=original.__getitem__)
   names = label_names(hf)
   if names and len(names) == getattr(model, "num_labels", None):
     model.label_names = names
-  if extended:
-    report.notes.append(extended)
   return model, report
 
 
-def _extend_positions(state: dict[str, np.ndarray], cfg: EncoderConfig) -> str | None:
+LABELLED = ("classification", "token_classification")
+
+
+def fill_model(state: dict[str, np.ndarray], rules: list[Rule], ignores: list[Ignore], *, cfg: EncoderConfig,
+               task: str, num_labels: int | None, head: str | None, rngs: nnx.Rngs | None, source_blocks: list,
+               source_labels: int | None, position_key: str, may_be_new, where: str, progress: bool = False,
+               display=lambda k: k):
+  """Build the ``task`` model for ``cfg`` and fill it from ``state`` (source names) by ``rules``.
+
+  Shared by HF checkpoints and native models: positions are extended when ``cfg`` asks for
+  more, a classifier head with another number of labels than ``source_labels`` is dropped
+  (the new head is initialised), and the model is returned in eval mode with its report.
+  """
+  state = dict(state)
+  extended = _extend_positions(state, cfg, position_key)
+  model = models.build(task, cfg, num_labels=num_labels, head=head, rngs=rngs)
+  relabel = {}
+  if task in LABELLED and source_labels is not None and source_labels != num_labels:
+    for k in [k for k in state if k.startswith("classifier.")]:
+      relabel[display(k)] = f"the checkpoint's head has {source_labels} labels, the new one {num_labels}"
+      del state[k]
+  params, report = engine.load(
+      state, rules, ignores, target=param_shapes(model), target_blocks=[BLOCKS.get(b) for b in cfg.blocks],
+      source_blocks=source_blocks, prefix="" if task == "base" else "encoder.", may_be_new=may_be_new, where=where,
+      progress=progress, display=display)
+  set_params(model, params)
+  report.dropped.update(relabel)
+  if extended:
+    report.notes.append(extended)
+  model.eval()
+  return model, report
+
+
+def _extend_positions(state: dict[str, np.ndarray], cfg: EncoderConfig, key: str) -> str | None:
   """Longformer's recipe for longer inputs: fill a larger position table by copying the learned one."""
-  key = "embeddings.position_embeddings.weight"
   old = state.get(key)
   if old is None or old.shape[0] >= cfg.max_position_embeddings:
     return None
@@ -219,7 +250,7 @@ def _dedupe(rules: list[Rule]) -> list[Rule]:
 
 
 def load_hf(directory: str | Path, *, progress: bool = False, **kw):
-  """Read an HF checkpoint directory into a jaxformers model; returns ``(model, report)``."""
+  """Read an HF checkpoint directory into a jaxformers model; returns ``(model, report)``, the model in eval mode."""
   hf = read_hf_config(directory)
   family_and_task(hf, str(directory))
   state = read_hf_weights(directory, progress=progress)

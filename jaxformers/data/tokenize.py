@@ -89,21 +89,25 @@ def has_tokenizer(path: str | Path) -> bool:
   return (p.is_file() and p.suffix == ".json") or any((p / f).is_file() for f in TOKENIZER_FILES)
 
 
-def load_tokenizer(path: str) -> Tokenizer:
-  """From a tokenizer.json file, or a checkpoint or training run directory (tokenizer.json, or vocab files via
-  transformers)."""
+def load_tokenizer(path: str, revision: str | None = None) -> Tokenizer:
+  """From a tokenizer.json file, a checkpoint or training run directory (tokenizer.json, or vocab files via
+  transformers), or a Hugging Face Hub id (resolved through its cache, see :mod:`jaxformers.hub`)."""
+  from jaxformers import hub
+  from jaxformers.convert.io import CheckpointError
   p = _resolve(path)
   if p.is_file():
     return Tokenizer.from_file(str(p))
+  try:
+    p = hub.resolve(p if p.exists() else path, revision)
+  except CheckpointError as e:
+    raise DataError(f"data.tokenizer: {e}") from None
   if (p / "tokenizer.json").is_file():
     return Tokenizer.from_file(str(p / "tokenizer.json"))
-  if p.is_dir():
-    try:
-      from transformers import AutoTokenizer
-      return AutoTokenizer.from_pretrained(str(p)).backend_tokenizer
-    except Exception as e:
-      raise DataError(f"data.tokenizer={path!r}: no tokenizer.json and transformers could not load one ({e})") from None
-  raise DataError(f"data.tokenizer={path!r} does not exist (expected a tokenizer.json or a checkpoint directory)")
+  try:
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(p)).backend_tokenizer
+  except Exception as e:
+    raise DataError(f"data.tokenizer={path!r}: no tokenizer.json and transformers could not load one ({e})") from None
 
 
 def special_ids(tok: Tokenizer) -> dict:

@@ -60,12 +60,14 @@ class Run:
   def _build_tokenizer(self):
     """The tokenizer: ``data.tokenizer``, else ``init_from``'s, else the run's own (DIR/tokenizer.json), else a
     WordPiece learnt from the training texts. Nothing is written here (see :meth:`save_tokenizer`)."""
+    from jaxformers import hub
     c = self.c
     saved = self.workdir / "tokenizer.json"
+    init = hub.resolve(c.init_from) if c.init_from else None  # a directory, or a Hugging Face Hub id
     if c.data.tokenizer:
       self.tok = tokenize.load_tokenizer(c.data.tokenizer)
-    elif c.init_from and tokenize.has_tokenizer(c.init_from):
-      self.tok = tokenize.load_tokenizer(c.init_from)
+    elif init is not None and tokenize.has_tokenizer(init):
+      self.tok = tokenize.load_tokenizer(str(init))
     elif saved.is_file():
       self.tok = tokenize.load_tokenizer(str(saved))
     else:

@@ -1,0 +1,101 @@
+"""The README's examples run as written.
+
+Convention: every fenced block in README.md carries a tag on its opening line.
+``python`` and ``bash`` blocks are run by this test; ``text`` blocks (layout lists, the file
+tree) are not code. A code block that cannot run here says so on its tag line with
+``no-test: <reason>`` (e.g. ```` ```bash no-test: needs the GLUE data ````), which keeps
+every exclusion visible in the README itself. An untagged fence, an unknown tag or a
+``no-test`` without a reason fails the test.
+
+Python blocks run one by one, each in a fresh namespace, in a temporary working directory,
+with the placeholder checkpoint paths replaced: ``path/to/bert-base-uncased`` by the real
+all-MiniLM-L6-v2 directory, ``path/to/roberta-base`` by a small random RoBERTa written by
+transformers, ``path/to/parallel-roberta-large`` by a PAF checkpoint made from it. Hub ids
+resolve from an offline Hub cache holding all-MiniLM-L6-v2. Bash blocks run each
+``jaxformers ...`` line through the CLI's ``main`` (the console script's entry point), in order,
+and each must exit 0.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+import jaxformers
+from jaxformers.cli import main
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+FENCE = re.compile(r"^```(.*)$")
+
+
+def readme_blocks() -> list[tuple[int, str, str | None, str]]:
+  """``(line, language, no-test reason or None, code)`` for every fenced block of README.md."""
+  blocks, lines, i = [], README.read_text().splitlines(), 0
+  while i < len(lines):
+    m = FENCE.match(lines[i])
+    if not m:
+      i += 1
+      continue
+    info, start = m.group(1).strip(), i + 1
+    end = next(j for j in range(start, len(lines)) if lines[j].startswith("```"))
+    lang, _, rest = info.partition(" ")
+    reason = None
+    if rest:
+      key, _, reason = rest.partition(":")
+      assert key.strip() == "no-test" and reason.strip(), f"README.md:{start}: tag {info!r}: expected " \
+          f"'<language>' or '<language> no-test: <reason>'"
+      reason = reason.strip()
+    blocks.append((start, lang, reason, "\n".join(lines[start:end])))
+    i = end + 1
+  return blocks
+
+
+BLOCKS = readme_blocks()
+
+
+def test_every_block_is_tagged_and_every_exclusion_has_a_reason():
+  for line, lang, reason, _ in BLOCKS:
+    assert lang in ("python", "bash", "text"), f"README.md:{line}: fence tag {lang!r}; use python, bash or text"
+    assert lang != "text" or reason is None, f"README.md:{line}: text blocks are not run, no-test is meaningless"
+  run = [b for b in BLOCKS if b[1] in ("python", "bash") and b[2] is None]
+  assert len(run) >= 4, "the README's runnable examples went missing"
+
+
+@pytest.fixture(scope="module")
+def placeholders(minilm_dir, hf_factory, tmp_path_factory):
+  from conftest import make_hf
+  roberta = tmp_path_factory.mktemp("roberta-base")
+  make_hf(roberta, "RobertaForMaskedLM", num_hidden_layers=4)
+  paf = tmp_path_factory.mktemp("parallel-roberta-large")
+  jaxformers.export_hf(jaxformers.from_pretrained(roberta, layout="parallel*4"), paf)
+  return {"path/to/bert-base-uncased": str(minilm_dir), "path/to/roberta-base": str(roberta),
+          "path/to/parallel-roberta-large": str(paf)}
+
+
+def substitute(code: str, placeholders: dict[str, str]) -> str:
+  for name, path in placeholders.items():
+    code = code.replace(name, path)
+  assert "path/to/" not in code, f"a placeholder path without a stand-in: {code}"
+  return code
+
+
+def shell_commands(code: str) -> list[list[str]]:
+  joined = re.sub(r"\\\n", " ", code)
+  return [argv for line in joined.splitlines() if (argv := shlex.split(line, comments=True))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("line,lang,code", [(b[0], b[1], b[3]) for b in BLOCKS if b[1] != "text" and b[2] is None],
+                         ids=[f"{b[1]}-line{b[0]}" for b in BLOCKS if b[1] != "text" and b[2] is None])
+def test_readme_example_runs_as_written(line, lang, code, placeholders, hub_cache, tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(tmp_path)
+  code = substitute(code, placeholders)
+  if lang == "python":
+    exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
+    return
+  for argv in shell_commands(code):
+    assert argv[0] == "jaxformers", f"README.md:{line}: no way to run {argv[0]!r} here; tag the block no-test"
+    code = main(argv[1:])
+    assert code == 0, f"README.md:{line}: {shlex.join(argv)} exited {code}: {capsys.readouterr().err}"
