@@ -124,3 +124,20 @@ def load_run(path: str | Path, *, layout: str | None = None, task: str | None = 
     return pretrained.rearrange(model, str(step), layout=layout, task=task, num_labels=num_labels, head=head,
                                 rngs=rngs, progress=progress, **overrides)
   return model, None
+
+
+def tokenizer_dir(path: str | Path) -> Path:
+  """Where the tokenizer of ``path`` lives: the run directory for a run or one of its states, else ``path``."""
+  root = workdir_of(path)
+  return root if root is not None else Path(path)
+
+
+def load_tokenizer(path: str | Path):
+  """The ``tokenizers.Tokenizer`` of a run directory (or one of its states), a native or HF checkpoint directory,
+  or a ``tokenizer.json`` file."""
+  from jaxformers.data import tokenize
+  if not tokenize.has_tokenizer(path):
+    raise CheckpointError(f"{path}: no tokenizer found (expected a tokenizer.json file, a directory with "
+                          f"tokenizer.json, vocab.txt or vocab.json, or a training run directory)")
+  return tokenize.load_tokenizer(str(path))
+
