@@ -126,8 +126,11 @@ def from_pretrained(path: str | Path, *, revision: str | None = None, layout: st
   path = hub.resolve(path, revision)
   from jaxformers import runs
   if runs.is_run_dir(path):   # a train.py work directory, WORKDIR/best or WORKDIR/checkpoints/N
-    model, report = runs.load_run(path, layout=layout, task=task, num_labels=num_labels, head=head, rngs=rngs,
-                                  progress=progress, **overrides)
+    step = runs.step_dir(path)
+    model, report = runs.restore(step, rngs=rngs, **{k: v for k, v in overrides.items() if k in RUNTIME_FIELDS}), None
+    if wants_rearrangement(model, layout=layout, task=task, num_labels=num_labels, head=head, overrides=overrides):
+      model, report = rearrange(model, str(step), layout=layout, task=task, num_labels=num_labels, head=head,
+                                rngs=rngs, progress=progress, **overrides)
   elif is_native(path):
     model, report = _load_native(path, layout=layout, task=task, num_labels=num_labels, head=head, rngs=rngs,
                                  progress=progress, **overrides)

@@ -16,51 +16,20 @@ from flax import nnx
 from jaxformers import models
 from jaxformers.config import EncoderConfig
 from jaxformers.convert.io import CheckpointError
+from jaxformers.workdir import STATE_DIRS, is_run_dir, is_step_dir, saved_steps, tokenizer_dir, workdir_of  # noqa: F401
 
-STATE_DIRS = ("best", "checkpoints")   # searched in this order for WORKDIR
-TOKENIZER = "tokenizer.json"
 # The model each trainer task trains, for runs saved before the metadata named it ("model_task").
 TASKS = {"classification": "classification", "regression": "classification", "mlm": "masked_lm"}
-
-
-def _steps(d: Path) -> list[int]:
-  """Finished steps of an orbax manager directory (half-written ``N.orbax-checkpoint-tmp-*`` are skipped)."""
-  if not d.is_dir():
-    return []
-  return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit() and (p / "state").is_dir())
-
-
-def _is_step_dir(p: Path) -> bool:
-  return p.name.isdigit() and p.parent.name in STATE_DIRS and (p / "state").is_dir() and (p / "meta").is_dir()
-
-
-def workdir_of(path: str | Path) -> Path | None:
-  """The run directory ``path`` belongs to (``WORKDIR``, ``WORKDIR/best``, ``WORKDIR/checkpoints/N``), else None."""
-  p = Path(path)
-  if not p.is_dir() or (p / "jaxformers.json").is_file() or (p / "config.json").is_file():
-    return None
-  if _is_step_dir(p):
-    return p.parent.parent
-  if p.name in STATE_DIRS and (_steps(p) or (p.parent / TOKENIZER).is_file()):
-    return p.parent
-  if any(_steps(p / d) for d in STATE_DIRS) or \
-      any((p / d).is_dir() for d in STATE_DIRS) and any((p / f).is_file() for f in (TOKENIZER, "metrics.jsonl")):
-    return p
-  return None
-
-
-def is_run_dir(path: str | Path) -> bool:
-  return workdir_of(path) is not None
 
 
 def step_dir(path: str | Path) -> Path:
   """The trainer state that ``path`` names: itself (a step), the newest step of ``best/`` or ``checkpoints/``,
   or for ``WORKDIR`` the best state, else the latest saved one."""
   p = Path(path).absolute()   # orbax takes absolute paths only
-  if _is_step_dir(p):
+  if is_step_dir(p):
     return p
-  for d in ([p] if p.name in STATE_DIRS and _steps(p) else [p / s for s in STATE_DIRS]):
-    steps = _steps(d)
+  for d in ([p] if p.name in STATE_DIRS and saved_steps(p) else [p / s for s in STATE_DIRS]):
+    steps = saved_steps(d)
     if steps:
       return d / str(steps[-1])
   raise CheckpointError(f"{p}: a training run directory with no saved state yet (no step under "
@@ -108,28 +77,6 @@ def restore(step: Path, rngs: nnx.Rngs | None = None, **runtime):
     model.label_names = tuple(meta["label_names"])
   model.eval()
   return model
-
-
-def load_run(path: str | Path, *, layout: str | None = None, task: str | None = None, num_labels: int | None = None,
-             head: str | None = None, rngs: nnx.Rngs | None = None, progress: bool = False, **overrides):
-  """``from_pretrained`` for run directories: ``(model, report)``, the run's task model, re-arranged as for a native
-  checkpoint when ``layout`` / ``task`` / ``num_labels`` / ``head`` / structural ``overrides`` differ from the
-  run's (``report`` None otherwise)."""
-  from jaxformers import pretrained
-  step = step_dir(path)
-  runtime = {k: v for k, v in overrides.items() if k in pretrained.RUNTIME_FIELDS}
-  model = restore(step, rngs=rngs, **runtime)
-  if pretrained.wants_rearrangement(model, layout=layout, task=task, num_labels=num_labels, head=head,
-                                    overrides=overrides):
-    return pretrained.rearrange(model, str(step), layout=layout, task=task, num_labels=num_labels, head=head,
-                                rngs=rngs, progress=progress, **overrides)
-  return model, None
-
-
-def tokenizer_dir(path: str | Path) -> Path:
-  """Where the tokenizer of ``path`` lives: the run directory for a run or one of its states, else ``path``."""
-  root = workdir_of(path)
-  return root if root is not None else Path(path)
 
 
 def load_tokenizer(path: str | Path):

@@ -10,15 +10,19 @@ every exclusion visible in the README itself. An untagged fence, an unknown tag 
 Python blocks run one by one, each in a fresh namespace, in a temporary working directory,
 with the placeholder checkpoint paths replaced: ``path/to/bert-base-uncased`` by the real
 all-MiniLM-L6-v2 directory, ``path/to/roberta-base`` by a small random RoBERTa written by
-transformers, ``path/to/parallel-roberta-large`` by a PAF checkpoint made from it. Hub ids
-resolve from an offline Hub cache holding all-MiniLM-L6-v2. Bash blocks run each
-``jaxformers ...`` line through the CLI's ``main`` (the console script's entry point), in order,
-and each must exit 0.
+transformers, ``path/to/parallel-roberta-large`` by a PAF checkpoint made from it, and the
+training run ``runs/default`` by a short run of ``configs/tiny.py``. Hub ids resolve from an
+offline Hub cache holding all-MiniLM-L6-v2. Bash blocks run each ``jaxformers ...`` line through
+the CLI's ``main`` (the console script's entry point) and each ``python ...`` line with this
+interpreter, in order, and each must exit 0.
 """
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,8 +74,12 @@ def placeholders(minilm_dir, hf_factory, tmp_path_factory):
   make_hf(roberta, "RobertaForMaskedLM", num_hidden_layers=4)
   paf = tmp_path_factory.mktemp("parallel-roberta-large")
   jaxformers.export_hf(jaxformers.from_pretrained(roberta, layout="parallel*4"), paf)
+  from jaxformers.train import run
+  from train_helpers import load_config
+  trained = tmp_path_factory.mktemp("runs") / "default"
+  run(load_config("tiny", "steps=2"), trained)
   return {"path/to/bert-base-uncased": str(minilm_dir), "path/to/roberta-base": str(roberta),
-          "path/to/parallel-roberta-large": str(paf)}
+          "path/to/parallel-roberta-large": str(paf), "runs/default": str(trained)}
 
 
 def substitute(code: str, placeholders: dict[str, str]) -> str:
@@ -96,6 +104,11 @@ def test_readme_example_runs_as_written(line, lang, code, placeholders, hub_cach
     exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
     return
   for argv in shell_commands(code):
+    if argv[0] == "python":
+      p = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+      assert p.returncode == 0, f"README.md:{line}: {shlex.join(argv)} exited {p.returncode}: {p.stderr[-2000:]}"
+      continue
     assert argv[0] == "jaxformers", f"README.md:{line}: no way to run {argv[0]!r} here; tag the block no-test"
     code = main(argv[1:])
     assert code == 0, f"README.md:{line}: {shlex.join(argv)} exited {code}: {capsys.readouterr().err}"

@@ -23,7 +23,7 @@ _SPECIAL_KEYS = ("pad", "unk", "cls", "sep", "mask")
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
   """Copy the tokenizer files of ``src`` (a checkpoint or run directory) into ``dst``; returns their names."""
-  from jaxformers.runs import tokenizer_dir
+  from jaxformers.workdir import tokenizer_dir
   src_dir, dst = tokenizer_dir(src), Path(dst)
   if not src_dir.is_dir():
     return []
@@ -40,7 +40,7 @@ def write_hf_tokenizer(source, dst: str | Path, model_max_length: int | None = N
   ``tokenizers.Tokenizer``) into ``dst``; returns the file names, empty when ``source`` has no tokenizer."""
   from tokenizers import Tokenizer
   from jaxformers.data import tokenize
-  from jaxformers.runs import tokenizer_dir
+  from jaxformers.workdir import tokenizer_dir
   if not isinstance(source, Tokenizer):
     src = tokenizer_dir(source) if Path(source).is_dir() else Path(source)
     if src.is_dir() and (src / "tokenizer_config.json").is_file():

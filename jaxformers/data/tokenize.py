@@ -79,7 +79,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json")
 
 def _resolve(path: str | Path) -> Path:
   """A training run's directory (or one of its saved states) keeps its tokenizer in the run directory."""
-  from jaxformers.runs import tokenizer_dir
+  from jaxformers.workdir import tokenizer_dir
   return tokenizer_dir(path)
 
 
