@@ -66,7 +66,7 @@ def jax_step(layout: str, batch: int, length: int, layers_hidden=(768, 12, 3072)
              "attention_mask": jnp.ones((batch, length), jnp.int32),
              "labels": jnp.asarray(rng.integers(0, 2, (batch,)), jnp.int32),
              "weights": jnp.ones((batch,), jnp.float32)}
-  compiled = fn.lower(state, batch_d).compile()
+  compiled = fn.lower(state, batch_d, {}).compile()
   mem = compiled.memory_analysis()
   peak = None
   if mem is not None:
@@ -77,7 +77,7 @@ def jax_step(layout: str, batch: int, length: int, layers_hidden=(768, 12, 3072)
   def run(n):
     t = time.perf_counter()
     for _ in range(n):
-      box["state"], m = compiled(box["state"], batch_d)
+      box["state"], m = compiled(box["state"], batch_d, {})
     jax.block_until_ready(m["loss"])
     return (time.perf_counter() - t) / n
   run(1)

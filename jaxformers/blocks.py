@@ -41,6 +41,20 @@ class Block(nnx.Module):
     self.dropout = Dropout(cfg.hidden_dropout, impl=cfg.dropout_impl, rngs=rngs)
     self.fuse = bool(cfg.fuse_projections and spec.parallel and spec.mixer in ("attention", "sparse"))
 
+  @property
+  def has_attention(self) -> bool:
+    """Whether the token mixer is an attention with query, key and value projections."""
+    return hasattr(self.mixer, "query")
+
+  def attention_inputs(self, x_BLD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The queries, keys and values ``[batch, length, hidden]`` (heads not yet split) that this block's attention
+    computes from the block input ``x_BLD`` (after the block's LayerNorm in pre-LN blocks)."""
+    if not self.has_attention:
+      raise ValueError(f"a block with token mixer {self.spec.mixer!r} has no attention queries, keys and values")
+    if self.spec.pre_ln:
+      x_BLD = (self.norm if self.spec.parallel else self.mixer_norm)(x_BLD)
+    return self.mixer.query(x_BLD), self.mixer.key(x_BLD), self.mixer.value(x_BLD)
+
   def _sublayer(self, x_BLD, fn, norm, take=lambda t: t):
     """Residual sublayer; ``take`` picks the rows of the residual that ``fn`` returns."""
     if self.spec.pre_ln:

@@ -57,7 +57,7 @@ def test_encoder_config_names_the_config_key():
     ("train.checkpoint_every", 0, "config.train.checkpoint_every=0: must be at least 1"),
     ("optim.lr", -1e-3, "config.optim.lr=-0.001: must be a positive learning rate"),
     ("optim.lr", 0.0, "config.optim.lr=0.0: must be a positive learning rate"),
-    ("task", "mlmm", "config.task='mlmm': expected one of classification, mlm, regression"),
+    ("task", "mlmm", "config.task='mlmm': expected one of classification, heal, mlm, regression"),
     ("data.source", "csv", "config.data.source='csv': expected one of embedded, files, glue_tsv, tfds"),
 ])
 def test_bad_values_are_refused_up_front(key, value, message):
@@ -99,7 +99,7 @@ def _task(task="classification", **data):
 
 
 def test_task_is_chosen_by_config_and_data():
-  assert TASKS.names() == ["classification", "mlm", "regression"]
+  assert TASKS.names() == ["classification", "heal", "mlm", "regression"]
   assert type(_task()).__name__ == "Classification" and _task().num_labels == 9
   assert _task("mlm").model_task == "masked_lm" and _task("mlm").best_metric() == ("validation/loss", "min")
   reg = _task(source="files", train_file="x.csv", num_labels=1)

@@ -122,4 +122,5 @@ def test_cli_error_exit_code(tmp_path):
                       "--config.data.tokenizer=/nonexistent/tok.json", f"--workdir={tmp_path}"],
                      cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert p.returncode == 1
-  assert "error: data.tokenizer='/nonexistent/tok.json' does not exist" in p.stderr
+  assert "train.py: error: data.tokenizer: /nonexistent/tok.json: does not exist (expected a checkpoint directory" \
+      in p.stderr

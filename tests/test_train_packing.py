@@ -106,7 +106,7 @@ def test_packed_loss_and_gradient_equal_padded(packed_run):
   """The same examples packed and padded give the same loss and the same gradient (so the same update)."""
   import jax
   from flax import nnx
-  from jaxformers.train import steps
+  from jaxformers.train import tasks
   wd, _, _ = packed_run
   r = loop.Run(load_config("tiny", mode="eval", **PACKED), wd)
   params, rest = r.init_params()
@@ -120,7 +120,7 @@ def test_packed_loss_and_gradient_equal_padded(packed_run):
 
   def loss(p, batch):
     model = nnx.merge(r.gd_eval, p, rest, copy=True)
-    s, w, _ = r.task.loss_terms(steps.forward(model, batch, r.max_segments), batch)
+    s, w, _ = r.task.loss_terms(tasks.forward(model, batch, r.max_segments), batch)
     return s / w
   grad = jax.jit(jax.value_and_grad(loss))
   (la, ga), (lb, gb) = (grad(params, b) for b in (padded, packed))

@@ -10,11 +10,10 @@ from ml_collections import config_dict
 from jaxformers.config import RUNTIME_FIELDS, EncoderConfig
 from jaxformers.data.sources import SOURCES
 from jaxformers.layout import LayoutError
+from jaxformers.train.errors import ConfigError
 from jaxformers.train.tasks import TASKS
 
 
-class ConfigError(ValueError):
-  """A configuration key or value that the trainer does not accept."""
 
 
 # A model trained from scratch is small unless the config says otherwise (EncoderConfig's own defaults are BERT-base).
@@ -123,6 +122,20 @@ def base_config() -> ml_collections.ConfigDict:
   t.async_checkpoint = True
   t.progress = True
 
+  # Distillation from a frozen teacher (jaxformers.distill): with distill.teacher set, the task's loss (weighted by
+  # distill.task) gets the losses below; task=heal trains on the data's texts with these losses alone.
+  c.distill = k = ml_collections.ConfigDict()
+  k.teacher = ""                   # any checkpoint from_pretrained takes (native, run, HF directory, Hub id)
+  k.teacher_dtype = ""             # compute dtype of the teacher ("": its own; "bfloat16")
+  k.task = 1.0                     # weight of the task's own loss
+  k.logits = 0.0                   # soft-label KL (classification or masked-LM logits) at the temperature
+  k.temperature = 2.0
+  k.hidden = 0.0                   # hidden-state MSE over the layer map's pairs
+  k.attention = 0.0                # MiniLM self-attention relation KL (deepest pair where both have attention)
+  k.value = 0.0                    # MiniLM value relation KL
+  k.layer_map = ""                 # "student:teacher,..." over hidden-state indices (0 = embeddings); "": evenly spaced
+  k.relation_heads = 0             # relation heads of the attention/value losses; 0: the student's heads
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                 # devices on the pure data-parallel axis (-1: the rest)
   c.mesh.fsdp = 1                  # devices parameters are sharded over (FSDP); -1: all
@@ -169,6 +182,13 @@ def check_values(c) -> None:
   if c.train.num_epochs <= 0 and c.train.num_steps < 1:
     raise ConfigError(f"config.train.num_steps={c.train.num_steps}: the run has no steps; raise it or set "
                       f"train.num_epochs")
+  for key in ("task", "logits", "hidden", "attention", "value"):
+    if c.distill[key] < 0:
+      raise ConfigError(f"config.distill.{key}={c.distill[key]}: a loss weight must be at least 0")
+  if not c.distill.temperature > 0:
+    raise ConfigError(f"config.distill.temperature={c.distill.temperature}: must be positive")
+  if c.task == "heal" and not c.distill.teacher:
+    raise ConfigError("config.task='heal' needs config.distill.teacher, the model to heal from")
   if c.data.batch_size % c.optim.accum_steps:
     raise ConfigError(f"config.data.batch_size={c.data.batch_size} must be divisible by "
                       f"config.optim.accum_steps={c.optim.accum_steps}")

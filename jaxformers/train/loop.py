@@ -55,6 +55,8 @@ class Run:
                           f"devices of the batch axes")
     self._build_tokenizer()
     self._build_model()
+    self.task.prepare(self)
+    self.inputs = self.task.inputs()
 
   # --- tokenizer and model ---------------------------------------------------------------------------------
   def _build_tokenizer(self):
@@ -127,7 +129,7 @@ class Run:
     def make():
       return self.task.build_model(self.cfg, nnx.Rngs(params=c.seed, dropout=c.seed + 1))
     self._make = make
-    abstract = nnx.eval_shape(make)
+    self.abstract = abstract = nnx.eval_shape(make)
     abstract.train()
     self.gd_train, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
     abstract.eval()
@@ -194,6 +196,9 @@ class Run:
       ex = ex.subset(np.sort(np.random.default_rng(0).permutation(len(ex))[:n]))   # a fixed random subset
     return tokenize.encode(self.tok, ex, self.max_length, self.c.data.on_too_long)
 
+  def input_shardings(self):
+    return jax.tree.map(lambda x: x.sharding, self.inputs)
+
   def batch_shardings(self):
     two = sharding.batch_sharding(self.mesh, 2)
     if self.c.data.packing:   # labels / weights per slot [rows, max_segments] or per token [rows, length]
@@ -205,7 +210,8 @@ class Run:
   def eval_step(self):
     if not hasattr(self, "_eval_step"):
       self._eval_step = jax.jit(steps.make_eval_step(self.gd_eval, self.task, self.max_segments),
-                                in_shardings=(self.param_sh, self.rest_sh, self.batch_shardings()),
+                                in_shardings=(self.param_sh, self.rest_sh, self.batch_shardings(),
+                                              self.input_shardings()),
                                 out_shardings=sharding.replicated(self.mesh))
     return self._eval_step
 
@@ -218,7 +224,7 @@ class Run:
     for rows, batch in batching.eval_batches(data, self.c.data.eval_batch_size, self.max_length,
                                              self.special["pad"], self.mlm_opts(), seed=self.c.seed,
                                              packing=packing):
-      logits, s, w, cr = step(params, rest, sharding.shard_batch(batch, self.mesh))
+      logits, s, w, cr = step(params, rest, sharding.shard_batch(batch, self.mesh), self.inputs)
       totals += np.asarray([s, w, cr], np.float64)
       if logits is not None:
         logits = np.asarray(logits)
@@ -330,7 +336,7 @@ def train(r: Run) -> dict:
     start = 0
   train_step = jax.jit(steps.make_train_step(r.gd_train, tx, lr_fn, r.task, c.optim.accum_steps,
                                              r.max_segments),
-                       in_shardings=(state_sh, r.batch_shardings()),
+                       in_shardings=(state_sh, r.batch_shardings(), r.input_shardings()),
                        out_shardings=(state_sh, sharding.replicated(r.mesh)), donate_argnums=0)
   writer = metrics_lib.Writer(r.workdir, enabled=jax.process_index() == 0)
 
@@ -394,7 +400,7 @@ def train(r: Run) -> dict:
       batch = next(batches)
       sharded = sharding.shard_batch(batch, r.mesh)
       account()                                   # the previous step, while this batch was prepared
-      state, m = train_step(state, sharded)
+      state, m = train_step(state, sharded, r.inputs)
       step += 1
       pending.append((step, m, batching.num_tokens(batch), batching.num_examples(batch)))
       evaluate_now = (c.train.eval_every and step % c.train.eval_every == 0) or step == total

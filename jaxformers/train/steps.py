@@ -8,8 +8,8 @@ runs, and returns the new pytrees. The train state is a plain dict
 Padded batches carry ``attention_mask``; packed ones carry ``segment_ids`` instead (the
 batch's keys are its pytree structure, so which one is static), and ``max_segments``, the
 most examples a packed row holds, is fixed when the step is made. Packed classification
-logits are ``[rows, max_segments, labels]`` with per-slot labels and weights; the losses
-below sum over whatever leading axes the weights have.
+logits are ``[rows, max_segments, labels]`` with per-slot labels and weights; the task's
+losses (:meth:`jaxformers.train.tasks.Task.loss`) sum over whatever leading axes the weights have.
 """
 from __future__ import annotations
 
@@ -21,37 +21,30 @@ from flax import nnx
 from jaxformers.train.tasks import Task
 
 
-def forward(model, batch, max_segments: int | None = None):
-  if "segment_ids" in batch:
-    return model(batch["input_ids"], token_type_ids=batch["token_type_ids"], segment_ids=batch["segment_ids"],
-                 max_segments=max_segments)
-  return model(batch["input_ids"], attention_mask=batch["attention_mask"],
-               token_type_ids=batch["token_type_ids"])
-
-
 def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, task: Task, accum_steps: int = 1,
                     max_segments: int | None = None):
-  """``step(state, batch) -> (state, metrics)``; ``accum_steps`` micro-batches are summed before one update,
+  """``step(state, batch, inputs) -> (state, metrics)``; ``inputs`` are the task's fixed extra inputs (e.g. a
+  teacher's parameters, see :meth:`Task.inputs`). ``accum_steps`` micro-batches are summed before one update,
   which gives exactly the gradient of the whole batch."""
 
-  def micro(params, rngs, mb):
+  def micro(params, rngs, mb, inputs):
     def f(p):
       model = nnx.merge(graphdef, p, rngs, copy=True)
-      s, w, c = task.loss_terms(forward(model, mb, max_segments), mb)
+      s, w, c, _ = task.loss(model, mb, inputs, max_segments)
       return s, (w, c, nnx.split(model, nnx.Param, ...)[2])
     (s, (w, c, rngs)), g = jax.value_and_grad(f, has_aux=True)(params)
     return s, w, c, rngs, g
 
-  def step(state, batch):
+  def step(state, batch, inputs):
     params, rngs = state["params"], state["rngs"]
     if accum_steps == 1:
-      s, w, c, rngs, g = micro(params, rngs, batch)
+      s, w, c, rngs, g = micro(params, rngs, batch, inputs)
     else:
       mbs = jax.tree.map(lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
 
       def body(carry, mb):
         s0, w0, c0, r0, g0 = carry
-        s1, w1, c1, r1, g1 = micro(params, r0, mb)
+        s1, w1, c1, r1, g1 = micro(params, r0, mb, inputs)
         return (s0 + s1, w0 + w1, c0 + c1, r1, jax.tree.map(jnp.add, g0, g1)), None
 
       zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), rngs,
@@ -70,12 +63,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, task: Tas
 
 
 def make_eval_step(graphdef, task: Task, max_segments: int | None = None):
-  """``eval_step(params, rngs, batch) -> (task.eval_outputs(logits), loss_sum, weight_sum, correct_sum)``."""
+  """``eval_step(params, rngs, batch, inputs) -> (task.eval_outputs(logits), loss_sum, weight_sum, correct_sum)``."""
 
-  def step(params, rngs, batch):
+  def step(params, rngs, batch, inputs):
     model = nnx.merge(graphdef, params, rngs, copy=True)
-    logits = forward(model, batch, max_segments)
-    s, w, c = task.loss_terms(logits, batch)
+    s, w, c, logits = task.loss(model, batch, inputs, max_segments)
     return task.eval_outputs(logits), s, w, c
 
   return step

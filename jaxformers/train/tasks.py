@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -17,8 +18,18 @@ from jaxformers import models
 from jaxformers.data import sources, tokenize
 from jaxformers.registry import Registry
 from jaxformers.train import metrics as metrics_lib
+from jaxformers.train.errors import ConfigError
 
 TASKS: Registry = Registry("task")
+
+
+def forward(model, batch, max_segments: int | None = None, **kw):
+  """``model`` on a padded (``attention_mask``) or packed (``segment_ids``) batch."""
+  if "segment_ids" in batch:
+    return model(batch["input_ids"], token_type_ids=batch["token_type_ids"], segment_ids=batch["segment_ids"],
+                 max_segments=max_segments, **kw)
+  return model(batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"],
+               **kw)
 
 
 class Task:
@@ -32,9 +43,9 @@ class Task:
   per_token = False
   can_predict = True
 
-  def __init__(self, source: sources.Source, data_cfg):
+  def __init__(self, source: sources.Source, c):
     self.source = source
-    self.data_cfg = data_cfg
+    self.data_cfg = data_cfg = c.data
     labels = source.labels(data_cfg)
     self.num_labels = labels.num_labels
     self.label_names = labels.names
@@ -58,7 +69,20 @@ class Task:
     """Dynamic masking settings for the batcher (masked-LM tasks only)."""
     return None
 
+  def prepare(self, run) -> None:
+    """Called once the run knows its model config (``run.cfg``) and mesh: load what the loss needs."""
+
+  def inputs(self):
+    """Fixed arrays the jitted steps take besides state and batch (a teacher's parameters), already placed on
+    the run's mesh; an empty dict for most tasks."""
+    return {}
+
   # --- loss (inside the jitted step) --------------------------------------------------------------------------
+  def loss(self, model, batch, inputs, max_segments: int | None = None):
+    """``(loss_sum, weight_sum, correct_sum, logits)`` of ``model`` on ``batch``; the step divides by the weight."""
+    logits = forward(model, batch, max_segments)
+    return (*self.loss_terms(logits, batch), logits)
+
   def loss_terms(self, logits, batch):
     """Sum of per-example (or per-token) losses, sum of weights and sum of correct predictions."""
     logits = logits.astype(jnp.float32)
@@ -131,10 +155,10 @@ class MaskedLM(Task):
   per_token = True
   can_predict = False
 
-  def __init__(self, source, data_cfg):
-    self.source, self.data_cfg = source, data_cfg
+  def __init__(self, source, c):
+    self.source, self.data_cfg = source, c.data
     self.num_labels, self.label_names, self.metric = 0, None, "loss"
-    self.eval_splits = source.eval_splits(data_cfg)
+    self.eval_splits = source.eval_splits(c.data)
 
   @property
   def head_labels(self) -> None:
@@ -163,11 +187,218 @@ class MaskedLM(Task):
 
 def make_task(c) -> Task:
   """The task ``config.task`` names, on the data ``config.data`` describes; a supervised task follows its data's
-  labels (one label = a regression, whatever ``config.task`` says)."""
+  labels (one label = a regression, whatever ``config.task`` says). With ``config.distill.teacher`` set, the task
+  also learns from that teacher (:class:`Distilled`); ``task=heal`` learns from it alone."""
   source = sources.get_source(c.data)
   source.check(c.data)
   name = c.task
   if name in ("classification", "regression"):
     name = "regression" if source.labels(c.data).regression else "classification"
-  return TASKS.get(name)(source, c.data)
+  task = TASKS.get(name)(source, c)
+  return Distilled(task, c.distill) if c.distill.teacher and not isinstance(task, Heal) else task
 
+
+class Distillation:
+  """The losses of ``config.distill`` against a frozen teacher, added to a task's own (see :mod:`jaxformers.distill`).
+
+  The teacher is any checkpoint ``from_pretrained`` accepts, loaded once in eval mode; its parameters are an
+  input of the jitted step, placed by the same sharding rules as the student's, and its forward runs inside
+  the step. Losses (weights in ``config.distill``): ``logits`` (soft-label KL at ``temperature``: the
+  classification logits, or the masked-LM logits of every real token), ``hidden`` (MSE of the hidden
+  states of the layer map's pairs), ``attention`` / ``value`` (MiniLM relation KL at the deepest mapped pair
+  where both models have attention). Dense terms are means over real tokens, weighted like the task's own
+  per-example loss so that the step's ``loss_sum / weight`` stays a mean.
+  """
+
+  def __init__(self, cfg):
+    self.c = cfg
+    self.weights = {k: float(cfg[k]) for k in ("logits", "hidden", "attention", "value")}
+
+  def prepare(self, run, student_task: str) -> None:
+    import jaxformers
+    from flax import nnx
+
+    from jaxformers import distill
+    from jaxformers.train import sharding
+    c = self.c
+    if not c.teacher:
+      raise ConfigError("config.distill.teacher is empty: name the teacher checkpoint (a native, run, HF directory "
+                       "or Hub id)")
+    overrides = {"dtype": c.teacher_dtype} if c.teacher_dtype else {}
+    teacher = jaxformers.from_pretrained(c.teacher, **overrides)
+    s_cfg, t_cfg = run.cfg, teacher.config
+    where = f"config.distill (teacher {c.teacher}, layout {t_cfg.layout}; student layout {s_cfg.layout})"
+    if self.weights["logits"]:
+      t_task = models.task_of(teacher)
+      if t_task != student_task:
+        raise ConfigError(f"{where}: distill.logits needs a teacher with the student's head ({student_task}); the "
+                         f"teacher is a {t_task} model. Set distill.logits=0 to distil hidden states and attention only")
+      if student_task == "masked_lm" and t_cfg.vocab_size != s_cfg.vocab_size:
+        raise ConfigError(f"{where}: the teacher's vocabulary has {t_cfg.vocab_size} tokens, the student's "
+                         f"{s_cfg.vocab_size}: masked-LM logits cannot be compared")
+      if student_task == "classification" and teacher.num_labels != run.task.num_labels:
+        raise ConfigError(f"{where}: the teacher has {teacher.num_labels} labels, the task {run.task.num_labels}")
+    if self.weights["hidden"] and t_cfg.hidden_size != s_cfg.hidden_size:
+      raise ConfigError(f"{where}: distill.hidden compares hidden states, which needs equal hidden sizes (student "
+                       f"{s_cfg.hidden_size}, teacher {t_cfg.hidden_size})")
+    self.pairs = distill.parse_layer_map(c.layer_map, s_cfg.num_layers, t_cfg.num_layers)
+    s_blocks = models.encoder_of(run.abstract).blocks
+    t_blocks = models.encoder_of(teacher).blocks
+    self.relation = None
+    if self.weights["attention"] or self.weights["value"]:
+      both = [(i, j) for i, j in self.pairs if i > 0 and j > 0 and s_blocks[i - 1].has_attention
+              and t_blocks[j - 1].has_attention]
+      if not both:
+        raise ConfigError(f"{where}: distill.attention / distill.value need a layer-map pair where both models have "
+                         f"attention; the student has none at layers {[i for i, _ in self.pairs]}. Set them to 0 "
+                         f"(e.g. for a Fourier student) or choose distill.layer_map")
+      self.relation = both[-1]
+      self.heads = c.relation_heads or s_cfg.num_heads
+      for name, width in (("student", s_cfg.hidden_size), ("teacher", t_cfg.hidden_size)):
+        if width % self.heads:
+          raise ConfigError(f"{where}: distill.relation_heads={self.heads} must divide the {name}'s hidden size {width}")
+    gd, params, rest = nnx.split(teacher, nnx.Param, ...)
+    self.teacher_graph = gd
+    self.params = jax.device_put(params, sharding.param_shardings(params, run.mesh))
+    self.rest = jax.device_put(rest, jax.tree.map(lambda _: sharding.replicated(run.mesh), rest))
+    self.student_task = student_task
+
+  def inputs(self):
+    return {"teacher_params": self.params, "teacher_rest": self.rest}
+
+  def terms(self, model, batch, inputs, max_segments, weight):
+    """``(weighted distillation loss sum, student logits or None)``."""
+    from flax import nnx
+
+    from jaxformers import distill
+    packed = "segment_ids" in batch
+    seg = batch["segment_ids"] if packed else batch["attention_mask"]
+    same, valid = distill.token_relations(seg)
+    n_tok = jnp.maximum(jnp.sum(valid), 1.0)
+    if self.weights["hidden"] or self.relation:
+      kw = {"output_hidden_states": True}
+    else:   # a classifier's logits need the last block at first tokens only
+      kw = {"first_tokens_only": self.student_task == "classification"}
+    s_out = forward(models.encoder_of(model), batch, max_segments, **kw)
+    s_logits = model.head(s_out) if not isinstance(model, models.Encoder) else None
+    teacher = nnx.merge(self.teacher_graph, inputs["teacher_params"], inputs["teacher_rest"])
+    t_out = forward(models.encoder_of(teacher), batch, max_segments, **kw)
+    t_out = jax.tree.map(jax.lax.stop_gradient, t_out)
+    total = jnp.zeros((), jnp.float32)
+    if self.weights["logits"]:
+      t_logits = jax.lax.stop_gradient(teacher.head(t_out))
+      kl = distill.soft_label_kl(s_logits, t_logits, self.c.temperature)
+      if self.student_task == "masked_lm":            # per token: mean over real tokens
+        total += self.weights["logits"] * weight * jnp.sum(kl * valid) / n_tok
+      else:                                           # per example (or packed slot)
+        total += self.weights["logits"] * jnp.sum(kl * batch["weights"])
+    if self.weights["hidden"]:
+      mse = sum(distill.hidden_mse(s_out.hidden_states[i], t_out.hidden_states[j], valid) for i, j in self.pairs)
+      total += self.weights["hidden"] * weight * mse / (n_tok * len(self.pairs))
+    if self.relation:
+      i, j = self.relation
+      s_q, s_k, s_v = models.encoder_of(model).blocks[i - 1].attention_inputs(s_out.hidden_states[i - 1])
+      t_q, t_k, t_v = jax.lax.stop_gradient(
+          models.encoder_of(teacher).blocks[j - 1].attention_inputs(t_out.hidden_states[j - 1]))
+      if self.weights["attention"]:
+        att = distill.relation_kl((s_q, s_k), (t_q, t_k), self.heads, same, valid)
+        total += self.weights["attention"] * weight * att / n_tok
+      if self.weights["value"]:
+        val = distill.relation_kl((s_v, s_v), (t_v, t_v), self.heads, same, valid)
+        total += self.weights["value"] * weight * val / n_tok
+    return total, s_logits
+
+
+class Distilled(Task):
+  """A task trained with a teacher: ``distill.task`` x the task's own loss + the distillation losses. Metrics,
+  best checkpoint and predictions are the task's."""
+
+  def __init__(self, inner: Task, distill_cfg):
+    self.__dict__.update(inner.__dict__)
+    self.inner = inner
+    self.name, self.model_task, self.per_token, self.can_predict = (inner.name, inner.model_task, inner.per_token,
+                                                                    inner.can_predict)
+    self.distillation = Distillation(distill_cfg)
+    self.task_weight = float(distill_cfg.task)
+
+  def prepare(self, run) -> None:
+    self.inner.prepare(run)
+    self.distillation.prepare(run, self.model_task)
+
+  def inputs(self):
+    return {**self.inner.inputs(), **self.distillation.inputs()}
+
+  def loss(self, model, batch, inputs, max_segments=None):
+    w = jnp.sum(batch["weights"])     # the task loss's weight (examples, packed slots or masked tokens)
+    extra, logits = self.distillation.terms(model, batch, inputs, max_segments, w)
+    if logits is None:
+      logits = forward(model, batch, max_segments)
+    s, w, c = self.inner.loss_terms(logits, batch)
+    return self.task_weight * s + extra, w, c, logits
+
+  def examples(self, split):
+    return self.inner.examples(split)
+
+  def mlm_options(self, tok, special):
+    return self.inner.mlm_options(tok, special)
+
+  def loss_terms(self, logits, batch):
+    return self.inner.loss_terms(logits, batch)
+
+  def eval_outputs(self, logits):
+    return self.inner.eval_outputs(logits)
+
+  def eval_metrics(self, data, outputs, sums):
+    return self.inner.eval_metrics(data, outputs, sums)
+
+  def best_metric(self):
+    return self.inner.best_metric()
+
+  def write_predictions(self, outputs, path):
+    return self.inner.write_predictions(outputs, path)
+
+
+@TASKS.register("heal")
+class Heal(Task):
+  """Healing a re-arranged model: distil it from a teacher (usually the checkpoint it was re-arranged from) on
+  the source's unlabelled texts, with the losses of ``config.distill`` only. The student is an encoder
+  (``base``), or a masked-LM model when ``distill.logits`` > 0 (the teacher needs an MLM head then)."""
+  name = "heal"
+  can_predict = False
+
+  def __init__(self, source, c):
+    self.source, self.data_cfg = source, c.data
+    self.num_labels, self.label_names, self.metric = 0, None, "loss"
+    self.eval_splits = source.eval_splits(c.data)
+    self.distillation = Distillation(c.distill)
+    self.model_task = "masked_lm" if float(c.distill.logits) else "base"
+
+  @property
+  def head_labels(self) -> None:
+    return None
+
+  def examples(self, split: str) -> sources.Examples:
+    return sources.Examples(self.source.texts(self.data_cfg, split), None, None, f"{self.data_cfg.source}:{split}")
+
+  def prepare(self, run) -> None:
+    if not any(self.distillation.weights.values()):
+      raise ConfigError("task=heal needs at least one distillation loss: set distill.hidden, distill.attention, "
+                       "distill.value or distill.logits above 0")
+    self.distillation.prepare(run, self.model_task)
+
+  def inputs(self):
+    return self.distillation.inputs()
+
+  def loss(self, model, batch, inputs, max_segments=None):
+    w = jnp.sum(batch["weights"])
+    s, _ = self.distillation.terms(model, batch, inputs, max_segments, w)
+    return s, w, jnp.zeros((), jnp.float32), None
+
+  def eval_outputs(self, logits):
+    return None
+
+  def eval_metrics(self, data, outputs, sums) -> dict:
+    return {"loss": sums[0] / max(sums[1], 1.0)}
+
+  def best_metric(self) -> tuple[str, str]:
+    return f"{self.eval_splits[0]}/loss", "min"
