@@ -362,9 +362,9 @@ def train(r: Run) -> dict:
   ckpts = ckpt_lib.Checkpoints(r.workdir, keep=c.train.keep, best_metric=best_name, best_mode=best_mode,
                                async_save=c.train.async_checkpoint)
   meta = dict(r.meta, config=json.loads(c.to_json()))
-  start = ckpts.latest_step()
-  if start is not None:
-    state, saved = ckpts.restore(start, _abstract_with(state_sh, abs_state), meta)
+  restored = ckpts.restore_latest(_abstract_with(state_sh, abs_state), meta)
+  if restored is not None:
+    state, saved, start = restored
     try:
       batches.restore(saved["data_state"])
     except ValueError as e:
