@@ -6,22 +6,32 @@ import sys
 import time
 
 
+SAFE_WRITE = ("DST must be a new or empty directory. With --overwrite a non-empty one keeps every other file and only "
+              "{names} are replaced: the new checkpoint is written into a temporary directory beside DST and renamed "
+              "into place, and the old files are removed only after that, so an interruption leaves the old or the "
+              "new checkpoint. An existing file is never replaced{extra}.")
+
+
 def _convert(args) -> int:
   import jaxformers
+  from jaxformers.pretrained import check_save_destination
+  check_save_destination(args.dst, args.overwrite)   # before the (long) conversion
   t0 = time.perf_counter()
   model, report = jaxformers.from_pretrained(args.src, layout=args.layout, task=args.task, num_labels=args.num_labels,
                                              progress=True, return_report=True)
   if report is not None:
     print(report.summary())
-  out = jaxformers.save_pretrained(model, args.dst)
+  out = jaxformers.save_pretrained(model, args.dst, overwrite=args.overwrite)
   print(f"wrote {out} (layout {model.config.layout}, {_count(model):,} parameters) in {time.perf_counter() - t0:.1f}s")
   return 0
 
 
 def _export(args) -> int:
   import jaxformers
+  from jaxformers.convert.io import SAFETENSORS, check_destination
+  check_destination(args.dst, ("config.json", SAFETENSORS), (), args.overwrite, "HF checkpoint")
   model = jaxformers.from_pretrained(args.src, progress=True)
-  out = jaxformers.export_hf(model, args.dst)
+  out = jaxformers.export_hf(model, args.dst, overwrite=args.overwrite)
   print(f"wrote {out}/config.json and model.safetensors ({_count(model):,} parameters)")
   return 0
 
@@ -46,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
   sub = p.add_subparsers(dest="command", required=True)
   c = sub.add_parser("convert", help="HF PyTorch (or native) checkpoint -> native jaxformers checkpoint",
                      description="Read SRC (an HF directory with config.json and model.safetensors or "
-                                 "pytorch_model.bin, or a jaxformers directory) and write a jaxformers checkpoint to DST.")
+                                 "pytorch_model.bin, or a jaxformers directory) and write a jaxformers checkpoint to "
+                                 "DST. " + SAFE_WRITE.format(names="jaxformers.json, params/ and tokenizer files",
+                                                             extra=", nor a params/ that is not an orbax checkpoint"))
   c.add_argument("src")
   c.add_argument("dst")
   c.add_argument("--layout", help="re-arrange into this layout, e.g. 'parallel*12' or 'fourier*10,serial*2' "
@@ -54,10 +66,16 @@ def main(argv: list[str] | None = None) -> int:
   c.add_argument("--task", choices=["base", "masked_lm", "pretraining", "classification", "token_classification"],
                  help="head to build (default: the checkpoint's own)")
   c.add_argument("--num-labels", type=int, help="labels of a new classification head")
+  c.add_argument("--overwrite", action="store_true",
+                 help="replace the jaxformers checkpoint in a non-empty DST (its other files are kept)")
   c.set_defaults(fn=_convert)
-  e = sub.add_parser("export", help="jaxformers checkpoint -> HF PyTorch directory (config.json + model.safetensors)")
+  e = sub.add_parser("export", help="jaxformers checkpoint -> HF PyTorch directory (config.json + model.safetensors)",
+                     description="Write SRC as config.json + model.safetensors to DST. "
+                                 + SAFE_WRITE.format(names="config.json and model.safetensors", extra=""))
   e.add_argument("src")
   e.add_argument("dst")
+  e.add_argument("--overwrite", action="store_true",
+                 help="replace config.json and model.safetensors in a non-empty DST (its other files are kept)")
   e.set_defaults(fn=_export)
   l = sub.add_parser("layouts", help="print the layout grammar and the registered blocks")
   l.set_defaults(fn=_layouts)

@@ -13,11 +13,14 @@ from flax import nnx
 
 from jaxformers import models
 from jaxformers.config import EncoderConfig
-from jaxformers.convert.io import CheckpointError
+from jaxformers.convert.io import CheckpointError, check_destination, write_beside
 
 NATIVE_CONFIG = "jaxformers.json"
 PARAMS_DIR = "params"
 FORMAT_VERSION = 1
+# Tokenizer files a checkpoint directory may carry next to the model (replaced with it on overwrite).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+                   "merges.txt")
 
 # Config fields that change only how a model computes, never its parameters.
 RUNTIME_FIELDS = {"attention_impl", "fourier_impl", "fourier_padding", "fuse_projections", "hidden_dropout",
@@ -28,18 +31,30 @@ def is_native(path: str | Path) -> bool:
   return (Path(path) / NATIVE_CONFIG).is_file()
 
 
-def save_pretrained(model, path: str | Path) -> Path:
-  """Save a model as a native checkpoint directory (overwrites ``params/`` atomically via orbax)."""
+def check_save_destination(path: str | Path, overwrite: bool = False) -> Path:
+  """Raise :class:`CheckpointError` if :func:`save_pretrained` would refuse ``path`` (checked before converting)."""
+  return check_destination(path, (NATIVE_CONFIG,), (PARAMS_DIR,), overwrite, "jaxformers checkpoint", TOKENIZER_FILES)
+
+
+def save_pretrained(model, path: str | Path, overwrite: bool = False) -> Path:
+  """Save a model as a native checkpoint directory: ``jaxformers.json`` and orbax ``params/``.
+
+  ``path`` must be new or empty; with ``overwrite`` a non-empty one keeps its other files and only
+  ``jaxformers.json`` and ``params/`` are replaced (refused if its ``params/`` is not an orbax checkpoint,
+  or ``path`` is a file). Everything is written beside ``path`` first and renamed into place, so an
+  interruption never leaves a half-written checkpoint and the previous one is removed only after the new
+  one is complete."""
   import orbax.checkpoint as ocp
-  path = Path(path).absolute()
-  path.mkdir(parents=True, exist_ok=True)
   meta = {"format_version": FORMAT_VERSION, "task": models.task_of(model), "config": model.config.to_dict(),
           "num_labels": getattr(model, "num_labels", None),
           "head": model.classifier.style if hasattr(model, "classifier") else None}
-  with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(path / PARAMS_DIR, nnx.state(model, nnx.Param), force=True)
-  (path / NATIVE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-  return path
+
+  def write(tmp: Path):
+    with ocp.StandardCheckpointer() as ckpt:
+      ckpt.save(tmp / PARAMS_DIR, nnx.state(model, nnx.Param))
+    (tmp / NATIVE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+  return write_beside(path, write, (NATIVE_CONFIG,), (PARAMS_DIR,), overwrite, "jaxformers checkpoint",
+                      TOKENIZER_FILES)
 
 
 def _load_native(path: Path, *, layout=None, task=None, num_labels=None, head=None, rngs=None, **overrides):

@@ -283,8 +283,9 @@ def hf_config(cfg: EncoderConfig, task: str, num_labels: int | None = None) -> d
   return out
 
 
-def export_hf(model, directory: str | Path) -> Path:
-  """Write ``config.json`` + ``model.safetensors`` that transformers loads."""
+def export_hf(model, directory: str | Path, overwrite: bool = False) -> Path:
+  """Write ``config.json`` + ``model.safetensors`` that transformers loads into a new or empty ``directory``;
+  with ``overwrite`` a non-empty one keeps its other files and gets those two replaced (written beside it first,
+  then renamed into place: an interruption never leaves a half-written checkpoint)."""
   state, config = to_hf_state(model, where=str(directory))
-  write_hf_checkpoint(directory, config, state)
-  return Path(directory)
+  return write_hf_checkpoint(directory, config, state, overwrite=overwrite)
