@@ -108,17 +108,41 @@ def _unraisable(u) -> None:
   _unraisable.previous(u)
 
 
-def _silence_late_errors(step_dir: str) -> None:
-  """After a failed restore, tensorstore's reads still in flight finish on orbax's closed event loop: hundreds
-  of identical "Event loop is closed" tracebacks (unraisable exceptions) and "Future exception was never
-  retrieved" records about ``step_dir``. Drop exactly those: the failure was already reported on one line."""
-  _UNREADABLE_DIRS.add(step_dir)
+def _drop_closed_loop_reports() -> None:
+  """When one read or write of a checkpoint fails, orbax closes its event loop while tensorstore's other
+  operations are in flight; each then reports "Event loop is closed" as an unraisable exception (hundreds of
+  tracebacks). Drop exactly those: the failure itself is reported on one line."""
   if sys.unraisablehook is not _unraisable:
     _unraisable.previous = sys.unraisablehook
     sys.unraisablehook = _unraisable
+
+
+def _silence_late_errors(step_dir: str) -> None:
+  """After a failed restore, also drop asyncio's "Future exception was never retrieved" records about
+  ``step_dir`` (logged when the abandoned reads are garbage-collected)."""
+  _drop_closed_loop_reports()
+  _UNREADABLE_DIRS.add(step_dir)
   aio = logging.getLogger("asyncio")
   if not any(isinstance(f, _LateReadErrors) for f in aio.filters):
     aio.addFilter(_LateReadErrors())
+
+
+class _TmpWriteErrors(logging.Filter):
+  """Drops orbax's per-thread error records about a half-written ``*.orbax-checkpoint-tmp`` directory under one
+  of ``dirs``: :meth:`Checkpoints.save` reports that failure itself, on one line."""
+
+  def __init__(self):
+    super().__init__()
+    self.dirs: set[str] = set()
+
+  def filter(self, record) -> bool:
+    if record.levelno < logging.ERROR:
+      return True
+    text = record.getMessage()
+    return not ("orbax-checkpoint-tmp" in text and any(d in text for d in self.dirs))
+
+
+_TMP_WRITE_ERRORS = _TmpWriteErrors()
 
 
 @contextlib.contextmanager
@@ -165,6 +189,11 @@ class Checkpoints:
                async_save: bool = True):
     workdir = Path(workdir).absolute()
     self.dir = workdir / "checkpoints"
+    _drop_closed_loop_reports()
+    _TMP_WRITE_ERRORS.dirs.add(str(workdir))
+    absl = logging.getLogger("absl")
+    if _TMP_WRITE_ERRORS not in absl.filters:
+      absl.addFilter(_TMP_WRITE_ERRORS)
     self.latest = ocp.CheckpointManager(
         self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save))
     self.best_metric = best_metric
@@ -177,9 +206,22 @@ class Checkpoints:
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
 
+  @contextlib.contextmanager
+  def _writing(self, what: str):
+    """A failed write (a full disk, a quota) becomes one :class:`CheckpointError` line naming what was written,
+    the cause and the newest complete checkpoint; orbax leaves only a ``*.orbax-checkpoint-tmp`` directory."""
+    try:
+      yield
+    except Exception as e:
+      done = sorted(int(p.name) for p in self.dir.iterdir() if p.name.isdigit()) if self.dir.is_dir() else []
+      raise CheckpointError(f"{what} failed ({_cause(e)}); the checkpoints saved before are intact (newest: "
+                            + (f"step {done[-1]}" if done else "none") + "): make room and run the same command "
+                            "to resume") from None
+
   def save(self, step: int, state, meta: dict, force: bool = False) -> None:
     args = ocp.args.Composite(state=ocp.args.StandardSave(keys_to_data(state)), meta=ocp.args.JsonSave(meta))
-    self.latest.save(step, args=args, force=force)
+    with self._writing(f"saving checkpoint step {step} in {self.dir}"):
+      self.latest.save(step, args=args, force=force)
 
   def save_best(self, step: int, state, meta: dict, metrics: dict) -> None:
     if self.best is None or self.best_metric not in metrics:
@@ -187,7 +229,8 @@ class Checkpoints:
     if step in self.best.all_steps():
       return   # saved by an earlier attempt of this run at this very step (resume is exact): the same state
     args = ocp.args.Composite(state=ocp.args.StandardSave(keys_to_data(state)), meta=ocp.args.JsonSave(meta))
-    self.best.save(step, args=args, metrics={k: float(v) for k, v in metrics.items()}, force=True)
+    with self._writing(f"saving step {step} in {self.best.directory}"):
+      self.best.save(step, args=args, metrics={k: float(v) for k, v in metrics.items()}, force=True)
 
   def read_meta(self, step: int, manager=None) -> dict:
     m = manager or self.latest
@@ -232,9 +275,10 @@ class Checkpoints:
     self.latest.reload()
 
   def wait(self) -> None:
-    self.latest.wait_until_finished()
-    if self.best is not None:
-      self.best.wait_until_finished()
+    with self._writing(f"saving a checkpoint in {self.dir.parent}"):
+      self.latest.wait_until_finished()
+      if self.best is not None:
+        self.best.wait_until_finished()
 
   def close(self) -> None:
     self.latest.close()
