@@ -86,7 +86,7 @@ def _cause(e: BaseException) -> str:
   for x in reversed(seen):
     text = " ".join(str(x).split()).split(" [tensorstore_spec")[0]
     if text:
-      return text if len(text) <= 300 else text[:297] + "..."
+      return text if len(text) <= 320 else f"{text[:150]} ... {text[-160:]}"   # the OS error comes last
   return type(e).__name__
 
 
