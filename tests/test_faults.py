@@ -162,7 +162,7 @@ def test_random_faults_never_lose_a_run(tmp_path, reference):
       assert complete_steps(wd)[-1] == int(err[0].split("at step ")[1].split(";")[0]), where
     elif fault == "full":
       assert p.returncode == 1 and len(err) == 1 and err[0].startswith("train.py: error: saving checkpoint step"), where
-      assert "File too large" in err[0] and "make room and run the same command to resume" in err[0], where
+      assert "File too large" in err[0] and "free disk space) and run the same command to resume" in err[0], where
     else:
       assert p.returncode == 0, where
     assert "Traceback" not in p.stderr, where
@@ -197,6 +197,20 @@ def test_damaged_newest_checkpoint_resumes_from_the_one_before(tmp_path, referen
       msgs[0].endswith("); kept as 6.unreadable, resuming from step 4"), msgs
   assert "Traceback" not in capfd.readouterr().err
   assert hashes(wd / "checkpoints" / "6.unreadable") == before
+  assert_same_run(wd, reference / "full")
+
+
+def test_damaged_last_checkpoint_of_a_finished_run(tmp_path, reference):
+  """best/12 was saved before checkpoints/12 was damaged: the re-run from step 10 evaluates step 12 again and
+  must keep (not re-save) the best checkpoint it already has."""
+  from jaxformers.train import run
+  from tests.train_helpers import load_config
+  wd = tmp_path / "run"
+  shutil.copytree(reference / "full", wd)
+  (wd / "checkpoints" / str(STEPS) / "state" / "manifest.ocdbt").unlink()
+  best = hashes(wd / "best")
+  out = run(load_config("tiny", f"steps={STEPS}", train__checkpoint_every=EVERY), wd)
+  assert out["steps_this_run"] == 2 and hashes(wd / "best") == best
   assert_same_run(wd, reference / "full")
 
 

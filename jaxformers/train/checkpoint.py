@@ -215,8 +215,8 @@ class Checkpoints:
     except Exception as e:
       done = sorted(int(p.name) for p in self.dir.iterdir() if p.name.isdigit()) if self.dir.is_dir() else []
       raise CheckpointError(f"{what} failed ({_cause(e)}); the checkpoints saved before are intact (newest: "
-                            + (f"step {done[-1]}" if done else "none") + "): make room and run the same command "
-                            "to resume") from None
+                            + (f"step {done[-1]}" if done else "none") + "): fix the cause (e.g. free disk space) and "
+                            "run the same command to resume") from None
 
   def save(self, step: int, state, meta: dict, force: bool = False) -> None:
     args = ocp.args.Composite(state=ocp.args.StandardSave(keys_to_data(state)), meta=ocp.args.JsonSave(meta))
