@@ -7,9 +7,9 @@ import time
 
 
 SAFE_WRITE = ("DST must be a new or empty directory. With --overwrite a non-empty one keeps every other file and only "
-              "{names} are replaced: the new checkpoint is written into a temporary directory beside DST and renamed "
-              "into place, and the old files are removed only after that, so an interruption leaves the old or the "
-              "new checkpoint. An existing file is never replaced{extra}.")
+              "{names} are replaced. The checkpoint is written into a temporary directory beside DST and renamed into "
+              "place, so an interruption while writing leaves DST as it was; old files are removed only after all new "
+              "ones are in place. An existing file is never replaced{extra}.")
 
 
 def _convert(args) -> int:
