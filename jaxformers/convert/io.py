@@ -176,10 +176,10 @@ def write_beside(dst: str | Path, write, files: tuple[str, ...], dirs: tuple[str
                  tokenizer_files: tuple[str, ...] = ()) -> Path:
   """Write a checkpoint without ever losing one: ``write(tmp)`` fills a temporary directory beside ``dst``
   (same parent), which then replaces ``dst`` by one rename when ``dst`` is new or empty. With ``overwrite``
-  only the entries ``write`` made (among ``files``, ``dirs``, ``tokenizer_files``) replace their namesakes in ``dst``, one
-  rename each, the first of ``files`` (the checkpoint's config) last; other files in ``dst`` are left alone and
-  the replaced entries are deleted only after all new ones are in place. An interruption while writing leaves
-  ``dst`` as it was."""
+  only the entries ``write`` made (among ``files``, ``dirs``, ``tokenizer_files``) replace their namesakes in
+  ``dst``, one rename each, the first of ``files`` (the checkpoint's config) last; other files in ``dst`` are
+  left alone and the replaced entries are deleted only after all new ones are in place. An interruption while
+  writing leaves ``dst`` as it was."""
   dst = check_destination(dst, files, dirs, overwrite, what, tokenizer_files)
   try:
     dst.parent.mkdir(parents=True, exist_ok=True)
