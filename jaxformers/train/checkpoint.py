@@ -90,59 +90,47 @@ def _cause(e: BaseException) -> str:
   return type(e).__name__
 
 
-_UNREADABLE_DIRS: set[str] = set()
-
-
-class _LateReadErrors(logging.Filter):
-  """Drops asyncio's "exception was never retrieved" records about a step directory already reported."""
-
-  def filter(self, record) -> bool:
-    exc = record.exc_info[1] if record.exc_info else None
-    text = f"{record.getMessage()} {exc}"
-    return not ("never retrieved" in text and any(d in text for d in _UNREADABLE_DIRS))
-
-
 def _unraisable(u) -> None:
   if u.exc_type is RuntimeError and str(u.exc_value) == "Event loop is closed":
     return
   _unraisable.previous(u)
 
 
-def _drop_closed_loop_reports() -> None:
-  """When one read or write of a checkpoint fails, orbax closes its event loop while tensorstore's other
-  operations are in flight; each then reports "Event loop is closed" as an unraisable exception (hundreds of
-  tracebacks). Drop exactly those: the failure itself is reported on one line."""
-  if sys.unraisablehook is not _unraisable:
-    _unraisable.previous = sys.unraisablehook
-    sys.unraisablehook = _unraisable
-
-
-def _silence_late_errors(step_dir: str) -> None:
-  """After a failed restore, also drop asyncio's "Future exception was never retrieved" records about
-  ``step_dir`` (logged when the abandoned reads are garbage-collected)."""
-  _drop_closed_loop_reports()
-  _UNREADABLE_DIRS.add(step_dir)
-  aio = logging.getLogger("asyncio")
-  if not any(isinstance(f, _LateReadErrors) for f in aio.filters):
-    aio.addFilter(_LateReadErrors())
-
-
-class _TmpWriteErrors(logging.Filter):
-  """Drops orbax's per-thread error records about a half-written ``*.orbax-checkpoint-tmp`` directory under one
-  of ``dirs``: :meth:`Checkpoints.save` reports that failure itself, on one line."""
+class _ReportedFailures(logging.Filter):
+  """When one read or write of a checkpoint fails, orbax logs the error from each of its threads and asyncio logs
+  every abandoned operation ("exception was never retrieved"), hundreds of tracebacks in all; the failure is
+  reported on one line instead. Drops exactly those error records: about a half-written
+  ``*.orbax-checkpoint-tmp`` directory under one of ``workdirs`` (a failed save), or about one of
+  ``unreadable`` (step directories that failed to restore)."""
 
   def __init__(self):
     super().__init__()
-    self.dirs: set[str] = set()
+    self.workdirs: set[str] = set()
+    self.unreadable: set[str] = set()
 
   def filter(self, record) -> bool:
     if record.levelno < logging.ERROR:
       return True
-    text = record.getMessage()
-    return not ("orbax-checkpoint-tmp" in text and any(d in text for d in self.dirs))
+    text = f"{record.getMessage()} {record.exc_info[1] if record.exc_info else ''}"
+    failed_save = "orbax-checkpoint-tmp" in text and any(d in text for d in self.workdirs)
+    return not (failed_save or any(d in text for d in self.unreadable))
 
 
-_TMP_WRITE_ERRORS = _TmpWriteErrors()
+_REPORTED = _ReportedFailures()
+
+
+def _quiet_failures(workdir: str | None = None, unreadable: str | None = None) -> None:
+  """Install the filters (once): :class:`_ReportedFailures` on the absl (orbax) and asyncio loggers, and a
+  ``sys.unraisablehook`` dropping the "Event loop is closed" tracebacks of tensorstore operations that finish
+  after orbax closed its event loop on a failure."""
+  _REPORTED.workdirs.update([workdir] if workdir else [])
+  _REPORTED.unreadable.update([unreadable] if unreadable else [])
+  for name in ("absl", "asyncio"):
+    if _REPORTED not in logging.getLogger(name).filters:
+      logging.getLogger(name).addFilter(_REPORTED)
+  if sys.unraisablehook is not _unraisable:
+    _unraisable.previous = sys.unraisablehook
+    sys.unraisablehook = _unraisable
 
 
 @contextlib.contextmanager
@@ -172,7 +160,7 @@ def _try_steps(manager, restore_one, where: str):
     except CheckpointMismatch:
       raise
     except Exception as e:   # tensorstore raises bare Exceptions; orbax ValueError, KeyError, OSError, ...
-      _silence_late_errors(f"{where}/{step}/")
+      _quiet_failures(unreadable=f"{where}/{step}/")
       skipped.append((step, _cause(e)))
       continue
     return out, step, skipped
@@ -189,11 +177,7 @@ class Checkpoints:
                async_save: bool = True):
     workdir = Path(workdir).absolute()
     self.dir = workdir / "checkpoints"
-    _drop_closed_loop_reports()
-    _TMP_WRITE_ERRORS.dirs.add(str(workdir))
-    absl = logging.getLogger("absl")
-    if _TMP_WRITE_ERRORS not in absl.filters:
-      absl.addFilter(_TMP_WRITE_ERRORS)
+    _quiet_failures(workdir=str(workdir))
     self.latest = ocp.CheckpointManager(
         self.dir, options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save))
     self.best_metric = best_metric
