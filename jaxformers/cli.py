@@ -6,16 +6,23 @@ import sys
 import time
 
 
+SAFE_WRITE = ("DST must be a new or empty directory. With --overwrite a non-empty one keeps every other file and only "
+              "{names} are replaced. The checkpoint is written into a temporary directory beside DST and renamed into "
+              "place, so an interruption while writing leaves DST as it was; old files are removed only after all new "
+              "ones are in place. An existing file is never replaced{extra}.")
+
 def _convert(args) -> int:
   import jaxformers
+  from jaxformers.pretrained import check_save_destination
+  check_save_destination(args.dst, args.overwrite)   # before the (long) conversion
   t0 = time.perf_counter()
   model, report = jaxformers.from_pretrained(args.src, revision=args.revision, layout=args.layout, task=args.task,
                                              num_labels=args.num_labels, progress=True, return_report=True)
   if report is not None:
     print(report.summary())
-  out = jaxformers.save_pretrained(model, args.dst)
-  from jaxformers.convert.tokenizer import copy_tokenizer_files
-  tok = copy_tokenizer_files(args.src, out)
+  out = jaxformers.save_pretrained(model, args.dst, overwrite=args.overwrite, tokenizer=args.src)
+  from jaxformers.convert.tokenizer import HF_TOKENIZER_FILES
+  tok = [n for n in HF_TOKENIZER_FILES if (out / n).is_file()]
   print(f"wrote {out} (layout {model.config.layout}, {_count(model):,} parameters"
         + (f"; tokenizer: {', '.join(tok)}" if tok else "; no tokenizer files in the source") + ")"
         + f" in {time.perf_counter() - t0:.1f}s")
@@ -24,8 +31,11 @@ def _convert(args) -> int:
 
 def _export(args) -> int:
   import jaxformers
+  from jaxformers.convert.io import SAFETENSORS, check_destination
+  from jaxformers.convert.tokenizer import HF_TOKENIZER_FILES
+  check_destination(args.dst, ("config.json", SAFETENSORS), (), args.overwrite, "HF checkpoint", HF_TOKENIZER_FILES)
   model = jaxformers.from_pretrained(args.src, progress=True)
-  out = jaxformers.export_hf(model, args.dst, tokenizer=args.src)
+  out = jaxformers.export_hf(model, args.dst, tokenizer=args.src, overwrite=args.overwrite)
   from jaxformers.convert.tokenizer import HF_TOKENIZER_FILES
   tok = [n for n in HF_TOKENIZER_FILES if (out / n).is_file()]
   print(f"wrote {out}/config.json and model.safetensors ({_count(model):,} parameters)"
@@ -54,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
   c = sub.add_parser("convert", help="HF PyTorch (or native) checkpoint -> native jaxformers checkpoint",
                      description="Read SRC (an HF directory with config.json and model.safetensors or "
                                  "pytorch_model.bin, a Hugging Face Hub id such as roberta-base, or a jaxformers "
-                                 "directory) and write a jaxformers checkpoint to DST.")
+                                 "directory) and write a jaxformers checkpoint to DST. "
+                                 + SAFE_WRITE.format(names="jaxformers.json, params/ and tokenizer files",
+                                                     extra=", nor a params/ that is not an orbax checkpoint"))
   c.add_argument("src")
   c.add_argument("dst")
   c.add_argument("--layout", help="re-arrange into this layout, e.g. 'parallel*12' or 'fourier*10,serial*2' "
@@ -63,13 +75,19 @@ def main(argv: list[str] | None = None) -> int:
                  help="head to build (default: the checkpoint's own)")
   c.add_argument("--num-labels", type=int, help="labels of a new classification head")
   c.add_argument("--revision", help="branch, tag or commit of a Hub id (default: main)")
+  c.add_argument("--overwrite", action="store_true",
+                 help="replace the jaxformers checkpoint in a non-empty DST (its other files are kept)")
   c.set_defaults(fn=_convert)
   e = sub.add_parser("export", help="jaxformers checkpoint or training run -> HF PyTorch directory (config.json, "
                                     "model.safetensors, tokenizer files)",
                      description="Read SRC (a jaxformers directory, a train.py --workdir, WORKDIR/checkpoints/N) and "
-                                 "write what transformers' from_pretrained and pipeline() load to DST.")
+                                 "write what transformers' from_pretrained and pipeline() load to DST. "
+                                 + SAFE_WRITE.format(names="config.json, model.safetensors and tokenizer files",
+                                                     extra=""))
   e.add_argument("src")
   e.add_argument("dst")
+  e.add_argument("--overwrite", action="store_true",
+                 help="replace config.json, model.safetensors and tokenizer files in a non-empty DST (others are kept)")
   e.set_defaults(fn=_export)
   l = sub.add_parser("layouts", help="print the layout grammar and the registered blocks")
   l.set_defaults(fn=_layouts)

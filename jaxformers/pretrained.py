@@ -13,7 +13,8 @@ from flax import nnx
 
 from jaxformers import hub, models
 from jaxformers.config import RUNTIME_FIELDS, EncoderConfig
-from jaxformers.convert.io import CheckpointError
+from jaxformers.convert.io import CheckpointError, check_destination, write_beside
+from jaxformers.convert.tokenizer import HF_TOKENIZER_FILES
 
 NATIVE_CONFIG = "jaxformers.json"
 PARAMS_DIR = "params"
@@ -24,19 +25,36 @@ def is_native(path: str | Path) -> bool:
   return (Path(path) / NATIVE_CONFIG).is_file()
 
 
-def save_pretrained(model, path: str | Path) -> Path:
-  """Save a model as a native checkpoint directory (overwrites ``params/`` atomically via orbax)."""
+def check_save_destination(path: str | Path, overwrite: bool = False) -> Path:
+  """Raise :class:`CheckpointError` if :func:`save_pretrained` would refuse ``path`` (checked before converting)."""
+  return check_destination(path, (NATIVE_CONFIG,), (PARAMS_DIR,), overwrite, "jaxformers checkpoint",
+                           HF_TOKENIZER_FILES)
+
+
+def save_pretrained(model, path: str | Path, overwrite: bool = False, tokenizer: str | Path | None = None) -> Path:
+  """Save a model as a native checkpoint directory: ``jaxformers.json`` and orbax ``params/`` (and with
+  ``tokenizer``, a checkpoint or run directory, its tokenizer files).
+
+  ``path`` must be new or empty; with ``overwrite`` a non-empty one keeps its other files and only
+  ``jaxformers.json`` and ``params/`` are replaced (refused if its ``params/`` is not an orbax checkpoint,
+  or ``path`` is a file). Everything is written beside ``path`` first and renamed into place, so an
+  interruption never leaves a half-written checkpoint and the previous one is removed only after the new
+  one is complete."""
   import orbax.checkpoint as ocp
-  path = Path(path).absolute()
-  path.mkdir(parents=True, exist_ok=True)
   meta = {"format_version": FORMAT_VERSION, "task": models.task_of(model), "config": model.config.to_dict(),
           "num_labels": getattr(model, "num_labels", None),
           "head": model.classifier.style if hasattr(model, "classifier") else None,
           "label_names": list(getattr(model, "label_names", None) or []) or None}
-  with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(path / PARAMS_DIR, nnx.state(model, nnx.Param), force=True)
-  (path / NATIVE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-  return path
+
+  def write(tmp: Path):
+    with ocp.StandardCheckpointer() as ckpt:
+      ckpt.save(tmp / PARAMS_DIR, nnx.state(model, nnx.Param))
+    (tmp / NATIVE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    if tokenizer is not None:
+      from jaxformers.convert.tokenizer import copy_tokenizer_files
+      copy_tokenizer_files(tokenizer, tmp)
+  return write_beside(path, write, (NATIVE_CONFIG,), (PARAMS_DIR,), overwrite, "jaxformers checkpoint",
+                      HF_TOKENIZER_FILES)
 
 
 def _read_meta(path: Path) -> tuple[dict, EncoderConfig]:

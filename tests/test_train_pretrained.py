@@ -26,7 +26,8 @@ def test_finetune_from_native_checkpoint_in_another_layout(tmp_path):
   vocab = _tokenizer_for(data, ckpt)
   cfg = EncoderConfig(vocab_size=vocab, hidden_size=32, num_heads=2, intermediate_size=64,
                       max_position_embeddings=64, layout="serial*2")
-  jaxformers.save_pretrained(models.MaskedLM(cfg, rngs=nnx.Rngs(params=3, dropout=4)), ckpt)
+  # ckpt already holds the tokenizer: overwrite=True adds the model next to it
+  jaxformers.save_pretrained(models.MaskedLM(cfg, rngs=nnx.Rngs(params=3, dropout=4)), ckpt, overwrite=True)
   wd = tmp_path / "run"
   out = run(glue_tiny("rte", data, init_from=str(ckpt), model__layout="parallel*2"), wd)
   assert out["steps"] == 6

@@ -42,7 +42,8 @@ from jaxformers.layout import BLOCKS
 from jaxformers.config import EncoderConfig
 from jaxformers.convert import engine
 from jaxformers.convert.engine import Ignore, Report, Rule, embedding, linear, norm
-from jaxformers.convert.io import CheckpointError, read_hf_config, read_hf_weights, write_hf_checkpoint
+from jaxformers.convert.io import (SAFETENSORS, CheckpointError, read_hf_config, read_hf_weights, write_beside,
+                                  write_hf_files)
 from jaxformers.convert.params import get_params, param_shapes, set_params
 from jaxformers import models
 
@@ -332,16 +333,21 @@ def hf_config(cfg: EncoderConfig, task: str, num_labels: int | None = None,
   return out
 
 
-def export_hf(model, directory: str | Path, tokenizer=None) -> Path:
+def export_hf(model, directory: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
   """Write ``config.json`` + ``model.safetensors`` that transformers loads, and with ``tokenizer`` (a checkpoint
   or run directory, a ``tokenizer.json`` file or a ``tokenizers.Tokenizer``) its tokenizer files, so that
-  ``transformers.pipeline(..., model=directory)`` needs nothing else."""
+  ``transformers.pipeline(..., model=directory)`` needs nothing else. ``directory`` must be new or empty; with
+  ``overwrite`` a non-empty one keeps its other files and gets those replaced (written beside it first, then
+  renamed into place: an interruption never leaves a half-written checkpoint)."""
+  from jaxformers.convert.tokenizer import HF_TOKENIZER_FILES, write_hf_tokenizer
   state, config = to_hf_state(model, where=str(directory))
-  write_hf_checkpoint(directory, config, state)
-  if tokenizer is not None:
-    from jaxformers.convert.tokenizer import write_hf_tokenizer
-    write_hf_tokenizer(tokenizer, directory, model_max_length=max_length(model.config))
-  return Path(directory)
+
+  def write(tmp: Path):
+    write_hf_files(tmp, config, state)
+    if tokenizer is not None:
+      write_hf_tokenizer(tokenizer, tmp, model_max_length=max_length(model.config))
+  return write_beside(directory, write, ("config.json", SAFETENSORS), (), overwrite, "HF checkpoint",
+                      HF_TOKENIZER_FILES)
 
 
 def max_length(cfg: EncoderConfig) -> int:

@@ -60,7 +60,7 @@ def main(config, workdir: str) -> int:
   except Interrupted as e:
     print(f"train.py: {e}", file=sys.stderr)
     return 128 + int(e.signum)
-  except (ConfigError, DataError, CheckpointMismatch, CheckpointError, NonFiniteLoss, FileNotFoundError) as e:
+  except (ConfigError, DataError, CheckpointMismatch, CheckpointError, NonFiniteLoss, OSError) as e:
     print(f"train.py: error: {e}", file=sys.stderr)
     return EXIT_ERROR
   if out.get("already_done"):

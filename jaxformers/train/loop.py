@@ -315,9 +315,9 @@ def train(r: Run) -> dict:
                                async_save=c.train.async_checkpoint)
   meta = dict(r.meta, config=json.loads(c.to_json()))
   stop_at = min(total, c.train.stop_after) if c.train.stop_after > 0 else total
-  start = ckpts.latest_step()
-  if start is not None:
-    state, saved = ckpts.restore(start, _abstract_with(state_sh, abs_state), meta)
+  restored = ckpts.restore_latest(_abstract_with(state_sh, abs_state), meta)
+  if restored is not None:
+    state, saved, start = restored
     r.save_tokenizer()
     try:
       batches.restore(saved["data_state"])
