@@ -48,7 +48,7 @@ def glue_tiny(task, data_dir, **kw):
   return load_config("glue", f"task={task},layout=serial*1", **small)
 
 
-def dev_as_test(d, dev_name="dev.tsv", label_column=None, header=True, test_columns=None):
+def dev_as_test(d, dev_name="dev.tsv", label_column=None, header=True, test_columns=None, test_name="test.tsv"):
   """Write ``test.tsv`` with the dev inputs in the task's test layout; returns the dev labels as strings."""
   rows = [l.split("\t") for l in (d / dev_name).read_text().splitlines()]
   head, body = (rows[0], rows[1:]) if header else (None, rows)
@@ -56,7 +56,7 @@ def dev_as_test(d, dev_name="dev.tsv", label_column=None, header=True, test_colu
   keep = [head.index(c) if isinstance(c, str) else c for c in test_columns]
   names = ["index"] + [c if isinstance(c, str) else "sentence" for c in test_columns]
   lines = ["\t".join(names)] + ["\t".join([str(i)] + [r[k] for k in keep]) for i, r in enumerate(body)]
-  (d / "test.tsv").write_text("\n".join(lines) + "\n")
+  (d / test_name).write_text("\n".join(lines) + "\n")
   return [r[col] for r in body]
 
 
@@ -147,8 +147,14 @@ def test_glue_mnli_matched_and_mismatched(tmp_path):
   for name, n in (("train.tsv", 40), ("dev_matched.tsv", 16), ("dev_mismatched.tsv", 16)):
     rows = [f"{i}\tp\tq\tg\t{_sentence(rng)}\t{_sentence(rng)}\tx\t{labels[i % 3]}" for i in range(n)]
     (d / name).write_text("\n".join([header] + rows) + "\n")
+  labels = {s: dev_as_test(d, f"dev_{s}.tsv", "gold_label", test_columns=["sentence1", "sentence2"],
+                           test_name=f"test_{s}.tsv") for s in ("matched", "mismatched")}
   out = run(glue_tiny("mnli", d), tmp_path / "run")
-  assert {"validation_matched/accuracy", "validation_mismatched/accuracy"} <= set(out["eval"])
+  run(glue_tiny("mnli", d, mode="predict"), tmp_path / "run")
+  for split, name in (("matched", "MNLI-m.tsv"), ("mismatched", "MNLI-mm.tsv")):
+    preds = written_predictions(tmp_path / "run", name, 16)
+    assert out["eval"][f"validation_{split}/accuracy"] == pytest.approx(skm.accuracy_score(labels[split], preds),
+                                                                        abs=1e-12)
 
 
 def test_tfds_glue_on_mock_data(tmp_path):
