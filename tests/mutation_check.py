@@ -7,8 +7,8 @@
 Each mutant is one exact text substitution in one file; it must match exactly once, so a mutant whose source
 has changed fails loudly instead of silently testing nothing. For each, the package (jaxformers/, configs/,
 tests/, train.py, pyproject.toml) is copied to a temporary directory, the substitution applied, and the catching
-tests run there with ``pytest -x -q -k ...`` and PYTHONPATH at the copy. Prints a table (mutant -> test ->
-caught/SURVIVED) and exits 1 if any mutant survived or could not be applied. Not collected by pytest (no
+tests run there with ``pytest -x -q -k ...`` and PYTHONPATH at the copy. Prints a table (mutant -> the
+test that failed, or SURVIVED) and exits 1 if any mutant survived or could not be applied. Not collected by pytest (no
 ``test_`` prefix); run it by hand or in CI after the suite.
 """
 from __future__ import annotations
@@ -149,10 +149,13 @@ def run_tests(m: Mutant, dst: Path, timeout: int) -> tuple[bool, str, float]:
   except subprocess.TimeoutExpired:
     return False, "timeout", time.time() - t0
   out = p.stdout + p.stderr
-  tail = [l for l in out.splitlines() if " passed" in l or " failed" in l or "error" in l.lower()][-1:]
   if p.returncode == 5:
     raise SystemExit(f"mutant {m.name!r}: `{' '.join(cmd[3:])}` selected no test")
-  return p.returncode == 1 and " failed" in out, (tail[0] if tail else out[-300:]), time.time() - t0
+  failed = [l.split()[1] for l in out.splitlines() if l.startswith("FAILED ")]
+  if p.returncode == 1 and failed:
+    return True, failed[0].split("::", 1)[1], time.time() - t0
+  tail = [l for l in out.splitlines() if " passed" in l or " failed" in l or "error" in l.lower()][-1:]
+  return False, (tail[0] if tail else out[-300:]), time.time() - t0
 
 
 def main(argv=None) -> int:
@@ -180,15 +183,15 @@ def main(argv=None) -> int:
       shutil.copytree(base, dst)
       apply(m, dst)
       caught, detail, secs = run_tests(m, dst, args.timeout)
-      rows.append((m, caught, secs))
-      print(f"[{i + 1}/{len(chosen)}] {m.name}: {'caught' if caught else 'SURVIVED'} ({secs:.0f}s; {detail.strip()})",
-            flush=True)
+      rows.append((m, caught, detail.strip()))
+      print(f"[{i + 1}/{len(chosen)}] {m.name}: {'caught by ' if caught else 'SURVIVED: '}{detail.strip()} "
+            f"({secs:.0f}s)", flush=True)
       shutil.rmtree(dst, ignore_errors=True)
   print()
-  print("| mutant | file | catching test (`pytest -k`) | result |")
+  print("| mutant | file | tests run | first failing test |")
   print("|---|---|---|---|")
-  for m, caught, _ in rows:
-    print(f"| {m.name} | `{m.file}` | `{m.test}` | {'caught' if caught else '**SURVIVED**'} |")
+  for m, caught, detail in rows:
+    print(f"| {m.name} | `{m.file}` | `{m.test}` | {f'`{detail}`' if caught else '**SURVIVED**'} |")
   survived = [m.name for m, caught, _ in rows if not caught]
   print(f"\n{len(rows) - len(survived)} of {len(rows)} mutants caught" + (f"; survived: {', '.join(survived)}"
                                                                       if survived else ""))
