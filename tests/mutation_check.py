@@ -90,7 +90,8 @@ MUTANTS = [
            "candidate = real & ~np.isin(ids, np.asarray(special_ids, np.int32))", "candidate = real",
            "tests/test_train_units.py::mlm_masking"),
     Mutant("F1 computed with macro average", "jaxformers/train/metrics.py",
-           "skm.f1_score(labels, preds, zero_division=0)", 'skm.f1_score(labels, preds, average="macro", zero_division=0)',
+           "skm.f1_score(labels, preds, zero_division=0)",
+           'skm.f1_score(labels, preds, average="macro", zero_division=0)',
            "tests/test_train_units.py::f1"),
     Mutant("GELU replaced by the tanh approximation", "jaxformers/layers/mlp.py",
            "return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))",
@@ -140,7 +141,8 @@ def apply(m: Mutant, dst: Path) -> None:
 
 def run_tests(m: Mutant, dst: Path, timeout: int) -> tuple[bool, str, float]:
   target, _, select = m.test.partition("::")
-  cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", target] + (["-k", select] if select else [])
+  cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", target]
+  cmd += ["-k", select] if select else []
   env = dict(os.environ, PYTHONPATH=str(dst))
   env.pop("JAXFORMERS_UPDATE_SNAPSHOTS", None)
   t0 = time.time()
@@ -188,7 +190,7 @@ def main(argv=None) -> int:
             f"({secs:.0f}s)", flush=True)
       shutil.rmtree(dst, ignore_errors=True)
   print()
-  print("| mutant | file | tests run | first failing test |")
+  print("| mutant | file | tests run (`file::-k`) | first failing test |")
   print("|---|---|---|---|")
   for m, caught, detail in rows:
     print(f"| {m.name} | `{m.file}` | `{m.test}` | {f'`{detail}`' if caught else '**SURVIVED**'} |")

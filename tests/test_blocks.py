@@ -136,7 +136,8 @@ def test_block_parameter_trees_match_snapshot():
   check_snapshot(_block_snapshot(), SNAPSHOT)
 
 
-@pytest.mark.parametrize("env,ci,writes", [("0", "", False), ("true", "", False), ("1", "true", False), ("1", "", True)])
+@pytest.mark.parametrize("env,ci,writes", [("0", "", False), ("true", "", False), ("1", "true", False),
+                                            ("1", "", True)])
 def test_snapshot_is_rewritten_only_on_request(tmp_path, monkeypatch, env, ci, writes):
   path = tmp_path / "snap.json"
   path.write_text(json.dumps({"a": [1]}) + "\n")

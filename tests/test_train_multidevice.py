@@ -88,9 +88,8 @@ def test_two_processes_with_multihost_match_one_device(tmp_path):
   # process 0 is told its peers by flags, process 1 by the JAX_* variables
   flags = ["--coordinator_address", f"localhost:{port}", "--num_processes=2", "--process_id=0"]
   variables = dict(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID="1")
-  procs = [subprocess.Popen(cmd + flags, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
-           subprocess.Popen(cmd, cwd=ROOT, env=dict(env, **variables), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)]
+  procs = [subprocess.Popen(argv, cwd=ROOT, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for argv, e in ((cmd + flags, env), (cmd, dict(env, **variables)))]
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
