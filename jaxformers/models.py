@@ -112,7 +112,8 @@ class MaskedLMHead(nnx.Module):
     self.transform = linear(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", None), rngs=rngs)
     self.norm = layer_norm(cfg, cfg.hidden_size, rngs=rngs)
     self.bias = nnx.Param(jnp.zeros((cfg.vocab_size,), dtype_of(cfg.param_dtype)), logical_axes=("vocab",))
-    self.act = activation(cfg.hidden_act)
+    # BERT's transform uses hidden_act; RoBERTa's lm_head always applies the exact GELU
+    self.act = activation("gelu" if cfg.family == "roberta" else cfg.hidden_act)
 
   def __call__(self, h_BLD: jax.Array, word_embedding_VD: jax.Array) -> jax.Array:
     h_BLD = self.norm(self.act(self.transform(h_BLD)))

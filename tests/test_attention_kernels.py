@@ -109,6 +109,32 @@ def test_flash_matches_reference(case):
     assert np.all(np.asarray(out, np.float32)[np.asarray(seg) == 0] == 0.0)
 
 
+def _numpy_attention(q, k, v, seg, scale):
+  q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+  logits = np.einsum("bqnd,bknd->bnqk", q, k) * scale
+  allowed = (seg[:, None, :, None] == seg[:, None, None, :]) & (seg[:, None, None, :] != 0)
+  logits = np.where(allowed, logits, -np.inf)
+  top = np.max(logits, -1, keepdims=True)
+  p = np.where(allowed, np.exp(logits - np.where(np.isfinite(top), top, 0)), 0.0)
+  p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)
+  return np.einsum("bnqk,bknd->bqnd", p, v)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_explicit_scale_matches_numpy(impl):
+  """scale=0.3 (the default would be 32**-0.5 = 0.177): numpy forward, and the kernel's gradients against the
+  reference's at the same scale."""
+  q, k, v, do = _qkv(2, 40, 40, 2, 32, jnp.float32, seed=3)
+  seg = _segments("packed", 2, 40)
+  fn = lambda q, k, v: attention(q, k, v, segment_ids=seg, scale=0.3, impl=impl)
+  out = np.asarray(fn(q, k, v))
+  want = _numpy_attention(q, k, v, np.asarray(seg), 0.3)
+  assert _rel_err(out, want) < 1e-5
+  assert _rel_err(_numpy_attention(q, k, v, np.asarray(seg), 32**-0.5), want) > 1e-2   # the scale matters here
+  if impl == "pallas":
+    _check_against(fn, lambda q, k, v: attention_reference(q, k, v, segment_ids=seg, scale=0.3), q, k, v, do)
+
+
 def test_fully_masked_rows_give_zeros_and_zero_grads():
   B, L, N, D = 2, 40, 1, 32
   q, k, v, do = _qkv(B, L, L, N, D, jnp.float32, seed=3)

@@ -122,12 +122,57 @@ def _block_snapshot() -> dict:
   return snap
 
 
+def check_snapshot(snap: dict, path: Path) -> None:
+  """Compare with the recorded snapshot. ``JAXFORMERS_UPDATE_SNAPSHOTS=1`` (exactly, and never under ``CI=true``)
+  rewrites it and then fails, so that an update is always checked by a deliberate second run."""
+  if os.environ.get("JAXFORMERS_UPDATE_SNAPSHOTS") == "1" and os.environ.get("CI", "").lower() != "true":
+    path.write_text(json.dumps(snap, indent=1, sort_keys=True) + "\n")
+    pytest.fail(f"wrote {path}; review the change and run again without JAXFORMERS_UPDATE_SNAPSHOTS")
+  assert snap == json.loads(path.read_text())
+
+
 def test_block_parameter_trees_match_snapshot():
   """Catches accidental renames: run with JAXFORMERS_UPDATE_SNAPSHOTS=1 to record an intended change."""
-  snap = _block_snapshot()
-  if os.environ.get("JAXFORMERS_UPDATE_SNAPSHOTS"):
-    SNAPSHOT.write_text(json.dumps(snap, indent=1, sort_keys=True) + "\n")
-  assert snap == json.loads(SNAPSHOT.read_text())
+  check_snapshot(_block_snapshot(), SNAPSHOT)
+
+
+@pytest.mark.parametrize("env,ci,writes", [("0", "", False), ("true", "", False), ("1", "true", False),
+                                            ("1", "", True)])
+def test_snapshot_is_rewritten_only_on_request(tmp_path, monkeypatch, env, ci, writes):
+  path = tmp_path / "snap.json"
+  path.write_text(json.dumps({"a": [1]}) + "\n")
+  monkeypatch.setenv("JAXFORMERS_UPDATE_SNAPSHOTS", env)
+  monkeypatch.setenv("CI", ci)
+  with pytest.raises(pytest.fail.Exception if writes else AssertionError):
+    check_snapshot({"a": [2]}, path)
+  assert json.loads(path.read_text()) == ({"a": [2]} if writes else {"a": [1]})
+  monkeypatch.delenv("JAXFORMERS_UPDATE_SNAPSHOTS")
+  check_snapshot(json.loads(path.read_text()), path)
+
+
+@pytest.mark.parametrize("block", [b for b in BLOCKS.names() if b.startswith("sparse")])
+def test_sparse_blocks_attend_only_inside_the_window(block):
+  """Window 4 on 20 tokens: one block's output at token i changes when token j changes iff |i - j| <= 2 or j is
+  the global first token; a padded batch gives the same outputs (the window is much smaller than the row)."""
+  model = models.Encoder(tiny(f"{block}*1", sparse_window=4), rngs=nnx.Rngs(0))
+  model.eval()
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1, 64, (1, 20))
+  base = np.asarray(model(ids).last_hidden_state[0])
+  for j in (0, 5, 7, 8, 9, 11, 12, 13, 15):
+    changed = ids.copy()
+    changed[0, j] = 1 + (ids[0, j] % 63)
+    out = np.asarray(model(changed).last_hidden_state[0])
+    diff = np.abs(out - base).max(-1)
+    expect = (np.abs(np.arange(20) - j) <= 2) | (j == 0)
+    expect[0] = True                                        # the global query sees everything
+    assert (diff > 1e-4).tolist() == expect.tolist(), (j, np.round(diff, 6).tolist())
+    assert diff[~expect].max(initial=0) <= 1e-6
+  padded = np.zeros((2, 26), ids.dtype)
+  padded[1, :20], padded[0] = ids[0], rng.integers(1, 64, 26)
+  mask = np.ones_like(padded)
+  mask[1, 20:] = 0
+  np.testing.assert_allclose(np.asarray(model(padded, mask).last_hidden_state[1, :20]), base, atol=2e-5, rtol=0)
 
 
 def test_parallel_fused_projections_compute_the_same():

@@ -13,7 +13,7 @@ from jaxformers.blocks import BLOCKS
 from jaxformers.kernels.attention import attention_reference
 from jaxformers.layers.common import Sequences
 from jaxformers.layers.sparse import sparse_attention_xla, sparse_mask_dense
-from jaxformers.packing import encode_texts, first_fit, pack, padded_fraction
+from jaxformers.packing import best_fit, encode_texts, first_fit, pack, padded_fraction
 
 TOL = 1e-5
 
@@ -30,8 +30,64 @@ def test_first_fit_packs_within_budget():
   rows = first_fit(lengths, 64, max_segments=4)
   assert sorted(i for r in rows for i in r) == list(range(50))
   assert all(sum(lengths[i] for i in r) <= 64 and len(r) <= 4 for r in rows)
-  # first-fit: no later row's first example would have fitted into an earlier row when it was placed
-  assert len(rows) <= -(-int(lengths.sum()) // 64) + 4
+  # first-fit decreasing, replayed: examples are placed longest first (ties by index), each into the first row
+  # that had room for it (tokens and slots) at that moment; a new row only when no open row had
+  order = sorted(range(50), key=lambda i: (-lengths[i], i))
+  row_of = {i: r for r, members in enumerate(rows) for i in members}
+  placed = [[] for _ in rows]
+  for i in order:
+    fits = [r for r, members in enumerate(placed)
+            if members and sum(lengths[j] for j in members) + lengths[i] <= 64 and len(members) < 4]
+    expected = fits[0] if fits else next(r for r, members in enumerate(placed) if not members)
+    assert row_of[i] == expected, (i, row_of[i], fits)
+    placed[row_of[i]].append(i)
+  assert [list(r) for r in placed] == [list(r) for r in rows]   # members in placement order
+
+
+def test_best_fit_puts_each_example_in_the_fullest_row_that_holds_it():
+  rng = np.random.default_rng(1)
+  lengths = rng.integers(1, 40, 60)
+  rows = best_fit(lengths, 64, max_segments=4)
+  assert sorted(i for r in rows for i in r) == list(range(60))
+  placed, row_of = [[] for _ in rows], {i: r for r, members in enumerate(rows) for i in members}
+  for i in np.argsort(-lengths, kind="stable"):
+    free = {r: 64 - sum(lengths[j] for j in m) for r, m in enumerate(placed) if m and len(m) < 4}
+    fits = {r: f for r, f in free.items() if f >= lengths[i] and f > 0}
+    if fits:
+      assert free[row_of[i]] == min(fits.values()), (i, row_of[i], fits)
+    else:
+      assert not placed[row_of[i]], i
+    placed[row_of[i]].append(int(i))
+
+
+@pytest.mark.parametrize("where", ["pack", "batching"])
+def test_segment_ids_number_each_example_from_one(where):
+  """Each example's tokens carry its slot number + 1, contiguously; 0 only past the last example of a row."""
+  from jaxformers.data import batching
+  from jaxformers.data.tokenize import Tokenized
+  examples = [list(range(10 + k, 10 + k + n)) for k, n in enumerate((5, 9, 3, 12, 7, 1))]
+  if where == "pack":
+    b = pack(examples, row_length=16, max_segments=3)
+    ids, seg, slots = b.input_ids, b.segment_ids, b.slots
+  else:
+    data = Tokenized(ids=[np.asarray(e, np.int32) for e in examples],
+                     type_ids=[np.zeros(len(e), np.int32) for e in examples], label=np.arange(6),
+                     origin="test")
+    plan = best_fit(data.lengths, 16, 3)
+    batch, slots = batching.pack_rows(data, plan, 16, 0, batching.Packing(rows=len(plan), max_segments=3))
+    ids, seg = batch["input_ids"], batch["segment_ids"]
+    np.testing.assert_array_equal(batch["labels"][slots >= 0], slots[slots >= 0])
+  for r in range(ids.shape[0]):
+    col = 0
+    for s in range(slots.shape[1]):
+      i = slots[r, s]
+      if i < 0:
+        continue
+      n = len(examples[i])
+      assert seg[r, col:col + n].tolist() == [s + 1] * n
+      assert ids[r, col:col + n].tolist() == examples[i]
+      col += n
+    assert not seg[r, col:].any()
 
 
 def test_pack_round_trips_tokens_and_reports_padding():

@@ -18,7 +18,8 @@ def test_block_layout_loss_falls(tmp_path, layout):
   first, last = np.mean(losses[:4]), np.mean(losses[-4:])
   assert last < first - 0.2, (layout, first, last)
   assert out["steps"] == 30 and out["num_params"] > 0
-  assert 0.0 <= out["eval"]["validation/accuracy"] <= 1.0
+  # held-out accuracy after 30 steps on 64 examples is near chance (measured 0.11-0.27), so it guards nothing here;
+  # test_train_default checks the held-out accuracy of the full default schedule
 
 
 def test_mlm_loss_falls(tmp_path):
@@ -26,4 +27,4 @@ def test_mlm_loss_falls(tmp_path):
   out = run(c, tmp_path)
   losses = [v for _, v in sorted(train_losses(tmp_path).items())]
   assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.3
-  assert out["eval"]["validation/perplexity"] > 1.0
+  assert out["eval"]["validation/perplexity"] == pytest.approx(np.exp(out["eval"]["validation/loss"]), rel=1e-12)

@@ -1,4 +1,4 @@
-"""The embedded default learns: held-out accuracy far above chance (1/9) on a shortened schedule."""
+"""The embedded default learns: the README's held-out accuracy (0.874, chance 1/9) with the default config itself."""
 import json
 
 import pytest
@@ -17,11 +17,13 @@ def test_embedded_data_is_real_and_split():
 
 
 @pytest.mark.slow
-def test_default_config_learns(tmp_path):
-  c = load_config("default", None, train__num_epochs=4.0, train__eval_every=0, train__progress=False)
+def test_default_config_reaches_the_readme_accuracy(tmp_path):
+  # the default schedule (8 epochs, 448 steps); evaluating only at the end changes no parameter
+  c = load_config("default", None, train__eval_every=0, train__progress=False)
   out = run(c, tmp_path)
   acc = out["eval"]["validation/accuracy"]
-  assert acc > 0.5, acc          # chance is 1/9; the majority class is under 20%
+  assert out["steps"] == 448
+  assert acc >= 0.85, acc        # measured 0.8740 (229/262); chance is 1/9, the majority class under 20%
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["eval"]["validation/accuracy"] == acc
   for k in ("steps", "examples_per_s", "tokens_per_s", "num_params", "wall_time_s"):

@@ -1,4 +1,5 @@
 """Bad input: a clear error naming the key, file, column or value at fault; nothing saved is lost."""
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ from jaxformers.train import ConfigError, NonFiniteLoss, run
 from jaxformers.train.checkpoint import CheckpointMismatch
 from jaxformers.train.defaults import check_keys
 from tests.test_train_glue import glue_tiny, write_rte
-from tests.train_helpers import ROOT, load_config, train_losses
+from tests.train_helpers import ROOT, checkpoint_params, load_config, train_losses
 
 
 def test_unknown_config_key_on_command_line_names_closest(tmp_path):
@@ -97,13 +98,24 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   wd = tmp_path / "run"
   c = load_config("tiny", "steps=4", train__checkpoint_every=2)
   run(c, wd)   # a good run to step 4, saved at 2 and 4
+  good = checkpoint_params(wd, 4)
   c = load_config("tiny", "steps=40", optim__lr=1e12, train__checkpoint_every=2)
-  with pytest.raises(NonFiniteLoss, match=r"loss became (nan|inf|-inf) at step (\d+).*last good checkpoint is step"):
+  with pytest.raises(NonFiniteLoss) as err:
     run(c, wd)   # resumes from step 4 with an absurd learning rate
-  # no checkpoint after the last finite step
+  m = re.search(r"loss became (nan|inf|-inf) at step (\d+);.*The last good checkpoint is step (\d+) in (\S+);",
+                str(err.value))
+  assert m, str(err.value)
+  bad, last = int(m[2]), int(m[3])
   losses = train_losses(wd)
+  assert bad > 4 and bad not in losses and max(losses) == bad - 1      # every step before it was logged, finite
+  assert all(np.isfinite(losses[s]) for s in losses)
   saved = sorted(int(d.name) for d in (wd / "checkpoints").iterdir() if d.name.isdigit())
-  assert all(np.isfinite(losses[s]) for s in saved)
+  assert saved[-1] == last == max(s for s in range(2, bad, 2)) and m[4] == str(wd / "checkpoints")
+  kept = checkpoint_params(wd, last)
+  assert all(np.isfinite(v).all() for v in kept.values())
+  if last == 4:                                                          # untouched by the failed run
+    for k, v in good.items():
+      np.testing.assert_array_equal(kept[k], v, err_msg=k)
 
 
 def test_checkpoint_from_another_model_is_refused(tmp_path):

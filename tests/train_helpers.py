@@ -35,3 +35,19 @@ def records(workdir, kind="train"):
 
 def train_losses(workdir):
   return {r["step"]: r["loss"] for r in records(workdir, "train")}
+
+
+def checkpoint_params(workdir, step, sub="checkpoints") -> dict:
+  """The parameters saved at ``step`` in ``DIR/<sub>`` as ``{"encoder.blocks.0.mixer.query.kernel": array}``."""
+  import numpy as np
+  import orbax.checkpoint as ocp
+  m = ocp.CheckpointManager(Path(workdir) / sub, options=ocp.CheckpointManagerOptions(read_only=True))
+  state = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  m.close()
+  out = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(state["params"])[0]:
+    parts = [str(getattr(p, "key", getattr(p, "idx", p))) for p in path]
+    if parts[-1] == "value":          # the Variable's own field, after the parameter's path
+      parts = parts[:-1]
+    out[".".join(parts)] = np.asarray(x)
+  return out

@@ -1,0 +1,212 @@
+"""Mutation check: plant named bugs in a copy of the package and confirm the tests named after them fail.
+
+  python tests/mutation_check.py            # every mutant (several minutes on 2 cores)
+  python tests/mutation_check.py -k gelu    # mutants whose name contains "gelu"
+  python tests/mutation_check.py --list     # check every substitution still applies, run nothing
+
+Each mutant is one exact text substitution in one file; it must match exactly once, so a mutant whose source
+has changed fails loudly instead of silently testing nothing. For each, the package (jaxformers/, configs/,
+tests/, train.py, pyproject.toml) is copied to a temporary directory, the substitution applied, and the catching
+tests run there with ``pytest -x -q -k ...`` and PYTHONPATH at the copy. Prints a table (mutant -> the
+test that failed, or SURVIVED) and exits 1 if any mutant survived or could not be applied. Not collected by pytest (no
+``test_`` prefix); run it by hand or in CI after the suite.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COPY = ("jaxformers", "configs", "tests", "train.py", "pyproject.toml")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+  name: str
+  file: str
+  old: str
+  new: str
+  test: str          # pytest target: file, with ``-k`` expression after "::"
+
+
+MUTANTS = [
+    Mutant("converter swaps key/value weights", "jaxformers/convert/hf.py",
+           'for n in ("query", "key", "value") for r in linear(f"{_L}.attention.self.{n}", f"{_B}.mixer.{n}"',
+           'for n, m in (("query", "query"), ("key", "value"), ("value", "key")) '
+           'for r in linear(f"{_L}.attention.self.{n}", f"{_B}.mixer.{m}"',
+           "tests/test_convert.py::rearranged"),
+    Mutant("wrong LayerNorm epsilon mapping", "jaxformers/convert/hf.py",
+           'layer_norm_eps=hf.get("layer_norm_eps", 1e-12)', "layer_norm_eps=1e-12",
+           "tests/test_convert.py::non_default_config"),
+    Mutant("activation mapping ignores hidden_act", "jaxformers/convert/hf.py",
+           "hidden_act=_ACTS[act]", 'hidden_act="gelu"',
+           "tests/test_convert.py::non_default_config"),
+    Mutant("re-arrangement sends the k-th attention to the wrong block", "jaxformers/convert/engine.py",
+           "out[(i, group)] = js[i] if i < len(js) else None",
+           "out[(i, group)] = js[len(js) - 1 - i] if i < len(js) else None",
+           "tests/test_convert.py::rearranged"),
+    Mutant("RoBERTa position offset wrong", "jaxformers/layers/embeddings.py",
+           "return jnp.cumsum(mask, axis=-1, dtype=jnp.int32) * mask + cfg.pad_token_id",
+           "return jnp.cumsum(mask, axis=-1, dtype=jnp.int32) * mask + cfg.pad_token_id - 1",
+           "tests/test_convert.py::random_checkpoints and RobertaModel"),
+    Mutant("fine-tuning ignores init_from", "jaxformers/train/loop.py",
+           "    if self.pretrained is not None:\n      _, p, r = nnx.split(self.pretrained",
+           "    if False:\n      _, p, r = nnx.split(self.pretrained",
+           "tests/test_train_pretrained.py::native"),
+    Mutant("warm-up dropped", "jaxformers/train/optim.py",
+           "  if warmup == 0:\n    return decay", "  if True:\n    return decay",
+           "tests/test_train_units.py::schedule"),
+    Mutant("gradient clipping skipped", "jaxformers/train/optim.py",
+           "  if cfg.clip_norm and cfg.clip_norm > 0:", "  if False:",
+           "tests/test_train_units.py::adamw"),
+    Mutant("weight decay on LayerNorm and biases", "jaxformers/train/optim.py",
+           "lambda p: p.ndim > 1", "lambda p: p.ndim > 0",
+           "tests/test_train_units.py::decay_mask"),
+    Mutant("accumulation divides by the micro-batch count again", "jaxformers/train/steps.py",
+           "g = jax.tree.map(lambda x: x / denom, g)", "g = jax.tree.map(lambda x: x / denom / accum_steps, g)",
+           "tests/test_train_units.py::accumulation"),
+    Mutant("resume skips the data position", "jaxformers/train/loop.py",
+           '      batches.restore(saved["data_state"])', "      pass",
+           "tests/test_train_resume.py::test_resume_is_bit_identical"),
+    Mutant("best checkpoint picks min instead of max", "jaxformers/train/loop.py",
+           'return f"{self.task.eval_splits[0]}/{self.task.metric}", "max"',
+           'return f"{self.task.eval_splits[0]}/{self.task.metric}", "min"',
+           "tests/test_train_units.py::trainer_keeps"),
+    Mutant("NaN message names the previous step", "jaxformers/train/loop.py",
+           'raise NonFiniteLoss(f"training loss became {loss} at step {at};',
+           'raise NonFiniteLoss(f"training loss became {loss} at step {at - 1};',
+           "tests/test_train_errors.py::nan"),
+    Mutant("MLM 80/10/10 changed to 70/20/10", "jaxformers/data/batching.py",
+           "new[chosen & (u < 0.8)] = mask_id", "new[chosen & (u < 0.7)] = mask_id",
+           "tests/test_train_units.py::mlm_masking"),
+    Mutant("MLM masks special tokens", "jaxformers/data/batching.py",
+           "candidate = real & ~np.isin(ids, np.asarray(special_ids, np.int32))", "candidate = real",
+           "tests/test_train_units.py::mlm_masking"),
+    Mutant("F1 computed with macro average", "jaxformers/train/metrics.py",
+           "skm.f1_score(labels, preds, zero_division=0)",
+           'skm.f1_score(labels, preds, average="macro", zero_division=0)',
+           "tests/test_train_units.py::f1"),
+    Mutant("GELU replaced by the tanh approximation", "jaxformers/layers/mlp.py",
+           "return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))",
+           "return jax.nn.gelu(x, approximate=True)",
+           "tests/test_blocks.py::gelu"),
+    Mutant("packing segment ids off by one (pack)", "jaxformers/packing.py",
+           "      seg[r, col:col + n] = s + 1\n      if types", "      seg[r, col:col + n] = s\n      if types",
+           "tests/test_packing.py::segment_ids"),
+    Mutant("packing segment ids off by one (train batches)", "jaxformers/data/batching.py",
+           "      seg[r, col:col + n] = s + 1\n      slots[r, s] = i",
+           "      seg[r, col:col + n + 1] = s + 1\n      slots[r, s] = i",
+           "tests/test_packing.py::segment_ids"),
+    Mutant("first-fit takes the last row that fits", "jaxformers/packing.py",
+           "    for r, free in enumerate(space):", "    for r, free in reversed(list(enumerate(space))):",
+           "tests/test_packing.py::first_fit"),
+    Mutant("sparse window one block too wide", "jaxformers/layers/sparse.py",
+           "& (jnp.abs(idx_q[..., :, None] - idx_k[..., None, :]) <= window // 2)",
+           "& (jnp.abs(idx_q[..., :, None] - idx_k[..., None, :]) <= window // 2 + blk)",
+           "tests/test_blocks.py::window"),
+    Mutant("wrong softmax scale in the Pallas kernel", "jaxformers/kernels/attention/flash.py",
+           "  scale = D**-0.5 if scale is None else float(scale)", "  scale = D**-0.5",
+           "tests/test_attention_kernels.py::explicit_scale"),
+    Mutant("wrong softmax scale in the XLA reference", "jaxformers/kernels/attention/reference.py",
+           "  scale = head_dim**-0.5 if scale is None else scale", "  scale = head_dim**-0.5",
+           "tests/test_attention_kernels.py::explicit_scale and xla"),
+]
+
+
+def prepare(dst: Path) -> None:
+  for name in COPY:
+    src = ROOT / name
+    if src.is_dir():
+      shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache"))
+    else:
+      shutil.copy2(src, dst / name)
+
+
+def apply(m: Mutant, dst: Path) -> None:
+  path = dst / m.file
+  text = path.read_text()
+  n = text.count(m.old)
+  if n != 1:
+    raise SystemExit(f"mutant {m.name!r}: the text to replace occurs {n} times in {m.file} (expected exactly once); "
+                     f"update MUTANTS in tests/mutation_check.py to the current source:\n{m.old}")
+  path.write_text(text.replace(m.old, m.new))
+
+
+def run_tests(m: Mutant, dst: Path, timeout: int) -> tuple[bool, str, float]:
+  target, _, select = m.test.partition("::")
+  cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", target]
+  cmd += ["-k", select] if select else []
+  env = dict(os.environ, PYTHONPATH=str(dst))
+  env.pop("JAXFORMERS_UPDATE_SNAPSHOTS", None)
+  t0 = time.time()
+  try:
+    p = subprocess.run(cmd, cwd=dst, env=env, capture_output=True, text=True, timeout=timeout)
+  except subprocess.TimeoutExpired:
+    return False, "timeout", time.time() - t0
+  out = p.stdout + p.stderr
+  if p.returncode == 5:
+    raise SystemExit(f"mutant {m.name!r}: `{' '.join(cmd[3:])}` selected no test")
+  failed = [l.split()[1] for l in out.splitlines() if l.startswith("FAILED ")]
+  if p.returncode == 1 and failed:
+    return True, failed[0].split("::", 1)[1], time.time() - t0
+  tail = [l for l in out.splitlines() if " passed" in l or " failed" in l or "error" in l.lower()][-1:]
+  return False, (tail[0] if tail else out[-300:]), time.time() - t0
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("-k", default="", help="only mutants whose name contains this text")
+  ap.add_argument("--timeout", type=int, default=900, help="seconds per mutant")
+  ap.add_argument("--list", action="store_true", help="check that every substitution applies, run no test")
+  args = ap.parse_args(argv)
+  chosen = [m for m in MUTANTS if args.k.lower() in m.name.lower()]
+  if not chosen:
+    raise SystemExit(f"no mutant matches {args.k!r}")
+  rows = []
+  with tempfile.TemporaryDirectory(prefix="jaxformers-mutants-") as tmp:
+    base = Path(tmp) / "clean"
+    base.mkdir()
+    prepare(base)
+    for m in chosen:                       # every substitution must apply before any test runs
+      apply(m, _scratch(base, tmp, m))
+    if args.list:
+      for m in chosen:
+        print(f"{m.name}: {m.file} -> {m.test}")
+      return 0
+    for i, m in enumerate(chosen):
+      dst = Path(tmp) / f"m{i}"
+      shutil.copytree(base, dst)
+      apply(m, dst)
+      caught, detail, secs = run_tests(m, dst, args.timeout)
+      rows.append((m, caught, detail.strip()))
+      print(f"[{i + 1}/{len(chosen)}] {m.name}: {'caught by ' if caught else 'SURVIVED: '}{detail.strip()} "
+            f"({secs:.0f}s)", flush=True)
+      shutil.rmtree(dst, ignore_errors=True)
+  print()
+  print("| mutant | file | tests run (`file::-k`) | first failing test |")
+  print("|---|---|---|---|")
+  for m, caught, detail in rows:
+    print(f"| {m.name} | `{m.file}` | `{m.test}` | {f'`{detail}`' if caught else '**SURVIVED**'} |")
+  survived = [m.name for m, caught, _ in rows if not caught]
+  print(f"\n{len(rows) - len(survived)} of {len(rows)} mutants caught" + (f"; survived: {', '.join(survived)}"
+                                                                      if survived else ""))
+  return 1 if survived else 0
+
+
+def _scratch(base: Path, tmp: str, m: Mutant) -> Path:
+  """A throwaway copy of the one file ``m`` changes, to check the substitution applies."""
+  d = Path(tempfile.mkdtemp(dir=tmp))
+  (d / m.file).parent.mkdir(parents=True, exist_ok=True)
+  shutil.copy2(base / m.file, d / m.file)
+  return d
+
+
+if __name__ == "__main__":
+  sys.exit(main())
