@@ -19,6 +19,7 @@ from jaxformers.data import batching
 from jaxformers.train import checkpoint as ckpt_lib
 from jaxformers.train import metrics, optim, run, steps
 from jaxformers.train.defaults import base_config
+from jaxformers.train.tasks import make_task
 from tests.train_helpers import load_config, records
 
 
@@ -139,9 +140,10 @@ def test_gradient_accumulation_equals_the_full_batch_gradient():
   tx = optax.sgd(1.0)
   out = {}
   for accum in (1, 2):
-    step = jax.jit(steps.make_train_step(graphdef, tx, lambda s: 0.0, "classification", accum_steps=accum))
+    task = make_task(base_config())
+    step = jax.jit(steps.make_train_step(graphdef, tx, lambda s: 0.0, task, accum_steps=accum))
     state = {"params": params, "opt_state": tx.init(params), "rngs": rest, "step": jnp.zeros((), jnp.int32)}
-    new, m = step(state, batch)
+    new, m = step(state, batch, {})
     out[accum] = jax.tree.map(lambda a, b: a - b, params, new["params"])
     assert float(m["weight"]) == 3.0
     assert float(m["loss"]) == pytest.approx(float(mean_loss(params)), rel=1e-6)

@@ -147,12 +147,9 @@ class Regression(Task):
                     + "\n")
 
 
-@TASKS.register("mlm")
-class MaskedLM(Task):
-  """Masked-LM training on the source's texts: dynamic masking (``data.mlm_probability``, 80/10/10)."""
-  name = "mlm"
-  model_task = "masked_lm"
-  per_token = True
+class TextTask(Task):
+  """A task on the source's plain texts (no labels): the best checkpoint has the lowest eval loss, no predictions."""
+  per_token = False
   can_predict = False
 
   def __init__(self, source, c):
@@ -167,6 +164,23 @@ class MaskedLM(Task):
   def examples(self, split: str) -> sources.Examples:
     return sources.Examples(self.source.texts(self.data_cfg, split), None, None, f"{self.data_cfg.source}:{split}")
 
+  def eval_outputs(self, logits):
+    return None
+
+  def eval_metrics(self, data, outputs, sums) -> dict:
+    return {"loss": sums[0] / max(sums[1], 1.0)}
+
+  def best_metric(self) -> tuple[str, str]:
+    return f"{self.eval_splits[0]}/loss", "min"
+
+
+@TASKS.register("mlm")
+class MaskedLM(TextTask):
+  """Masked-LM training on the source's texts: dynamic masking (``data.mlm_probability``, 80/10/10)."""
+  name = "mlm"
+  model_task = "masked_lm"
+  per_token = True
+
   def mlm_options(self, tok, special: dict) -> dict:
     if special["mask"] is None:
       raise sources.DataError("task=mlm needs a tokenizer with a [MASK] / <mask> token")
@@ -174,15 +188,9 @@ class MaskedLM(Task):
     return {"mask_id": special["mask"], "vocab_size": tok.get_vocab_size(), "special_ids": specials,
             "prob": self.data_cfg.mlm_probability}
 
-  def eval_outputs(self, logits):
-    return None
-
   def eval_metrics(self, data, outputs, sums) -> dict:
     loss = sums[0] / max(sums[1], 1.0)
     return {"loss": loss, "accuracy": sums[2] / max(sums[1], 1.0), "perplexity": math.exp(min(loss, 50.0))}
-
-  def best_metric(self) -> tuple[str, str]:
-    return f"{self.eval_splits[0]}/loss", "min"
 
 
 def make_task(c) -> Task:
@@ -309,21 +317,21 @@ class Distillation:
     return total, s_logits
 
 
-class Distilled(Task):
-  """A task trained with a teacher: ``distill.task`` x the task's own loss + the distillation losses. Metrics,
-  best checkpoint and predictions are the task's."""
+class Distilled:
+  """A task trained with a teacher: ``distill.task`` x the task's own loss + the distillation losses. Everything
+  else (data, metrics, best checkpoint, predictions) is the task's."""
 
   def __init__(self, inner: Task, distill_cfg):
-    self.__dict__.update(inner.__dict__)
     self.inner = inner
-    self.name, self.model_task, self.per_token, self.can_predict = (inner.name, inner.model_task, inner.per_token,
-                                                                    inner.can_predict)
     self.distillation = Distillation(distill_cfg)
     self.task_weight = float(distill_cfg.task)
 
+  def __getattr__(self, name):
+    return getattr(self.inner, name)
+
   def prepare(self, run) -> None:
     self.inner.prepare(run)
-    self.distillation.prepare(run, self.model_task)
+    self.distillation.prepare(run, self.inner.model_task)
 
   def inputs(self):
     return {**self.inner.inputs(), **self.distillation.inputs()}
@@ -336,54 +344,23 @@ class Distilled(Task):
     s, w, c = self.inner.loss_terms(logits, batch)
     return self.task_weight * s + extra, w, c, logits
 
-  def examples(self, split):
-    return self.inner.examples(split)
-
-  def mlm_options(self, tok, special):
-    return self.inner.mlm_options(tok, special)
-
-  def loss_terms(self, logits, batch):
-    return self.inner.loss_terms(logits, batch)
-
-  def eval_outputs(self, logits):
-    return self.inner.eval_outputs(logits)
-
-  def eval_metrics(self, data, outputs, sums):
-    return self.inner.eval_metrics(data, outputs, sums)
-
-  def best_metric(self):
-    return self.inner.best_metric()
-
-  def write_predictions(self, outputs, path):
-    return self.inner.write_predictions(outputs, path)
-
 
 @TASKS.register("heal")
-class Heal(Task):
+class Heal(TextTask):
   """Healing a re-arranged model: distil it from a teacher (usually the checkpoint it was re-arranged from) on
   the source's unlabelled texts, with the losses of ``config.distill`` only. The student is an encoder
   (``base``), or a masked-LM model when ``distill.logits`` > 0 (the teacher needs an MLM head then)."""
   name = "heal"
-  can_predict = False
 
   def __init__(self, source, c):
-    self.source, self.data_cfg = source, c.data
-    self.num_labels, self.label_names, self.metric = 0, None, "loss"
-    self.eval_splits = source.eval_splits(c.data)
+    super().__init__(source, c)
     self.distillation = Distillation(c.distill)
     self.model_task = "masked_lm" if float(c.distill.logits) else "base"
-
-  @property
-  def head_labels(self) -> None:
-    return None
-
-  def examples(self, split: str) -> sources.Examples:
-    return sources.Examples(self.source.texts(self.data_cfg, split), None, None, f"{self.data_cfg.source}:{split}")
 
   def prepare(self, run) -> None:
     if not any(self.distillation.weights.values()):
       raise ConfigError("task=heal needs at least one distillation loss: set distill.hidden, distill.attention, "
-                       "distill.value or distill.logits above 0")
+                        "distill.value or distill.logits above 0")
     self.distillation.prepare(run, self.model_task)
 
   def inputs(self):
@@ -393,12 +370,3 @@ class Heal(Task):
     w = jnp.sum(batch["weights"])
     s, _ = self.distillation.terms(model, batch, inputs, max_segments, w)
     return s, w, jnp.zeros((), jnp.float32), None
-
-  def eval_outputs(self, logits):
-    return None
-
-  def eval_metrics(self, data, outputs, sums) -> dict:
-    return {"loss": sums[0] / max(sums[1], 1.0)}
-
-  def best_metric(self) -> tuple[str, str]:
-    return f"{self.eval_splits[0]}/loss", "min"
