@@ -143,7 +143,8 @@ def from_pretrained(path: str | Path, *, revision: str | None = None, layout: st
   """
   path = hub.resolve(path, revision)
   from jaxformers import runs
-  if runs.is_run_dir(path):   # a train.py work directory, WORKDIR/best or WORKDIR/checkpoints/N
+  from jaxformers.workdir import is_run_dir
+  if is_run_dir(path):   # a train.py work directory, WORKDIR/best or WORKDIR/checkpoints/N
     step = runs.step_dir(path)
     model, report = runs.restore(step, rngs=rngs, **{k: v for k, v in overrides.items() if k in RUNTIME_FIELDS}), None
     if wants_rearrangement(model, layout=layout, task=task, num_labels=num_labels, head=head, overrides=overrides):

@@ -16,7 +16,7 @@ from flax import nnx
 from jaxformers import models
 from jaxformers.config import EncoderConfig
 from jaxformers.convert.io import CheckpointError
-from jaxformers.workdir import STATE_DIRS, is_run_dir, is_step_dir, saved_steps, tokenizer_dir, workdir_of  # noqa: F401
+from jaxformers.workdir import STATE_DIRS, is_step_dir, saved_steps
 
 # The model each trainer task trains, for runs saved before the metadata named it ("model_task").
 TASKS = {"classification": "classification", "regression": "classification", "mlm": "masked_lm"}

@@ -195,7 +195,6 @@ def expected_source_tensor(path: str, blocks: tuple, source: dict) -> np.ndarray
 ])
 def test_rearranged_models_reuse_source_weights(hf_factory, layout, reused_attention):
   path, _ = hf_factory("BertForSequenceClassification", "safetensors")
-  src = jaxformers.from_pretrained(path)
   model, report = jaxformers.from_pretrained(path, layout=layout, return_report=True)
   ids, mask = padded_batch(120)
   logits = np.asarray(model(ids, mask))

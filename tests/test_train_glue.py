@@ -5,7 +5,6 @@ scikit-learn / scipy from the written predictions must equal what the trainer re
 """
 import numpy as np
 import pytest
-from scipy import stats
 from sklearn import metrics as skm
 
 from jaxformers.train import run

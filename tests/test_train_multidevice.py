@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxformers.train import run
-from tests.train_helpers import ROOT, checkpoint_params, load_config, records, train_losses
+from tests.train_helpers import ROOT, checkpoint_params, load_config, records
 
 # measured with dropout on: losses and gradient norms within 3.3e-7 relative, parameters within 1.0e-7
 MULTI_RTOL = 2e-6

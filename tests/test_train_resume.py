@@ -1,6 +1,4 @@
 """Resume equivalence: interrupted-and-resumed runs equal an uninterrupted run bit for bit on CPU."""
-import json
-import os
 import signal
 import subprocess
 import sys

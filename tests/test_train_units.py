@@ -3,7 +3,6 @@ weight-decay mask (numpy), gradient accumulation (the full-batch gradient), MLM 
 (numpy formulas) and best-checkpoint selection."""
 from __future__ import annotations
 
-import json
 import math
 
 import jax

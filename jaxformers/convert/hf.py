@@ -41,7 +41,7 @@ from flax import nnx
 from jaxformers.layout import BLOCKS
 from jaxformers.config import EncoderConfig
 from jaxformers.convert import engine
-from jaxformers.convert.engine import Ignore, Report, Rule, embedding, linear, norm
+from jaxformers.convert.engine import Ignore, Rule, embedding, linear, norm
 from jaxformers.convert.io import (SAFETENSORS, CheckpointError, read_hf_config, read_hf_weights, write_beside,
                                   write_hf_files)
 from jaxformers.convert.params import get_params, param_shapes, set_params

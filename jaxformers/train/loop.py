@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from jaxformers.config import RUNTIME_FIELDS
-from jaxformers.data import batching, sources, tokenize
+from jaxformers.data import batching, tokenize
 from jaxformers.layout import BLOCKS, LayoutError
 from jaxformers.train import checkpoint as ckpt_lib
 from jaxformers.train import metrics as metrics_lib
