@@ -235,7 +235,8 @@ def measure(a, cells: dict) -> dict:
     model = jaxformers.from_pretrained(rec["finetune_dir"])
     graph, state = nnx.split(model)
     vocab = model.config.vocab_size
-    ids = jax.numpy.asarray(np.random.default_rng(0).integers(min(1000, vocab // 2), vocab, size=shape), jax.numpy.int32)
+    ids = np.random.default_rng(0).integers(min(1000, vocab // 2), vocab, size=shape)
+    ids = jax.numpy.asarray(ids, jax.numpy.int32)
     mask = jax.numpy.ones(shape, jax.numpy.int32)
     types = jax.numpy.zeros(shape, jax.numpy.int32)
 
