@@ -80,3 +80,39 @@ def test_bad_layout_and_data_are_named(source, tmp_path):
   with pytest.raises(SystemExit, match=r"--data .*nothere: expected 'embedded' or a directory holding data.json"):
     study.main(args(source, tmp_path, "--data", str(tmp_path / "nothere")))
   assert not (tmp_path / "study.json").exists()
+
+
+def test_bigbench_task_converts_to_csv_with_a_grouped_seeded_split(tmp_path, capsys):
+  import csv
+  import bigbench_to_csv
+  examples = []
+  for i in range(20):                            # two contrasting evidences per claim, as in VitaminC
+    for j, label in enumerate(("True", "False") if i % 2 else ("Neither", "True")):
+      examples.append({"input": f"Page {i}: evidence {i}.{j}\nfirst line\nClaim: claim number {i} .",
+                       "target_scores": {"True": int(label == "True"), "False": int(label == "False"),
+                                         "Neither": int(label == "Neither")}})
+  task = tmp_path / "task.json"
+  task.write_text(json.dumps({"name": "t", "examples": examples}))
+  bigbench_to_csv.main([str(task), "--out", str(tmp_path / "a"), "--validation-fraction", "0.2"])
+  out = capsys.readouterr().out
+  counts = {line.split(":")[0]: dict(kv.split("=") for kv in line.split("; ")[1].split(", "))
+            for line in out.splitlines()}
+  assert "train: 32 examples" in out and "validation: 8 examples" in out
+  assert {k: int(counts["train"][k]) + int(counts["validation"][k]) for k in counts["train"]} == \
+      {"True": 20, "False": 10, "Neither": 10}
+  rows = {s: list(csv.DictReader((tmp_path / "a" / f"{s}.csv").open())) for s in ("train", "validation")}
+  assert rows["train"][0].keys() == {"claim", "evidence", "label"}
+  claims = {s: {r["claim"] for r in rs} for s, rs in rows.items()}
+  assert not claims["train"] & claims["validation"] and len(claims["validation"]) == 4   # a claim stays whole
+  r = next(r for r in rows["train"] if r["claim"] == "claim number 3 .")
+  assert r["evidence"] in ("Page 3: evidence 3.0 first line", "Page 3: evidence 3.1 first line")
+  meta = json.loads((tmp_path / "a" / "data.json").read_text())
+  assert meta["label_names"] == "True,False,Neither" and meta["num_labels"] == 3
+  assert study.data_settings(str(tmp_path / "a"))["train_file"] == str((tmp_path / "a" / "train.csv").resolve())
+  bigbench_to_csv.main([str(task), "--out", str(tmp_path / "b"), "--validation-fraction", "0.2"])
+  assert (tmp_path / "b" / "train.csv").read_text() == (tmp_path / "a" / "train.csv").read_text()   # seeded
+  bigbench_to_csv.main([str(task), "--out", str(tmp_path / "c"), "--max-examples", "5", "--max-validation", "3"])
+  assert len(list(csv.DictReader((tmp_path / "c" / "train.csv").open()))) == 5
+  (tmp_path / "bad.json").write_text(json.dumps({"examples": [{"input": "no separator", "target_scores": {"a": 1}}]}))
+  with pytest.raises(SystemExit, match=r"example 0's input has no separator '\\nClaim: '"):
+    bigbench_to_csv.main([str(tmp_path / "bad.json"), "--out", str(tmp_path / "d")])
