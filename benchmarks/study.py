@@ -207,7 +207,7 @@ def run_cell(a, data: dict, root: Path, layout: str, recipe: str) -> dict:
   rec.update(metric_name=name.split("/", 1)[-1], metric=fs["eval"][name], eval=fs["eval"],
              train_tokens_per_s=fs["tokens_per_s"], finetune_wall_time_s=fs["wall_time_s"],
              train_examples=fs["train_examples"], eval_examples=fs["eval_examples"],
-             finetune_dir=str(d / "finetune"), cell_wall_time_s=time.time() - t0)
+             finetune_dir=str(d / "finetune"), finetune_init_from=fc.init_from, cell_wall_time_s=time.time() - t0)
   return rec
 
 

@@ -45,6 +45,8 @@ def test_study_measures_every_cell_and_resumes(source, tmp_path, capsys):
   # the healed cells fine-tuned after a healing run of their own; the direct ones did not heal
   assert (tmp_path / "cells" / "fourier-2-healed" / "heal" / "summary.json").is_file()
   assert not (tmp_path / "cells" / "fourier-2-direct" / "heal").exists()
+  assert cells["fourier*2 | healed"]["finetune_init_from"] == str(tmp_path / "cells" / "fourier-2-healed" / "heal")
+  assert cells["fourier*2 | direct"]["finetune_init_from"] == source
   # the same parameter count for both recipes of a layout; a Fourier block has no attention weights
   assert cells["serial*2 | direct"]["num_params"] == cells["serial*2 | healed"]["num_params"]
   assert cells["fourier*2 | direct"]["num_params"] < cells["serial*2 | direct"]["num_params"]
