@@ -1,0 +1,120 @@
+"""The layout study script: every cell measured, the table and plot written, a rerun skips finished cells."""
+import json
+import sys
+
+import pytest
+
+from jaxformers.train import run
+from tests.train_helpers import ROOT, load_config
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import study  # noqa: E402
+
+FIELDS = ("layout", "recipe", "metric", "metric_name", "train_tokens_per_s", "infer_tokens_per_s", "num_params",
+          "flops_per_token", "finetune_dir")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+  """A few-step serial*2 classifier on the embedded data: the study's source checkpoint."""
+  wd = tmp_path_factory.mktemp("source") / "run"
+  run(load_config("tiny", "steps=4", model__hidden_dropout=0.0, model__attention_dropout=0.0), wd)
+  return str(wd)
+
+
+def args(source, workdir, *extra):
+  return ["--init_from", source, "--layouts", "serial*2;fourier*2", "--recipes", "direct,healed",
+          "--data", "embedded", "--workdir", str(workdir), "--heal_steps", "3", "--finetune_steps", "3",
+          "--max_length", "32", "--batch_size", "8", "--max_train_examples", "32", "--infer_batch", "4",
+          "--repeats", "2", *extra]
+
+
+def test_study_measures_every_cell_and_resumes(source, tmp_path, capsys):
+  out = study.main(args(source, tmp_path))
+  cells = out["cells"]
+  assert sorted(cells) == ["fourier*2 | direct", "fourier*2 | healed", "serial*2 | direct",
+                           "serial*2 | healed"]
+  for c in cells.values():
+    assert all(k in c for k in FIELDS), sorted(c)
+    assert 0 <= c["metric"] <= 1 and c["metric_name"] == "accuracy"
+    assert c["train_tokens_per_s"] > 0 and c["infer_tokens_per_s"] > 0
+  assert out["reference"] == "serial*2 | direct"
+  # healing used the attention losses only where the student has attention
+  assert cells["serial*2 | healed"]["heal"]["losses"] == {"hidden": 1.0, "attention": 1.0, "value": 1.0}
+  assert cells["fourier*2 | healed"]["heal"]["losses"] == {"hidden": 1.0}
+  # the healed cells fine-tuned after a healing run of their own; the direct ones did not heal
+  assert (tmp_path / "cells" / "fourier-2-healed" / "heal" / "summary.json").is_file()
+  assert not (tmp_path / "cells" / "fourier-2-direct" / "heal").exists()
+  assert cells["fourier*2 | healed"]["finetune_init_from"] == str(tmp_path / "cells" / "fourier-2-healed" / "heal")
+  assert cells["fourier*2 | direct"]["finetune_init_from"] == source
+  # the same parameter count for both recipes of a layout; a Fourier block has no attention weights
+  assert cells["serial*2 | direct"]["num_params"] == cells["serial*2 | healed"]["num_params"]
+  assert cells["fourier*2 | direct"]["num_params"] < cells["serial*2 | direct"]["num_params"]
+  # the serial model does more work per token than one with a Fourier block (XLA's count, same shape)
+  assert cells["fourier*2 | direct"]["flops_per_token"] < cells["serial*2 | direct"]["flops_per_token"]
+  md = (tmp_path / "study.md").read_text()
+  assert md.count("| `") == 4 + 1 and "`serial*2` *" in md and "gap closed" in md
+  assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  saved = json.loads((tmp_path / "study.json").read_text())
+  assert sorted(saved["cells"]) == sorted(cells)
+  stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("summary.json")}
+  assert len(stamps) == 6                       # 4 fine-tunings, 2 healing runs
+  capsys.readouterr()
+
+  again = study.main(args(source, tmp_path))
+  err = capsys.readouterr().err
+  assert err.count("skip ") == 4 and "skip serial*2 | healed: finished" in err
+  assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("summary.json")} == stamps
+  assert {k: c["metric"] for k, c in again["cells"].items()} == {k: c["metric"] for k, c in cells.items()}
+
+
+def test_study_refuses_another_budget_in_the_same_workdir(source, tmp_path):
+  saved = study.settings(study.parse_args(args(source, tmp_path)), {"source": "embedded"})
+  saved["heal_steps"] = 7
+  (tmp_path / "study.json").write_text(json.dumps({"settings": saved, "cells": {}}))
+  with pytest.raises(SystemExit, match=r"its finished cells used heal_steps=7, this run asks for 3"):
+    study.main(args(source, tmp_path))
+
+
+def test_bad_layout_and_data_are_named(source, tmp_path):
+  with pytest.raises(SystemExit, match=r"--layouts: 'serial\*2,bogus'"):
+    study.main(args(source, tmp_path, "--layouts", "serial*2,bogus"))
+  with pytest.raises(SystemExit, match=r"--data .*nothere: expected 'embedded' or a directory holding data.json"):
+    study.main(args(source, tmp_path, "--data", str(tmp_path / "nothere")))
+  assert not (tmp_path / "study.json").exists()
+
+
+def test_bigbench_task_converts_to_csv_with_a_grouped_seeded_split(tmp_path, capsys):
+  import csv
+  import bigbench_to_csv
+  examples = []
+  for i in range(20):                            # two contrasting evidences per claim, as in VitaminC
+    for j, label in enumerate(("True", "False") if i % 2 else ("Neither", "True")):
+      examples.append({"input": f"Page {i}: evidence {i}.{j}\nfirst line\nClaim: claim number {i} .",
+                       "target_scores": {"True": int(label == "True"), "False": int(label == "False"),
+                                         "Neither": int(label == "Neither")}})
+  task = tmp_path / "task.json"
+  task.write_text(json.dumps({"name": "t", "examples": examples}))
+  bigbench_to_csv.main([str(task), "--out", str(tmp_path / "a"), "--validation-fraction", "0.2"])
+  out = capsys.readouterr().out
+  counts = {line.split(":")[0]: dict(kv.split("=") for kv in line.split("; ")[1].split(", "))
+            for line in out.splitlines()}
+  assert "train: 32 examples" in out and "validation: 8 examples" in out
+  assert {k: int(counts["train"][k]) + int(counts["validation"][k]) for k in counts["train"]} == \
+      {"True": 20, "False": 10, "Neither": 10}
+  rows = {s: list(csv.DictReader((tmp_path / "a" / f"{s}.csv").open())) for s in ("train", "validation")}
+  assert rows["train"][0].keys() == {"claim", "evidence", "label"}
+  claims = {s: {r["claim"] for r in rs} for s, rs in rows.items()}
+  assert not claims["train"] & claims["validation"] and len(claims["validation"]) == 4   # a claim stays whole
+  r = next(r for r in rows["train"] if r["claim"] == "claim number 3 .")
+  assert r["evidence"] in ("Page 3: evidence 3.0 first line", "Page 3: evidence 3.1 first line")
+  meta = json.loads((tmp_path / "a" / "data.json").read_text())
+  assert meta["label_names"] == "True,False,Neither" and meta["num_labels"] == 3
+  assert study.data_settings(str(tmp_path / "a"))["train_file"] == str((tmp_path / "a" / "train.csv").resolve())
+  bigbench_to_csv.main([str(task), "--out", str(tmp_path / "b"), "--validation-fraction", "0.2"])
+  assert (tmp_path / "b" / "train.csv").read_text() == (tmp_path / "a" / "train.csv").read_text()   # seeded
+  bigbench_to_csv.main([str(task), "--out", str(tmp_path / "c"), "--max-examples", "5", "--max-validation", "3"])
+  assert len(list(csv.DictReader((tmp_path / "c" / "train.csv").open()))) == 5
+  (tmp_path / "bad.json").write_text(json.dumps({"examples": [{"input": "no separator", "target_scores": {"a": 1}}]}))
+  with pytest.raises(SystemExit, match=r"example 0's input has no separator '\\nClaim: '"):
+    bigbench_to_csv.main([str(tmp_path / "bad.json"), "--out", str(tmp_path / "d")])
