@@ -58,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--eval_batch_size", type=int, default=64)
   p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning peak learning rate")
   p.add_argument("--heal_lr", type=float, default=3e-4, help="healing peak learning rate")
+  p.add_argument("--heal_first_token", type=float, default=0.0,
+                 help="weight of the first-token state loss in healing (distill.first_token)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--max_train_examples", type=int, default=0, help="> 0: a fixed random subset of the training set")
   p.add_argument("--infer_batch", type=int, default=32, help="rows of the fixed inference batch")
@@ -147,6 +149,7 @@ def heal_config(a, data: dict, layout: str):
   c.model.layout = layout
   c.distill.teacher = a.init_from
   c.distill.hidden = 1.0
+  c.distill.first_token = a.heal_first_token
   if has_attention(layout):
     c.distill.attention = 1.0
     c.distill.value = 1.0
@@ -165,7 +168,8 @@ def settings(a, data: dict) -> dict:
   """What every cell of one study shares; a resumed study must match it."""
   return {"init_from": str(a.init_from), "data": data, "heal_steps": a.heal_steps, "finetune_steps": a.finetune_steps,
           "max_length": a.max_length, "batch_size": a.batch_size, "eval_batch_size": a.eval_batch_size, "lr": a.lr,
-          "heal_lr": a.heal_lr, "seed": a.seed, "max_train_examples": a.max_train_examples}
+          "heal_lr": a.heal_lr, "heal_first_token": a.heal_first_token, "seed": a.seed,
+          "max_train_examples": a.max_train_examples}
 
 
 def load_study(path: Path, want: dict) -> dict:
@@ -196,7 +200,7 @@ def run_cell(a, data: dict, root: Path, layout: str, recipe: str) -> dict:
   if recipe == "healed":
     hc = heal_config(a, data, layout)
     hs = run(hc, d / "heal")
-    rec["heal"] = {"losses": {k: hc.distill[k] for k in ("hidden", "attention", "value") if hc.distill[k]},
+    rec["heal"] = {"losses": {k: hc.distill[k] for k in ("hidden", "first_token", "attention", "value") if hc.distill[k]},
                    "tokens_per_s": hs["tokens_per_s"], "wall_time_s": hs["wall_time_s"],
                    "eval_loss": hs["eval"].get(hs["best_metric"])}
     fc = finetune_config(a, data, str(d / "heal"), "")

@@ -123,7 +123,8 @@ def a_batch(r, n=6, packing=None):
   return next(iter(batching.eval_batches(data, n, r.max_length, r.special["pad"], None, seed=0, packing=packing)))[1]
 
 
-@pytest.mark.parametrize("extra", [{}, {"task": "classification", "distill__logits": 1.0}])
+@pytest.mark.parametrize("extra", [{}, {"task": "classification", "distill__logits": 1.0},
+                                   {"distill__first_token": 1.0, "distill__hidden": 0.0}])
 def test_a_student_equal_to_its_teacher_has_zero_loss_and_gradient(teacher, tmp_path, extra):
   r = Run(heal_config(teacher, **extra), tmp_path / "run")
   batch = a_batch(r)

@@ -130,7 +130,8 @@ def base_config() -> ml_collections.ConfigDict:
   k.task = 1.0                     # weight of the task's own loss
   k.logits = 0.0                   # soft-label KL (classification or masked-LM logits) at the temperature
   k.temperature = 2.0
-  k.hidden = 0.0                   # hidden-state MSE over the layer map's pairs
+  k.hidden = 0.0                   # hidden-state MSE over the layer map's pairs (mean over tokens)
+  k.first_token = 0.0              # MSE of each sequence's final first-token state (what classifier heads read)
   k.attention = 0.0                # MiniLM self-attention relation KL (deepest pair where both have attention)
   k.value = 0.0                    # MiniLM value relation KL
   k.layer_map = ""                 # "student:teacher,..." over hidden-state indices (0 = embeddings); "": evenly spaced
@@ -182,7 +183,7 @@ def check_values(c) -> None:
   if c.train.num_epochs <= 0 and c.train.num_steps < 1:
     raise ConfigError(f"config.train.num_steps={c.train.num_steps}: the run has no steps; raise it or set "
                       f"train.num_epochs")
-  for key in ("task", "logits", "hidden", "attention", "value"):
+  for key in ("task", "logits", "hidden", "first_token", "attention", "value"):
     if c.distill[key] < 0:
       raise ConfigError(f"config.distill.{key}={c.distill[key]}: a loss weight must be at least 0")
   if not c.distill.temperature > 0:

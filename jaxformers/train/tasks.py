@@ -213,14 +213,15 @@ class Distillation:
   input of the jitted step, placed by the same sharding rules as the student's, and its forward runs inside
   the step. Losses (weights in ``config.distill``): ``logits`` (soft-label KL at ``temperature``: the
   classification logits, or the masked-LM logits of every real token), ``hidden`` (MSE of the hidden
-  states of the layer map's pairs), ``attention`` / ``value`` (MiniLM relation KL at the deepest mapped pair
+  states of the layer map's pairs), ``first_token`` (MSE of each sequence's final first-token state, which
+  classifier heads read: one term per sequence where ``hidden`` gives it one per token), ``attention`` / ``value`` (MiniLM relation KL at the deepest mapped pair
   where both models have attention). Dense terms are means over real tokens, weighted like the task's own
   per-example loss so that the step's ``loss_sum / weight`` stays a mean.
   """
 
   def __init__(self, cfg):
     self.c = cfg
-    self.weights = {k: float(cfg[k]) for k in ("logits", "hidden", "attention", "value")}
+    self.weights = {k: float(cfg[k]) for k in ("logits", "hidden", "first_token", "attention", "value")}
 
   def prepare(self, run, student_task: str) -> None:
     import jaxformers
@@ -246,9 +247,10 @@ class Distillation:
                          f"{s_cfg.vocab_size}: masked-LM logits cannot be compared")
       if student_task == "classification" and teacher.num_labels != run.task.num_labels:
         raise ConfigError(f"{where}: the teacher has {teacher.num_labels} labels, the task {run.task.num_labels}")
-    if self.weights["hidden"] and t_cfg.hidden_size != s_cfg.hidden_size:
-      raise ConfigError(f"{where}: distill.hidden compares hidden states, which needs equal hidden sizes (student "
-                       f"{s_cfg.hidden_size}, teacher {t_cfg.hidden_size})")
+    for key in ("hidden", "first_token"):
+      if self.weights[key] and t_cfg.hidden_size != s_cfg.hidden_size:
+        raise ConfigError(f"{where}: distill.{key} compares hidden states, which needs equal hidden sizes (student "
+                          f"{s_cfg.hidden_size}, teacher {t_cfg.hidden_size})")
     self.pairs = distill.parse_layer_map(c.layer_map, s_cfg.num_layers, t_cfg.num_layers)
     s_blocks = models.encoder_of(run.abstract).blocks
     t_blocks = models.encoder_of(teacher).blocks
@@ -300,6 +302,14 @@ class Distillation:
         total += self.weights["logits"] * weight * jnp.sum(kl * valid) / n_tok
       else:                                           # per example (or packed slot)
         total += self.weights["logits"] * jnp.sum(kl * batch["weights"])
+    if self.weights["first_token"]:      # the state classifiers read: one term per sequence, not per token
+      if packed:
+        seq_valid = s_out.segment_valid.astype(jnp.float32)
+      else:
+        seq_valid = (seg[:, 0] != 0).astype(jnp.float32)
+      d = jnp.mean(jnp.square(s_out.first_token_state.astype(jnp.float32)
+                              - t_out.first_token_state.astype(jnp.float32)), axis=-1)
+      total += self.weights["first_token"] * weight * jnp.sum(d * seq_valid) / jnp.maximum(jnp.sum(seq_valid), 1.0)
     if self.weights["hidden"]:
       mse = sum(distill.hidden_mse(s_out.hidden_states[i], t_out.hidden_states[j], valid) for i, j in self.pairs)
       total += self.weights["hidden"] * weight * mse / (n_tok * len(self.pairs))
@@ -359,8 +369,8 @@ class Heal(TextTask):
 
   def prepare(self, run) -> None:
     if not any(self.distillation.weights.values()):
-      raise ConfigError("task=heal needs at least one distillation loss: set distill.hidden, distill.attention, "
-                        "distill.value or distill.logits above 0")
+      raise ConfigError("task=heal needs at least one distillation loss: set distill.hidden, distill.first_token, "
+                        "distill.attention, distill.value or distill.logits above 0")
     self.distillation.prepare(run, self.model_task)
 
   def inputs(self):
