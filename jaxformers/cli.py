@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 
 SAFE_WRITE = ("DST must be a new or empty directory. With --overwrite a non-empty one keeps every other file and only "
@@ -40,6 +41,30 @@ def _export(args) -> int:
   tok = [n for n in HF_TOKENIZER_FILES if (out / n).is_file()]
   print(f"wrote {out}/config.json and model.safetensors ({_count(model):,} parameters)"
         + (f", tokenizer: {', '.join(tok)}" if tok else f"; {args.src} has no tokenizer, none written"))
+  return 0
+
+
+def _encode(args) -> int:
+  import numpy as np
+  import jaxformers
+  from jaxformers.convert.io import CheckpointError
+  src = Path(args.texts)
+  if not src.is_file():
+    raise CheckpointError(f"{src}: no such file (expected a UTF-8 text file, one text per line)")
+  try:
+    texts = src.read_text(encoding="utf-8").splitlines()
+  except UnicodeDecodeError as e:
+    raise CheckpointError(f"{src}: not UTF-8 text (byte offset {e.start})") from None
+  out = Path(args.out)
+  if out.exists() and not args.overwrite:
+    raise CheckpointError(f"{out} exists: nothing was written; use --overwrite to replace it")
+  t0 = time.perf_counter()
+  vectors = jaxformers.encode(args.src, texts, pooling=args.pooling, normalize=args.normalize,
+                              max_length=args.max_length, progress=True)
+  tmp = out.with_name(f".{out.name}.partial.npy")
+  np.save(tmp, vectors)
+  tmp.replace(out)
+  print(f"wrote {out}: {vectors.shape[0]} vectors of {vectors.shape[1]} in {time.perf_counter() - t0:.1f}s")
   return 0
 
 
@@ -89,6 +114,20 @@ def main(argv: list[str] | None = None) -> int:
   e.add_argument("--overwrite", action="store_true",
                  help="replace config.json, model.safetensors and tokenizer files in a non-empty DST (others are kept)")
   e.set_defaults(fn=_export)
+  n = sub.add_parser("encode", help="texts (one per line) -> vectors (.npy), sentence-transformers settings honoured",
+                     description="Encode every line of TEXTS with the model SRC (a jaxformers, run, HF or "
+                                 "sentence-transformers directory or a Hub id) and save the vectors to OUT (.npy), "
+                                 "in line order.")
+  n.add_argument("src")
+  n.add_argument("texts")
+  n.add_argument("out")
+  n.add_argument("--pooling", choices=["cls", "mean", "max"], help="default: the directory's sentence-transformers "
+                                                                     "pooling, else cls")
+  n.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                 help="L2-normalise (default: as the sentence-transformers directory says, else no)")
+  n.add_argument("--max-length", type=int, help="tokens per text (default: max_seq_length, else the model's limit)")
+  n.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+  n.set_defaults(fn=_encode)
   l = sub.add_parser("layouts", help="print the layout grammar and the registered blocks")
   l.set_defaults(fn=_layouts)
   args = p.parse_args(argv)

@@ -1,0 +1,67 @@
+"""jaxformers.encode gives sentence-transformers' vectors for all-MiniLM-L6-v2, in input order, whatever the packing."""
+import numpy as np
+import pytest
+
+import jaxformers
+from jaxformers.cli import main
+from jaxformers.data import embedded
+
+
+def ragged_texts(n: int) -> list[str]:
+  """Real text of many lengths: standard-library docstrings cut at varying points (a few empty)."""
+  corpus = embedded.stdlib_corpus()
+  return [corpus[i % len(corpus)][: (i * 53) % 900] for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def reference(minilm_dir):
+  from sentence_transformers import SentenceTransformer
+  st = SentenceTransformer(str(minilm_dir), device="cpu")
+  return lambda texts: st.encode(texts, batch_size=64, convert_to_numpy=True)
+
+
+def cosine(a, b):
+  return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000])
+def test_vectors_equal_sentence_transformers(minilm_dir, reference, n):
+  texts = ragged_texts(n)
+  ours, ref = jaxformers.encode(minilm_dir, texts), reference(texts)
+  assert ours.shape == ref.shape == (n, 384)
+  assert cosine(ours, ref).min() >= 0.9999
+  np.testing.assert_allclose(np.linalg.norm(ours, axis=-1), 1.0, rtol=1e-5)   # normalised, as the directory says
+
+
+def test_packing_and_chunking_change_nothing(minilm_dir):
+  texts = ragged_texts(40)
+  packed = jaxformers.encode(minilm_dir, texts, batch_tokens=512)
+  alone = jaxformers.encode(minilm_dir, texts, max_segments=1, batch_tokens=4096)     # one text a row
+  np.testing.assert_allclose(packed, alone, atol=2e-6)
+  shuffled = np.random.default_rng(0).permutation(40)
+  again = jaxformers.encode(minilm_dir, [texts[i] for i in shuffled])
+  np.testing.assert_allclose(again, packed[shuffled], atol=2e-6)                  # input order is kept
+
+
+def test_pooling_modes_match_numpy(minilm_dir):
+  texts = ["A short sentence.", "Another, somewhat longer sentence about encoders."]
+  model = jaxformers.from_pretrained(minilm_dir)
+  tok = jaxformers.load_tokenizer(minilm_dir)
+  unpadded = tok.__class__.from_str(tok.to_str())
+  unpadded.no_padding()                      # the file pads to 128; here one text is its own unpadded row
+  for text, i in zip(texts, range(2)):
+    ids = np.asarray([unpadded.encode(text).ids])
+    h = np.asarray(model(ids, np.ones_like(ids)).last_hidden_state[0])
+    want = {"cls": h[0], "mean": h.mean(0), "max": h.max(0)}
+    for pooling, v in want.items():
+      got = jaxformers.encode(model, texts, tokenizer=tok, pooling=pooling, normalize=False)[i]
+      np.testing.assert_allclose(got, v, atol=2e-5, err_msg=pooling)
+
+
+def test_cli_writes_vectors_in_line_order(minilm_dir, reference, tmp_path, capsys):
+  texts = ragged_texts(5)[1:]
+  (tmp_path / "t.txt").write_text("\n".join(texts) + "\n")
+  assert main(["encode", str(minilm_dir), str(tmp_path / "t.txt"), str(tmp_path / "v.npy")]) == 0
+  assert cosine(np.load(tmp_path / "v.npy"), reference(texts)).min() >= 0.9999
+  assert main(["encode", str(minilm_dir), str(tmp_path / "t.txt"), str(tmp_path / "v.npy")]) == 2
+  assert "exists: nothing was written; use --overwrite" in capsys.readouterr().err
