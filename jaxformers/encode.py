@@ -51,13 +51,11 @@ def encode(model_or_path, texts: Sequence[str], *, pooling: str | None = None, n
   ``from_pretrained``). Defaults: the sentence-transformers settings of the directory, else ``cls`` pooling,
   no normalisation and the model's longest input. ``batch_tokens``: tokens a compiled call processes.
   """
-  import jax
   import jax.numpy as jnp
-  from flax import nnx
 
   from jaxformers import models
   from jaxformers.convert.hf import max_length as model_max_length
-  from jaxformers.packing import pack
+  from jaxformers.packing import pack, run_packed
 
   st = {}
   if isinstance(model_or_path, (str, Path)):
@@ -89,16 +87,8 @@ def encode(model_or_path, texts: Sequence[str], *, pooling: str | None = None, n
   ids = [e.ids for e in tok.encode_batch(texts)]
   batch = pack(ids, max_length, max_segments=max_segments, pad_id=encoder.config.pad_token_id)
   rows = max(1, batch_tokens // max_length)
-  n_rows = batch.input_ids.shape[0]
-  calls = -(-n_rows // rows)
-  input_ids = np.pad(batch.input_ids, ((0, calls * rows - n_rows), (0, 0)), constant_values=encoder.config.pad_token_id)
-  segment_ids = np.pad(batch.segment_ids, ((0, calls * rows - n_rows), (0, 0)))
-  graphdef, state = nnx.split(encoder)
 
-  @jax.jit
-  def run(state, ids_BL, seg_BL):
-    enc = nnx.merge(graphdef, state)
-    enc.eval()   # inference: no dropout, whatever mode the caller's model is in
+  def pooled(enc, ids_BL, seg_BL):
     out = enc(ids_BL, segment_ids=seg_BL, max_segments=max_segments, first_tokens_only=pooling == "cls")
     if pooling == "cls":
       v_BSD = out.first_token_state
@@ -116,11 +106,7 @@ def encode(model_or_path, texts: Sequence[str], *, pooling: str | None = None, n
       v_BSD = v_BSD / jnp.maximum(jnp.linalg.norm(v_BSD, axis=-1, keepdims=True), 1e-12)
     return v_BSD
 
-  show = progress if progress is not None else calls > 20
-  chunks = range(calls)
-  if show:
-    from tqdm import tqdm
-    chunks = tqdm(chunks, desc="encode", unit="call")
-  out = [run(state, input_ids[c * rows:(c + 1) * rows], segment_ids[c * rows:(c + 1) * rows]) for c in chunks]
-  vectors = np.concatenate([np.asarray(o) for o in out])[:n_rows]
+  n_calls = -(-batch.input_ids.shape[0] // rows)
+  vectors = run_packed(encoder, batch, rows, pooled, max_segments,
+                       progress=progress if progress is not None else n_calls > 20)
   return batch.unpack_segments(vectors)

@@ -146,6 +146,37 @@ def pack(examples: Sequence[Sequence[int]], row_length: int, *, token_types: Seq
   return PackedBatch(ids, seg, types, slots, starts, lengths, max_segments)
 
 
+def run_packed(encoder, batch: PackedBatch, rows_per_call: int, fn, max_segments: int, progress: bool = False):
+  """``fn(encoder, input_ids, segment_ids)`` (the encoder in eval mode: no dropout, whatever mode the caller's is
+  in) over the rows of ``batch``, jitted once: ``rows_per_call`` rows a call, the last call filled with empty rows,
+  so every call has the same shape. Returns ``fn``'s outputs (any pytree of ``[rows, ...]`` arrays, None leaves
+  allowed) as numpy arrays over the batch's rows."""
+  import jax
+  from flax import nnx
+
+  graphdef, state = nnx.split(encoder)
+  pad_id = encoder.config.pad_token_id
+
+  @jax.jit
+  def run(state, input_ids, segment_ids):
+    enc = nnx.merge(graphdef, state)
+    enc.eval()
+    return fn(enc, input_ids, segment_ids)
+
+  n_rows = batch.input_ids.shape[0]
+  calls = -(-n_rows // rows_per_call)
+  extra = calls * rows_per_call - n_rows
+  input_ids = np.pad(batch.input_ids, ((0, extra), (0, 0)), constant_values=pad_id)
+  segment_ids = np.pad(batch.segment_ids, ((0, extra), (0, 0)))
+  chunks = range(calls)
+  if progress:
+    from tqdm import tqdm
+    chunks = tqdm(chunks, desc="encode", unit="call")
+  outs = [run(state, input_ids[c * rows_per_call:(c + 1) * rows_per_call],
+              segment_ids[c * rows_per_call:(c + 1) * rows_per_call]) for c in chunks]
+  return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs])[:n_rows], *outs)
+
+
 def encode_texts(model, tokenizer, texts: Sequence[str], *, row_length: int = 512, rows_per_call: int = 8,
                  max_segments: int = DEFAULT_MAX_SEGMENTS) -> dict:
   """Tokenise ``texts``, pack them, run the encoder, and return per-text outputs in input order.
@@ -154,11 +185,8 @@ def encode_texts(model, tokenizer, texts: Sequence[str], *, row_length: int = 51
   ``{"last_hidden_state": [array [len_i, hidden] per text], "pooler_output": [n, hidden] or None,
   "first_token_state": [n, hidden], "padding_fraction": float}``, computed in eval mode (no dropout) whatever
   mode ``model`` is in. Rows are run ``rows_per_call`` at a time
-  through one jitted function, so every call has the same shape.
+  through one jitted function (:func:`run_packed`), so every call has the same shape.
   """
-  import jax
-  from flax import nnx
-
   from jaxformers import models
 
   if hasattr(tokenizer, "encode_batch"):
@@ -167,31 +195,13 @@ def encode_texts(model, tokenizer, texts: Sequence[str], *, row_length: int = 51
     ids = tokenizer(list(texts), truncation=True, max_length=row_length)["input_ids"]
   ids = [i[:row_length] for i in ids]
   batch = pack(ids, row_length, max_segments=max_segments, pad_id=model.config.pad_token_id)
-  encoder = model if isinstance(model, models.Encoder) else model.encoder
-  graphdef, state = nnx.split(encoder)
 
-  @jax.jit
-  def run(state, input_ids, segment_ids):
-    enc = nnx.merge(graphdef, state)
-    enc.eval()  # inference without dropout; the caller's model keeps its mode
+  def outputs(enc, input_ids, segment_ids):
     out = enc(input_ids, segment_ids=segment_ids, max_segments=max_segments)
     return out.last_hidden_state, out.pooler_output, out.first_token_state
 
-  n_rows = batch.input_ids.shape[0]
-  calls = -(-n_rows // rows_per_call)
-  pad_rows = calls * rows_per_call - n_rows
-  input_ids = np.pad(batch.input_ids, ((0, pad_rows), (0, 0)), constant_values=model.config.pad_token_id)
-  segment_ids = np.pad(batch.segment_ids, ((0, pad_rows), (0, 0)))
-  hidden, pooled, first = [], [], []
-  for c in range(calls):
-    sl = slice(c * rows_per_call, (c + 1) * rows_per_call)
-    h, p, f = run(state, input_ids[sl], segment_ids[sl])
-    hidden.append(np.asarray(h))
-    first.append(np.asarray(f))
-    if p is not None:
-      pooled.append(np.asarray(p))
-  hidden, first = np.concatenate(hidden)[:n_rows], np.concatenate(first)[:n_rows]
+  hidden, pooled, first = run_packed(models.encoder_of(model), batch, rows_per_call, outputs, max_segments)
   return {"last_hidden_state": batch.unpack_tokens(hidden),
-          "pooler_output": batch.unpack_segments(np.concatenate(pooled)[:n_rows]) if pooled else None,
+          "pooler_output": batch.unpack_segments(pooled) if pooled is not None else None,
           "first_token_state": batch.unpack_segments(first),
           "padding_fraction": batch.padding_fraction}
