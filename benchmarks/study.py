@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--heal_lr", type=float, default=3e-4, help="healing peak learning rate")
   p.add_argument("--heal_first_token", type=float, default=0.0,
                  help="weight of the first-token state loss in healing (distill.first_token)")
+  p.add_argument("--fourier_norm", default="none", choices=("none", "ortho"),
+                 help="scaling of the Fourier mixing in re-arranged layouts (model.fourier_norm): 'none' is FNet's")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--max_train_examples", type=int, default=0, help="> 0: a fixed random subset of the training set")
   p.add_argument("--infer_batch", type=int, default=32, help="rows of the fixed inference batch")
@@ -139,6 +141,7 @@ def base_config(a, data: dict, steps: int, lr: float):
   c.train.keep = 1
   c.train.progress = False
   c.train.async_checkpoint = False
+  c.model.fourier_norm = a.fourier_norm
   return c
 
 
@@ -169,6 +172,7 @@ def settings(a, data: dict) -> dict:
   return {"init_from": str(a.init_from), "data": data, "heal_steps": a.heal_steps, "finetune_steps": a.finetune_steps,
           "max_length": a.max_length, "batch_size": a.batch_size, "eval_batch_size": a.eval_batch_size, "lr": a.lr,
           "heal_lr": a.heal_lr, "heal_first_token": a.heal_first_token, "seed": a.seed,
+          "fourier_norm": a.fourier_norm,
           "max_train_examples": a.max_train_examples}
 
 

@@ -14,10 +14,12 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 POSITION_STYLES = ("absolute", "roberta")
 FOURIER_IMPLS = ("auto", "fft", "matmul")
 FOURIER_PADDINGS = ("per_sequence", "fnet")
+FOURIER_NORMS = ("none", "ortho")
 DTYPES = ("float32", "bfloat16", "float16")
 FAMILIES = ("bert", "roberta")
 # Fields that change only how a model computes, never its parameters: a checkpoint loads under any value of these.
-RUNTIME_FIELDS = frozenset({"attention_impl", "fourier_impl", "fourier_padding", "fuse_projections", "hidden_dropout",
+RUNTIME_FIELDS = frozenset({"attention_impl", "fourier_impl", "fourier_padding", "fourier_norm",
+                            "fuse_projections", "hidden_dropout",
                             "attention_dropout", "dropout_impl", "dtype", "sparse_window", "sparse_global_tokens"})
 
 
@@ -49,6 +51,7 @@ class EncoderConfig:
   attention_impl: str = "auto"
   fourier_impl: str = "auto"
   fourier_padding: str = "per_sequence"
+  fourier_norm: str = "none"
   fuse_projections: bool = False
   sparse_window: int = 128
   sparse_global_tokens: tuple[int, ...] = (0,)
@@ -68,6 +71,7 @@ class EncoderConfig:
       bad("num_heads", f"must divide hidden_size={self.hidden_size}")
     for f, allowed in (("hidden_act", ACTIVATIONS), ("position_style", POSITION_STYLES),
                        ("fourier_impl", FOURIER_IMPLS), ("fourier_padding", FOURIER_PADDINGS),
+                       ("fourier_norm", FOURIER_NORMS),
                        ("dtype", DTYPES), ("param_dtype", DTYPES), ("family", FAMILIES),
                        ("dropout_impl", DROPOUT_IMPLS)):
       if getattr(self, f) not in allowed:

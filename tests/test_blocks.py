@@ -263,3 +263,22 @@ def test_gelu_is_the_exact_gelu():
   np.testing.assert_allclose(np.asarray(gelu_erf(x)), np.asarray(exact(x)), atol=2e-6)
   np.testing.assert_allclose(np.asarray(jax.vmap(jax.grad(gelu_erf))(x)), np.asarray(jax.vmap(jax.grad(exact))(x)),
                              atol=1e-6)
+
+
+@pytest.mark.parametrize("padding", ["per_sequence", "fnet"])
+def test_fourier_ortho_norm_is_the_unitary_dft(padding):
+  """``fourier_norm='ortho'`` == numpy's DFT over each sequence's own length (padded length for fnet) / sqrt(n D)."""
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(3, 13, 16)).astype(np.float32)
+  lengths = (13, 8, 1)
+  mask = np.array([[1] * n + [0] * (13 - n) for n in lengths])
+  seq = Sequences.build(3, 13, attention_mask=jnp.asarray(mask))
+  mixer = fourier.FourierMixing(tiny("fourier*1", fourier_norm="ortho", fourier_padding=padding))
+  got = np.asarray(mixer(jnp.asarray(x), seq))
+  if padding == "fnet":
+    want = np.real(np.fft.fftn(x.astype(np.float64), axes=(1, 2), norm="ortho"))
+  else:
+    want = np.zeros_like(x)
+    for b, n in enumerate(lengths):
+      want[b, :n] = np.real(np.fft.fftn(x[b, :n].astype(np.float64), norm="ortho"))
+  np.testing.assert_allclose(got, want, atol=3e-6)

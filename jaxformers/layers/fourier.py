@@ -8,6 +8,11 @@ Two padding modes:
 * ``fnet``: the official FNet behaviour, a DFT over the padded length with padding
   tokens mixed in; kept for fidelity to FNet checkpoints.
 
+Two scalings, picked by ``fourier_norm``: ``none`` (FNet's unnormalised DFT) and ``ortho`` (the unitary
+DFT, times ``1 / sqrt(n D)``). Unnormalised, the mixing output is about ``sqrt(n D)`` times larger than its input,
+so in a post-LN block ``LN(x + mix)`` the residual ``x`` is lost; a pretrained model re-arranged into Fourier
+blocks keeps its residual stream with ``ortho``.
+
 Two implementations, picked by ``fourier_impl``:
 
 * ``fft``: ``jnp.fft`` along the hidden axis, and along the sequence axis a chirp-z
@@ -115,9 +120,20 @@ class FourierMixing(nnx.Module):
 
   def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs | None = None):
     del rngs
-    self.impl, self.padding = cfg.fourier_impl, cfg.fourier_padding
+    self.impl, self.padding, self.norm = cfg.fourier_impl, cfg.fourier_padding, cfg.fourier_norm
 
   def __call__(self, x_BLD: jax.Array, seq: Sequences) -> jax.Array:
+    out_BLD = self._mix(x_BLD, seq)
+    if self.norm == "none":
+      return out_BLD
+    # "ortho": the unitary DFT's 1 / sqrt(n D), n the length each token's sequence is transformed over.
+    if self.padding == "fnet" or seq.segment_ids is None:
+      n_BL = jnp.full(x_BLD.shape[:2], x_BLD.shape[1], jnp.float32)
+    else:
+      n_BL = jnp.maximum(seq.lengths(), 1).astype(jnp.float32)
+    return (out_BLD * jax.lax.rsqrt(n_BL * x_BLD.shape[-1])[..., None]).astype(x_BLD.dtype)
+
+  def _mix(self, x_BLD: jax.Array, seq: Sequences) -> jax.Array:
     impl = choose_fourier_impl(self.impl, seq.packed, x_BLD.shape[1])
     if seq.packed and (impl == "fft" or self.padding == "fnet"):
       raise ValueError(
