@@ -37,6 +37,13 @@ class Mutant:
 
 
 MUTANTS = [
+    Mutant("ortho Fourier scaling forgets the hidden size", "jaxformers/layers/fourier.py",
+           "jax.lax.rsqrt(n_BL * x_BLD.shape[-1])", "jax.lax.rsqrt(n_BL)",
+           "tests/test_blocks.py::fourier_ortho"),
+    Mutant("ortho Fourier scaling uses the padded length", "jaxformers/layers/fourier.py",
+           "n_BL = jnp.maximum(seq.lengths(), 1).astype(jnp.float32)",
+           "n_BL = jnp.full(x_BLD.shape[:2], x_BLD.shape[1], jnp.float32)",
+           "tests/test_blocks.py::fourier_ortho"),
     Mutant("converter swaps key/value weights", "jaxformers/convert/hf.py",
            'for n in ("query", "key", "value") for r in linear(f"{_L}.attention.self.{n}", f"{_B}.mixer.{n}"',
            'for n, m in (("query", "query"), ("key", "value"), ("value", "key")) '
