@@ -27,7 +27,7 @@ PRESETS = {
                    finetune_steps=300, max_length=64, batch_size=32, max_train_examples=0, lr=3e-4, heal_lr=3e-4,
                    infer_batch=64, repeats=10),
         kernels=dict(lengths=(512, 1024, 2048, 4096, 8192), head_dim=128, width=1024, tokens=16384,
-                     dtype="bfloat16", window=512, reps=10)),
+                     dtype="bfloat16", window=512, check_length=2048, reps=10)),
     "gpu": dict(
         quickstart=dict(checkpoint=BERT, batch=32, length=128, repeats=10),
         finetune=dict(checkpoint=BERT, data="tfds", glue_task="sst2", dtype="float32", steps=600, batch_size=32,
@@ -36,15 +36,20 @@ PRESETS = {
                    finetune_steps=300, max_length=64, batch_size=32, max_train_examples=0, lr=3e-4, heal_lr=3e-4,
                    infer_batch=64, repeats=10),
         kernels=dict(lengths=(512, 1024, 2048, 4096, 8192), head_dim=128, width=1024, tokens=16384,
-                     dtype="bfloat16", window=512, reps=10)),
+                     dtype="bfloat16", window=512, check_length=2048, reps=10)),
     "cpu_tiny": dict(
         quickstart=dict(checkpoint="minilm", batch=4, length=64, repeats=3),
         finetune=dict(checkpoint="minilm", data="csv", glue_task="", dtype="float32", steps=24, batch_size=16,
                       max_length=32, lr=1e-4),
-        study=dict(checkpoint="minilm", layouts="serial*6;fourier*4,serial*2", recipes="direct,healed",
-                   heal_steps=4, finetune_steps=8, max_length=32, batch_size=8, max_train_examples=64, lr=3e-4,
-                   heal_lr=3e-4, infer_batch=8, repeats=3),
-        kernels=dict(lengths=(64, 128, 256), head_dim=32, width=64, tokens=256, dtype="float32", window=64, reps=2)),
+        # fine-tuning MiniLM once per cell takes minutes on two cores: the source is a small encoder that the
+        # notebook trains from scratch on the embedded data first (``scratch``: its model and budget)
+        study=dict(checkpoint="", scratch=dict(layout="serial*3", hidden_size=64, num_heads=2, intermediate_size=256,
+                                               vocab_size=2000, steps=120, lr=3e-3),
+                   layouts="serial*3;fourier*2,serial", recipes="direct,healed", heal_steps=8, finetune_steps=20,
+                   max_length=32, batch_size=32, max_train_examples=256, lr=1e-3, heal_lr=1e-3, infer_batch=32,
+                   repeats=3),
+        kernels=dict(lengths=(64, 128, 256), head_dim=32, width=64, tokens=256, dtype="float32", window=32,
+                     check_length=256, reps=2)),
 }
 
 
