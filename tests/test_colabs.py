@@ -115,3 +115,16 @@ def test_presets_resolve_by_backend_and_name():
   # every preset has settings for the same notebooks, with the same keys
   shapes = {name: {nb: sorted(s) for nb, s in notebooks.items()} for name, notebooks in colab.PRESETS.items()}
   assert shapes["tpu"] == shapes["gpu"] and sorted(shapes["cpu_tiny"]) == sorted(shapes["tpu"]), shapes
+
+
+def test_a_failing_cell_fails_with_its_error(tmp_path):
+  import nbformat
+  from nbclient.exceptions import CellExecutionError
+  nb = nbformat.v4.new_notebook(cells=[
+      nbformat.v4.new_code_cell('PRESET = "auto"', metadata={"tags": ["parameters"]}),
+      nbformat.v4.new_code_cell("from jaxformers import colab\ncolab.preset(PRESET + '_typo')"),
+      nbformat.v4.new_code_cell("print('not reached')")])
+  path = tmp_path / "99_broken.ipynb"
+  nbformat.write(nb, path)
+  with pytest.raises(CellExecutionError, match=r"PRESET='cpu_tiny_typo': unknown preset"):
+    execute(path, tmp_path)
