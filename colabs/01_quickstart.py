@@ -44,7 +44,7 @@ if importlib.util.find_spec("jaxformers") is None:
     raise RuntimeError("jaxformers is not installed: set JAXFORMERS_REPO in the first cell to the repository's git URL")
   if not os.path.isdir("jaxformers"):
     subprocess.run(["git", "clone", "--depth", "1", JAXFORMERS_REPO, "jaxformers"], check=True)
-  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "jaxformers[torch,tfds,study]"], check=True)
+  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "./jaxformers[torch,tfds,study]"], check=True)
   os.chdir("jaxformers")
   sys.path.insert(0, os.getcwd())
 

@@ -54,9 +54,11 @@ def test_pair_in_sync_and_outputs_stripped(src):
   for i, c in enumerate(ip_nb.cells):
     if c.cell_type == "code":
       assert not c.outputs and c.execution_count is None, f"{ipynb.name} cell {i} has outputs: strip them"
-  first = next(c for c in py_nb.cells if c.cell_type == "code")
-  assert "parameters" in first.metadata.get("tags", ()) and 'PRESET = "auto"' in first.source, \
+  code = [c for c in py_nb.cells if c.cell_type == "code"]
+  assert "parameters" in code[0].metadata.get("tags", ()) and 'PRESET = "auto"' in code[0].source, \
       f"{src.name}: the first code cell must be the parameters cell (tag 'parameters') with PRESET = \"auto\""
+  install = [c for c in jupytext.read(SOURCES[0]).cells if c.cell_type == "code"][1].source
+  assert code[1].source == install, f"{src.name}: the second code cell must be the install cell of {SOURCES[0].name}"
 
 
 def execute(ipynb: Path, workdir: Path, preset: str = "cpu_tiny"):
