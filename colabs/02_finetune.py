@@ -15,8 +15,8 @@
 # notebook drives it directly. This notebook fine-tunes a pretrained BERT on a sentence classification task and
 # shows what a run gives you:
 #
-# * one jitted training step over a `Mesh` of **all attached devices** (the 8 cores of a TPU host, one v5e chip,
-#   a GPU, a CPU), data parallel, with bfloat16 compute on TPU;
+# * one jitted training step over a `Mesh` of **all attached devices** (Colab's TPU v5e or v6e chip, a GPU, the
+#   chips of a TPU VM, a CPU), data parallel, with bfloat16 compute on TPU;
 # * **orbax checkpoints**, asynchronous, resumable (rerun the training cell: it resumes or says it is finished);
 # * **metrics** in `metrics.jsonl` and TensorBoard event files, shown inline;
 # * **predictions** on unlabelled texts, the run loaded as a model, and an **export** to a transformers checkpoint.

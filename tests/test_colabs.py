@@ -50,7 +50,7 @@ def test_pair_in_sync_and_outputs_stripped(src):
   assert ipynb.is_file(), f"{ipynb.name} is missing: jupytext --to ipynb {src.relative_to(ROOT)}"
   py_nb, ip_nb = jupytext.read(src), jupytext.read(ipynb)
   assert cells(py_nb) == cells(ip_nb), (f"{src.name} and {ipynb.name} differ; regenerate the notebook: "
-                                        f"jupytext --to ipynb {src.relative_to(ROOT)}")
+                                        f"jupytext --to ipynb --update {src.relative_to(ROOT)}")
   for i, c in enumerate(ip_nb.cells):
     if c.cell_type == "code":
       assert not c.outputs and c.execution_count is None, f"{ipynb.name} cell {i} has outputs: strip them"
