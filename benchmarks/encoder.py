@@ -30,7 +30,7 @@ def main() -> None:
   from flax import nnx
 
   sys.path.insert(0, os.path.dirname(__file__))
-  from common import interleaved_medians, table
+  from common import interleaved_medians, machine, table
   from jaxformers import EncoderConfig, models
   from jaxformers.layout import fnet_hybrid_layout, par_layout
 
@@ -65,7 +65,8 @@ def main() -> None:
 
   fns_by_layout = {name: jax_forward(lay, "fused" in name) for name, lay in layouts.items()}
   print(f"# encoder forward, batch {args.batch}, float32, {args.threads} threads, {n} layers, "
-        f"jax {jax.__version__} on {jax.devices()[0].platform}; medians of {args.repeats} interleaved runs\n")
+        f"jax {jax.__version__} on {jax.devices()[0].platform}; medians of {args.repeats} interleaved runs")
+  print(machine(args.threads) + "\n")
   rows, layout_rows = [], []
   for length in args.lengths:
     rng = np.random.default_rng(0)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import table  # noqa: E402
+from common import machine, table  # noqa: E402
 
 
 def parse():
