@@ -77,7 +77,7 @@ def main() -> None:
            "jaxformers float32, tokenise first": jx_encode("float32", tokenize_block=len(texts)),
            "sentence-transformers bfloat16 (autocast)": st_encode(True), "jaxformers bfloat16": jx_encode("bfloat16")}
   print(f"# encode {a.n} texts ({lengths.mean():.0f} tokens mean, {np.median(lengths):.0f} median, "
-        f"{lengths.min()}-{lengths.max()}), {Path(a.model).name}; medians of {a.repeats} interleaved rounds")
+        f"{lengths.min()}-{lengths.max()}), {a.model}; medians of {a.repeats} interleaved rounds")
   print(machine(a.threads), flush=True)
   first, vectors = {}, {}
   for name, fn in peers.items():
