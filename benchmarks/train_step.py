@@ -10,7 +10,8 @@ other's), and the runs are interleaved (JAX, PyTorch, torch.compile, JAX, ...): 
 compared. Both sides use the same dropout (0.1), thread count, batch, and AdamW; PyTorch keeps
 its default SDPA attention. bfloat16 is mixed precision on both sides: jaxformers ``dtype="bfloat16"``
 (float32 parameters and optimizer, bfloat16 matmuls), PyTorch ``torch.autocast("cpu", dtype=torch.bfloat16)``
-around the forward pass (float32 parameters). With several ``--dtypes`` all peers are interleaved. Memory: each worker's peak RSS (for JAX it includes XLA's compiler);
+around the forward pass (float32 parameters). With several ``--dtypes`` all peers are interleaved.
+Memory: each worker's peak RSS (for JAX it includes XLA's compiler);
 the layout table gives XLA's compiled memory analysis (arguments + outputs + temporaries).
 """
 from __future__ import annotations

@@ -73,13 +73,15 @@ class Pooler:
 
 
 def with_dtype(encoder, dtype: str):
-  """``encoder`` computing in ``dtype`` (same parameters, shared, not copied)."""
+  """A copy of ``encoder`` computing in ``dtype``; its parameters are the same arrays (nothing is copied)."""
+  import jax.numpy as jnp
   from flax import nnx
 
-  from jaxformers import models
-  cfg = encoder.config.replace(dtype=dtype)
-  out = nnx.eval_shape(lambda: models.Encoder(cfg, rngs=nnx.Rngs(0)))
-  nnx.update(out, nnx.state(encoder))
+  out = nnx.clone(encoder)
+  for _, m in out.iter_modules():
+    if isinstance(m, (nnx.Linear, nnx.LayerNorm, nnx.Embed)):   # the layers built from config.dtype (layers.common)
+      m.dtype = jnp.dtype(dtype)
+  out.config = out.config.replace(dtype=dtype)
   return out
 
 
@@ -142,8 +144,9 @@ def encode(model_or_path, texts: Sequence[str], *, pooling: str | None = None, n
 
   # Tokenise a block, pack it, dispatch its full chunks (asynchronously), tokenise the next block meanwhile.
   # Rows that do not fill a chunk wait for the next block; the last chunk is filled with empty rows.
-  empty = (np.zeros((0, max_length), np.int32), np.zeros((0, max_length), np.int32), np.zeros((0, max_segments), np.int64))
-  carry, done, in_flight = empty, [], []
+  carry = (np.zeros((0, max_length), np.int32), np.zeros((0, max_length), np.int32),
+           np.zeros((0, max_segments), np.int64))
+  done, in_flight = [], []
   for start in range(0, len(texts), tokenize_block):
     last = start + tokenize_block >= len(texts)
     ids = [e.ids for e in tok.encode_batch(texts[start:start + tokenize_block])]
