@@ -105,6 +105,8 @@ def encode(model_or_path, texts: Sequence[str], *, pooling: str | None = None, n
 
   if dtype is not None and dtype not in DTYPES:
     raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+  if tokenize_block < 1:
+    raise ValueError(f"tokenize_block={tokenize_block}: expected a positive number of texts")
   st = {}
   if isinstance(model_or_path, (str, Path)):
     from jaxformers.hub import resolve
