@@ -28,12 +28,14 @@ def table(header: list[str], rows: list[list]) -> str:
   return "\n".join(out)
 
 
+THREAD_VARS = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "XLA_FLAGS")
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
 
 
 def machine(threads: int | None = None) -> str:
   """One line naming the CPU model, its vector flags that matter for matmuls (present ones, and the missing
-  ones after ``no``), the cores this process may use and the thread count the benchmark runs with."""
+  ones after ``no``), the cores this process may use, the thread count the benchmark runs with, and the
+  environment variables that change how the frameworks use threads, when set."""
   model, flags, fam_model = platform.processor() or platform.machine(), set(), []
   try:
     for line in open("/proc/cpuinfo"):
@@ -54,4 +56,5 @@ def machine(threads: int | None = None) -> str:
     model += f" ({', '.join(fam_model)})"
   return (f"CPU: {model}; flags: {' '.join(have) or 'none of ' + ' '.join(FLAGS)}"
           + (f" (no {' '.join(missing)})" if have and missing else "")
-          + f"; {cores} cores; {threads or cores} threads")
+          + f"; {cores} cores; {threads or cores} threads"
+          + "".join(f"; {k}={os.environ[k]}" for k in THREAD_VARS if k in os.environ))
