@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import jax
 import jax.numpy as jnp
+from benchmarks.common import machine
 
 from jaxformers.kernels.attention import attention
 
@@ -107,6 +108,7 @@ def main(argv=None) -> int:
       del q, k, v, do
 
   print(f"## Attention benchmark on {device.device_kind} ({platform}), bf16, medians of {args.reps}\n")
+  print(machine() + "\n")
   print("| head_dim | length | batch | heads | impl | fwd TFLOP/s | fwd+bwd TFLOP/s | memory |")
   print("|---|---|---|---|---|---|---|---|")
   for row in rows:

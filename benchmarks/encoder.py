@@ -2,6 +2,7 @@
 
     python benchmarks/encoder.py                     # BERT-base, batch 8, lengths 128 and 512
     python benchmarks/encoder.py --lengths 128 --repeats 5
+    python benchmarks/encoder.py --lengths 512 --serial-only   # jaxformers serial vs PyTorch only
 
 Both frameworks run float32 on the same number of CPU threads (PyTorch in inference
 mode with its default SDPA attention); runs are interleaved and medians reported.
@@ -21,6 +22,7 @@ def main() -> None:
   p.add_argument("--threads", type=int, default=os.cpu_count())
   p.add_argument("--layers", type=int, default=12)
   p.add_argument("--no-torch", action="store_true", help="skip the PyTorch peer")
+  p.add_argument("--serial-only", action="store_true", help="time the serial layout only (no layout table)")
   args = p.parse_args()
   # XLA:CPU and PyTorch each use one thread per core by default; --threads sets PyTorch's count.
 
@@ -30,7 +32,7 @@ def main() -> None:
   from flax import nnx
 
   sys.path.insert(0, os.path.dirname(__file__))
-  from common import interleaved_medians, table
+  from common import interleaved_medians, machine, table
   from jaxformers import EncoderConfig, models
   from jaxformers.layout import fnet_hybrid_layout, par_layout
 
@@ -63,9 +65,12 @@ def main() -> None:
       with torch.inference_mode():
         return tmodel(input_ids=ids, attention_mask=mask).last_hidden_state
 
+  if args.serial_only:
+    layouts = {"serial (BERT)": layouts["serial (BERT)"]}
   fns_by_layout = {name: jax_forward(lay, "fused" in name) for name, lay in layouts.items()}
   print(f"# encoder forward, batch {args.batch}, float32, {args.threads} threads, {n} layers, "
-        f"jax {jax.__version__} on {jax.devices()[0].platform}; medians of {args.repeats} interleaved runs\n")
+        f"jax {jax.__version__} on {jax.devices()[0].platform}; medians of {args.repeats} interleaved runs")
+  print(machine(args.threads) + "\n")
   rows, layout_rows = [], []
   for length in args.lengths:
     rng = np.random.default_rng(0)
@@ -89,7 +94,9 @@ def main() -> None:
   if rows:
     print(table(["length", "jaxformers serial tokens/s", "PyTorch tokens/s", "jaxformers / PyTorch"], rows))
     print()
-  print(table(["length", "layout", "string", "ms / batch", "tokens/s", "speed vs serial"], layout_rows))
+  if not args.serial_only:
+    print(table(["length", "layout", "string", "ms / batch", "tokens/s", "speed vs serial"],
+                layout_rows))
 
 
 if __name__ == "__main__":

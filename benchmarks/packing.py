@@ -30,7 +30,7 @@ def main() -> None:
   from flax import nnx
 
   sys.path.insert(0, os.path.dirname(__file__))
-  from common import interleaved_medians, table
+  from common import interleaved_medians, machine, table
   from jaxformers import EncoderConfig, models
   from jaxformers.packing import pack
 
@@ -91,7 +91,8 @@ def main() -> None:
   useful = int(lengths.sum())
   print(f"# padded vs packed, BERT-base shape ({args.layers} layers), {args.examples} examples, max {args.max_length}, "
         f"mean length {lengths.mean():.0f} ({lengths.mean() / args.max_length:.2f} of max), float32, "
-        f"{jax.devices()[0].platform}; medians of {args.repeats} interleaved runs\n")
+        f"{jax.devices()[0].platform}; medians of {args.repeats} interleaved runs")
+  print(machine() + "\n")
   print(f"padded: {ids.shape[0]} rows x {ids.shape[1]} ({1 - useful / ids.size:.0%} padding); "
         f"packed: {batch.input_ids.shape[0]} rows x {args.max_length} ({batch.padding_fraction:.0%} padding)\n")
   rows = []

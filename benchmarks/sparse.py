@@ -27,7 +27,7 @@ def main() -> None:
   from flax import nnx
 
   sys.path.insert(0, os.path.dirname(__file__))
-  from common import interleaved_medians, table
+  from common import interleaved_medians, machine, table
   from jaxformers import EncoderConfig, models
 
   rows = []
@@ -56,7 +56,9 @@ def main() -> None:
                  f"{mem['dense'][0] / 2**20:.0f}", f"{mem['sparse'][0] / 2**20:.0f}",
                  f"{mem['dense'][1] / 2**20:.0f}", f"{mem['sparse'][1] / 2**20:.0f}"])
   print(f"# sparse (window {args.window}, first token global) vs dense attention, hidden 768, 12 heads, "
-        f"{args.layers} layers, batch 1, float32, {jax.devices()[0].platform}; medians of {args.repeats} interleaved runs\n")
+        f"{args.layers} layers, batch 1, float32, {jax.devices()[0].platform}; "
+        f"medians of {args.repeats} interleaved runs")
+  print(machine() + "\n")
   print(table(["length", "dense fwd ms", "sparse fwd ms", "sparse speed-up", "dense fwd MiB", "sparse fwd MiB",
                "dense fwd+bwd MiB", "sparse fwd+bwd MiB"], rows))
 

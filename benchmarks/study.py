@@ -30,7 +30,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import re
 import sys
 import time
@@ -220,13 +219,8 @@ def run_cell(a, data: dict, root: Path, layout: str, recipe: str) -> dict:
 
 
 def cpu_model() -> str:
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
+  from benchmarks.common import machine
+  return machine()
 
 
 def measure(a, cells: dict) -> dict:
@@ -328,7 +322,7 @@ def plot(study: dict, path: Path) -> None:
       ax.scatter(c["infer_tokens_per_s"], c["metric"], facecolors="none", edgecolors="black", marker="*", s=400,
                  zorder=4, label="source layout (reference)")
   ax.set_xlabel(f"inference tokens/s (batch {study['inference_shape'][0]}x{study['inference_shape'][1]}, "
-                f"{study['cpu'][:40]})")
+                f"{study['cpu'].split(';')[0]})")
   ax.set_ylabel(next(iter(cells.values()))["metric_name"] if cells else "metric")
   ax.set_title("layout study: held-out metric vs inference speed (o direct, ^ healed)")
   ax.grid(alpha=0.3)

@@ -3,11 +3,15 @@ PyTorch BertForSequenceClassification at the same configuration on this CPU.
 
   python benchmarks/train_step.py                       # BERT-base, batch 8 x 128, float32, ratio vs PyTorch
   python benchmarks/train_step.py --table               # + step time and memory per layout at 128 and 512
+  python benchmarks/train_step.py --dtypes float32 bfloat16 --no-compile   # + bfloat16: mixed precision both sides
 
 Each peer lives in its own worker process (so neither framework's thread pool competes with the
 other's), and the runs are interleaved (JAX, PyTorch, torch.compile, JAX, ...): the medians are
 compared. Both sides use the same dropout (0.1), thread count, batch, and AdamW; PyTorch keeps
-its default SDPA attention. Memory: each worker's peak RSS (for JAX it includes XLA's compiler);
+its default SDPA attention. bfloat16 is mixed precision on both sides: jaxformers ``dtype="bfloat16"``
+(float32 parameters and optimizer, bfloat16 matmuls), PyTorch ``torch.autocast("cpu", dtype=torch.bfloat16)``
+around the forward pass (float32 parameters). With several ``--dtypes`` all peers are interleaved.
+Memory: each worker's peak RSS (for JAX it includes XLA's compiler);
 the layout table gives XLA's compiled memory analysis (arguments + outputs + temporaries).
 """
 from __future__ import annotations
@@ -21,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import table  # noqa: E402
+from common import machine, table  # noqa: E402
 
 
 def parse():
@@ -33,13 +37,15 @@ def parse():
   p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (medians over these)")
   p.add_argument("--steps", type=int, default=3, help="steps timed per round")
   p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+  p.add_argument("--dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                 help="compute dtypes (bfloat16: jaxformers dtype=bfloat16, PyTorch autocast)")
   p.add_argument("--table", action="store_true", help="also time each block layout at 128 and 512")
   p.add_argument("--table-repeats", type=int, default=2, help="steps timed per layout in the table (median)")
   p.add_argument("--table-only", action="store_true", help="skip the PyTorch comparison")
   return p.parse_args()
 
 
-def jax_step(layout: str, batch: int, length: int, layers_hidden=(768, 12, 3072)):
+def jax_step(layout: str, batch: int, length: int, layers_hidden=(768, 12, 3072), dtype: str = "float32"):
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -53,7 +59,8 @@ def jax_step(layout: str, batch: int, length: int, layers_hidden=(768, 12, 3072)
 
   hidden, heads, inter = layers_hidden
   cfg = EncoderConfig(vocab_size=30522, hidden_size=hidden, num_heads=heads, intermediate_size=inter,
-                      max_position_embeddings=512, layout=layout, hidden_dropout=0.1, attention_dropout=0.1)
+                      max_position_embeddings=512, layout=layout, hidden_dropout=0.1, attention_dropout=0.1,
+                      dtype=dtype)
   model = models.SequenceClassifier(cfg, num_labels=2, rngs=nnx.Rngs(params=0, dropout=1))
   model.train()
   gd, params, rest = nnx.split(model, nnx.Param, ...)
@@ -84,7 +91,7 @@ def jax_step(layout: str, batch: int, length: int, layers_hidden=(768, 12, 3072)
   return run, peak
 
 
-def torch_step(batch: int, length: int, compile_: bool):
+def torch_step(batch: int, length: int, compile_: bool, dtype: str = "float32"):
   import torch
   from transformers import BertConfig, BertForSequenceClassification
   cfg = BertConfig(num_labels=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
@@ -97,7 +104,8 @@ def torch_step(batch: int, length: int, compile_: bool):
   labels = torch.randint(0, 2, (batch,), generator=g)
 
   def step():
-    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+      out = model(input_ids=ids, attention_mask=mask, labels=labels)
     out.loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -115,15 +123,15 @@ def torch_step(batch: int, length: int, compile_: bool):
   return run
 
 
-def _peer(kind: str, a, conn) -> None:
+def _peer(kind: str, dtype: str, a, conn) -> None:
   """Worker process: build one peer, then time ``n`` steps for every ``n`` received (None stops)."""
   if kind == "jaxformers":   # XLA:CPU uses one thread per core by default; --threads sets PyTorch's to match
-    run = jax_step(f"serial*{a.layers}", a.batch, a.length)[0]
+    run = jax_step(f"serial*{a.layers}", a.batch, a.length, dtype=dtype)[0]
   else:
     import torch
     torch.set_num_threads(a.threads)
     try:
-      run = torch_step(a.batch, a.length, compile_=kind == "torch.compile")
+      run = torch_step(a.batch, a.length, compile_=kind == "torch.compile", dtype=dtype)
     except Exception as e:  # inductor needs a C++ compiler; report and go on
       conn.send(f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
       return
@@ -136,34 +144,39 @@ def _peer(kind: str, a, conn) -> None:
 def compare(a) -> None:
   import multiprocessing as mp
   ctx = mp.get_context("spawn")
-  print(f"BERT-base train step, batch {a.batch} x {a.length}, float32, {a.threads} threads, "
+  print(f"BERT-base train step, batch {a.batch} x {a.length}, {' and '.join(a.dtypes)}, {a.threads} threads, "
         f"{a.repeats} interleaved rounds x {a.steps} steps, one worker process per peer")
+  print(machine(a.threads), flush=True)
   peers = {}
-  for kind in ("jaxformers", "torch (eager, SDPA)", "torch.compile")[:2 if a.no_compile else 3]:
-    t = time.time()
-    mine, theirs = ctx.Pipe()
-    proc = ctx.Process(target=_peer, args=(kind, a, theirs), daemon=True)
-    proc.start()
-    msg = mine.recv()   # workers are built one at a time, so compile times do not overlap
-    print(f"{kind}: {msg} after {time.time() - t:.0f}s", flush=True)
-    if msg == "ready":
-      peers[kind] = (proc, mine)
+  for dtype in a.dtypes:
+    for kind in ("jaxformers", "torch (eager, SDPA)", "torch.compile")[:2 if a.no_compile else 3]:
+      t = time.time()
+      mine, theirs = ctx.Pipe()
+      proc = ctx.Process(target=_peer, args=(kind, dtype, a, theirs), daemon=True)
+      proc.start()
+      msg = mine.recv()   # workers are built one at a time, so compile times do not overlap
+      print(f"{kind} {dtype}: {msg} after {time.time() - t:.0f}s", flush=True)
+      if msg == "ready":
+        peers[(kind, dtype)] = (proc, mine)
   times = {k: [] for k in peers}
   for i in range(a.repeats):
     for k, (_, conn) in peers.items():
       conn.send(a.steps)
       times[k].append(conn.recv())
-    print(f"round {i + 1}: " + "  ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), flush=True)
+    print(f"round {i + 1}: " + "  ".join(f"{k} {d} {v[-1]:.3f}s" for (k, d), v in times.items()), flush=True)
   rss = {}
   for k, (proc, conn) in peers.items():
     conn.send(None)
     rss[k] = conn.recv()
     proc.join()
-  base = statistics.median(times["jaxformers"])
   tokens = a.batch * a.length
-  rows = [[k, f"{statistics.median(ts):.3f}", f"{tokens / statistics.median(ts):.0f}",
-           f"{statistics.median(ts) / base:.2f}x", f"{rss[k]:.0f}"] for k, ts in times.items()]
-  print(table(["peer", "median s/step", "tokens/s", "jaxformers speed-up", "process peak RSS MiB"], rows))
+  rows = []
+  for (k, d), ts in times.items():
+    base = statistics.median(times[("jaxformers", d)])
+    rows.append([k, d, f"{statistics.median(ts):.3f}", f"{tokens / statistics.median(ts):.0f}",
+                 f"{statistics.median(ts) / base:.2f}x", f"{rss[(k, d)]:.0f}"])
+  print(table(["peer", "dtype", "median s/step", "tokens/s", "jaxformers speed-up (same dtype)",
+               "process peak RSS MiB"], rows))
 
 
 def main():

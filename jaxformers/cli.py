@@ -60,7 +60,7 @@ def _encode(args) -> int:
     raise CheckpointError(f"{out} exists: nothing was written; use --overwrite to replace it")
   t0 = time.perf_counter()
   vectors = jaxformers.encode(args.src, texts, pooling=args.pooling, normalize=args.normalize,
-                              max_length=args.max_length, progress=True)
+                              max_length=args.max_length, dtype=args.dtype, progress=True)
   tmp = out.with_name(f".{out.name}.partial.npy")
   np.save(tmp, vectors)
   tmp.replace(out)
@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
   n.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                  help="L2-normalise (default: as the sentence-transformers directory says, else no)")
   n.add_argument("--max-length", type=int, help="tokens per text (default: max_seq_length, else the model's limit)")
+  n.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the model's; "
+                                                                   "parameters stay float32)")
   n.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
   n.set_defaults(fn=_encode)
   l = sub.add_parser("layouts", help="print the layout grammar and the registered blocks")

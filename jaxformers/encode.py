@@ -5,12 +5,15 @@
 jitted function (the last chunk is filled with empty rows, so nothing recompiles), pools each text's
 tokens (``cls``: its first token's final state; ``mean``: the mean over its tokens, special tokens
 included, as sentence-transformers does; ``max``: the elementwise max) and optionally L2-normalises.
-The result is a numpy array ``[len(texts), hidden]`` in input order. Given a sentence-transformers
+The result is a numpy array ``[len(texts), hidden]`` in input order. Texts are tokenised a block at a time while
+the device runs the previous block's calls (JAX dispatches them asynchronously); ``dtype="bfloat16"`` computes in
+bfloat16 with the float32 parameters (softmax and LayerNorm statistics stay float32). Given a sentence-transformers
 directory (``modules.json``, ``1_Pooling/config.json``, ``sentence_bert_config.json``), its pooling,
 normalisation and ``max_seq_length`` are the defaults, so the call gives sentence-transformers' vectors.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Sequence
@@ -41,22 +44,69 @@ def sentence_transformers_config(path: str | Path) -> dict:
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Pooler:
+  """``fn`` for :func:`jaxformers.packing.chunk_runner`: per-sequence vectors ``[rows, max_segments, hidden]``
+  (float32) of packed rows; hashable, so equal settings reuse one compiled function across calls."""
+  pooling: str
+  normalize: bool
+  max_segments: int
+
+  def __call__(self, enc, ids_BL, seg_BL):
+    import jax.numpy as jnp
+    out = enc(ids_BL, segment_ids=seg_BL, max_segments=self.max_segments, first_tokens_only=self.pooling == "cls")
+    if self.pooling == "cls":
+      v_BSD = out.first_token_state
+    else:
+      own_BSL = seg_BL[:, None, :] == jnp.arange(1, self.max_segments + 1, dtype=seg_BL.dtype)[None, :, None]
+      h_BLD = out.last_hidden_state.astype(jnp.float32)
+      if self.pooling == "mean":
+        n_BS = jnp.maximum(own_BSL.sum(-1, keepdims=True), 1)
+        v_BSD = jnp.einsum("bsl,bld->bsd", own_BSL.astype(jnp.float32), h_BLD) / n_BS
+      else:
+        v_BSD = jnp.max(jnp.where(own_BSL[..., None], h_BLD[:, None], -jnp.inf), axis=2)
+        v_BSD = jnp.where(own_BSL.any(-1)[..., None], v_BSD, 0.0)
+    v_BSD = v_BSD.astype(jnp.float32)
+    if self.normalize:
+      v_BSD = v_BSD / jnp.maximum(jnp.linalg.norm(v_BSD, axis=-1, keepdims=True), 1e-12)
+    return v_BSD
+
+
+def with_dtype(encoder, dtype: str):
+  """A copy of ``encoder`` computing in ``dtype``; its parameters are the same arrays (nothing is copied)."""
+  import jax.numpy as jnp
+  from flax import nnx
+
+  out = nnx.clone(encoder)
+  for _, m in out.iter_modules():
+    if isinstance(m, (nnx.Linear, nnx.LayerNorm, nnx.Embed)):   # the layers built from config.dtype (layers.common)
+      m.dtype = jnp.dtype(dtype)
+  out.config = out.config.replace(dtype=dtype)
+  return out
+
+
 def encode(model_or_path, texts: Sequence[str], *, pooling: str | None = None, normalize: bool | None = None,
            max_length: int | None = None, batch_tokens: int = 8192, tokenizer=None, max_segments: int = 16,
-           progress: bool | None = None, **overrides) -> np.ndarray:
+           dtype: str | None = None, progress: bool | None = None, tokenize_block: int = 512,
+           **overrides) -> np.ndarray:
   """Vectors ``[len(texts), hidden]`` for ``texts``, in input order (see the module docstring).
 
   ``model_or_path``: a model (then pass ``tokenizer``, a ``tokenizers.Tokenizer``) or anything
-  ``from_pretrained`` takes (its tokenizer is used; ``overrides`` such as ``dtype="bfloat16"`` go to
-  ``from_pretrained``). Defaults: the sentence-transformers settings of the directory, else ``cls`` pooling,
-  no normalisation and the model's longest input. ``batch_tokens``: tokens a compiled call processes.
+  ``from_pretrained`` takes (its tokenizer is used; ``overrides`` go to ``from_pretrained``). Defaults: the
+  sentence-transformers settings of the directory, else ``cls`` pooling, no normalisation and the model's longest
+  input. ``batch_tokens``: tokens a compiled call processes. ``dtype``: compute dtype (``"float32"``,
+  ``"bfloat16"``; default the model's), parameters stay as they are. Texts are tokenised ``tokenize_block`` at a
+  time while the device runs the previous block's calls. ``progress``: a progress bar (default: more than 20 calls).
   """
-  import jax.numpy as jnp
-
   from jaxformers import models
+  from jaxformers.config import DTYPES
   from jaxformers.convert.hf import max_length as model_max_length
-  from jaxformers.packing import pack, run_packed
+  from jaxformers.packing import chunk_runner, pack, scatter_segments
 
+  if dtype is not None and dtype not in DTYPES:
+    raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+  if tokenize_block < 1:
+    raise ValueError(f"tokenize_block={tokenize_block}: expected a positive number of texts")
   st = {}
   if isinstance(model_or_path, (str, Path)):
     from jaxformers.hub import resolve
@@ -64,7 +114,7 @@ def encode(model_or_path, texts: Sequence[str], *, pooling: str | None = None, n
     from jaxformers.runs import load_tokenizer
     path = resolve(model_or_path)
     st = sentence_transformers_config(path)
-    model = from_pretrained(path, **overrides)
+    model = from_pretrained(path, **({"dtype": dtype} if dtype else {}), **overrides)
     tokenizer = tokenizer or load_tokenizer(path)
   else:
     model = model_or_path
@@ -75,6 +125,8 @@ def encode(model_or_path, texts: Sequence[str], *, pooling: str | None = None, n
     raise ValueError(f"pooling={pooling!r}: expected one of {', '.join(POOLINGS)}")
   normalize = st.get("normalize", False) if normalize is None else normalize
   encoder = models.encoder_of(model)
+  if dtype is not None and dtype != encoder.config.dtype:
+    encoder = with_dtype(encoder, dtype)
   limit = model_max_length(encoder.config)
   max_length = min(max_length or st.get("max_length") or limit, limit)
   texts = list(texts)
@@ -84,29 +136,42 @@ def encode(model_or_path, texts: Sequence[str], *, pooling: str | None = None, n
   tok = tokenizer.__class__.from_str(tokenizer.to_str())   # a private copy: padding/truncation are per object
   tok.no_padding()
   tok.enable_truncation(max_length)
-  ids = [e.ids for e in tok.encode_batch(texts)]
-  batch = pack(ids, max_length, max_segments=max_segments, pad_id=encoder.config.pad_token_id)
   rows = max(1, batch_tokens // max_length)
+  run = chunk_runner(encoder, Pooler(pooling, bool(normalize), max_segments))
+  pad_id = encoder.config.pad_token_id
+  bar = None
+  if progress or (progress is None and sum(len(t) for t in texts) > 20 * 4 * batch_tokens):   # ~4 characters a token
+    from tqdm import tqdm
+    bar = tqdm(total=len(texts), desc="encode", unit="text")
 
-  def pooled(enc, ids_BL, seg_BL):
-    out = enc(ids_BL, segment_ids=seg_BL, max_segments=max_segments, first_tokens_only=pooling == "cls")
-    if pooling == "cls":
-      v_BSD = out.first_token_state
-    else:
-      own_BSL = seg_BL[:, None, :] == jnp.arange(1, max_segments + 1, dtype=seg_BL.dtype)[None, :, None]
-      h_BLD = out.last_hidden_state.astype(jnp.float32)
-      if pooling == "mean":
-        n_BS = jnp.maximum(own_BSL.sum(-1, keepdims=True), 1)
-        v_BSD = jnp.einsum("bsl,bld->bsd", own_BSL.astype(jnp.float32), h_BLD) / n_BS
-      else:
-        v_BSD = jnp.max(jnp.where(own_BSL[..., None], h_BLD[:, None], -jnp.inf), axis=2)
-        v_BSD = jnp.where(own_BSL.any(-1)[..., None], v_BSD, 0.0)
-    v_BSD = v_BSD.astype(jnp.float32)
-    if normalize:
-      v_BSD = v_BSD / jnp.maximum(jnp.linalg.norm(v_BSD, axis=-1, keepdims=True), 1e-12)
-    return v_BSD
-
-  n_calls = -(-batch.input_ids.shape[0] // rows)
-  vectors = run_packed(encoder, batch, rows, pooled, max_segments,
-                       progress=progress if progress is not None else n_calls > 20)
-  return batch.unpack_segments(vectors)
+  # Tokenise a block, pack it, dispatch its full chunks (asynchronously), tokenise the next block meanwhile.
+  # Rows that do not fill a chunk wait for the next block; the last chunk is filled with empty rows.
+  carry = (np.zeros((0, max_length), np.int32), np.zeros((0, max_length), np.int32),
+           np.zeros((0, max_segments), np.int64))
+  done, in_flight = [], []
+  for start in range(0, len(texts), tokenize_block):
+    last = start + tokenize_block >= len(texts)
+    ids = [e.ids for e in tok.encode_batch(texts[start:start + tokenize_block])]
+    batch = pack(ids, max_length, max_segments=max_segments, pad_id=pad_id)
+    slots = np.where(batch.slots >= 0, batch.slots + start, -1)
+    buf = [np.concatenate([c, b]) for c, b in zip(carry, (batch.input_ids, batch.segment_ids, slots))]
+    n = len(buf[0]) if not last else -(-len(buf[0]) // rows) * rows
+    if last and n > len(buf[0]):
+      extra = n - len(buf[0])
+      buf = [np.pad(buf[0], ((0, extra), (0, 0)), constant_values=pad_id), np.pad(buf[1], ((0, extra), (0, 0))),
+             np.pad(buf[2], ((0, extra), (0, 0)), constant_values=-1)]
+    n -= n % rows
+    block = [(run(buf[0][c:c + rows], buf[1][c:c + rows]), buf[2][c:c + rows]) for c in range(0, n, rows)]
+    carry = [b[n:] for b in buf]
+    for out, s in in_flight:     # keep at most two blocks in flight: bounded memory, an honest progress bar
+      done.append((np.asarray(out), s))
+      if bar is not None:
+        bar.update(int((s >= 0).sum()))
+    in_flight = block
+  for out, s in in_flight:
+    done.append((np.asarray(out), s))
+    if bar is not None:
+      bar.update(int((s >= 0).sum()))
+  if bar is not None:
+    bar.close()
+  return scatter_segments(np.concatenate([o for o, _ in done]), np.concatenate([s for _, s in done]), len(texts))

@@ -15,6 +15,7 @@ position-wise layers need nothing), heads give one output per example.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import numpy as np
@@ -48,11 +49,17 @@ class PackedBatch:
 
   def unpack_segments(self, x: np.ndarray) -> np.ndarray:
     """Per-sequence outputs ``[rows, max_segments, ...]`` -> ``[num_examples, ...]``, input order."""
-    x = np.asarray(x)
-    out = np.empty((self.num_examples,) + x.shape[2:], x.dtype)
-    rows, cols = np.nonzero(self.slots >= 0)
-    out[self.slots[rows, cols]] = x[rows, cols]
-    return out
+    return scatter_segments(x, self.slots, self.num_examples)
+
+
+def scatter_segments(x: np.ndarray, slots: np.ndarray, num_examples: int) -> np.ndarray:
+  """Per-sequence outputs ``[rows, max_segments, ...]`` -> ``[num_examples, ...]`` by ``slots`` (example index per
+  sequence slot, -1 for empty ones)."""
+  x = np.asarray(x)
+  out = np.empty((num_examples,) + x.shape[2:], x.dtype)
+  rows, cols = np.nonzero(slots >= 0)
+  out[slots[rows, cols]] = x[rows, cols]
+  return out
 
 
 def padded_fraction(lengths: Sequence[int], pad_to: int | None = None) -> float:
@@ -146,23 +153,38 @@ def pack(examples: Sequence[Sequence[int]], row_length: int, *, token_types: Seq
   return PackedBatch(ids, seg, types, slots, starts, lengths, max_segments)
 
 
-def run_packed(encoder, batch: PackedBatch, rows_per_call: int, fn, max_segments: int, progress: bool = False):
-  """``fn(encoder, input_ids, segment_ids)`` (the encoder in eval mode: no dropout, whatever mode the caller's is
-  in) over the rows of ``batch``, jitted once: ``rows_per_call`` rows a call, the last call filled with empty rows,
-  so every call has the same shape. Returns ``fn``'s outputs (any pytree of ``[rows, ...]`` arrays, None leaves
-  allowed) as numpy arrays over the batch's rows."""
-  import jax
+def _run_chunk(graphdef, fn, state, input_ids, segment_ids):
   from flax import nnx
+  enc = nnx.merge(graphdef, state)
+  enc.eval()
+  return fn(enc, input_ids, segment_ids)
 
+
+@functools.cache
+def _jitted_chunk():
+  import jax
+  return jax.jit(_run_chunk, static_argnums=(0, 1))
+
+
+def chunk_runner(encoder, fn):
+  """``run(input_ids, segment_ids)``: ``fn(encoder, input_ids, segment_ids)`` jitted, with the encoder in eval mode
+  (no dropout, whatever mode the caller's is in). ``fn`` must be hashable and equal for equal behaviour (a
+  module-level function or a frozen dataclass): the compiled code is then reused by every later call with the
+  same model structure, ``fn`` and shapes, so repeated encoding never recompiles. Calls dispatch asynchronously."""
+  from flax import nnx
   graphdef, state = nnx.split(encoder)
+  jitted = _jitted_chunk()
+  return lambda input_ids, segment_ids: jitted(graphdef, fn, state, input_ids, segment_ids)
+
+
+def run_packed(encoder, batch: PackedBatch, rows_per_call: int, fn, max_segments: int, progress: bool = False):
+  """``fn(encoder, input_ids, segment_ids)`` over the rows of ``batch`` through :func:`chunk_runner`:
+  ``rows_per_call`` rows a call, the last call filled with empty rows, so every call has the same shape. Returns
+  ``fn``'s outputs (any pytree of ``[rows, ...]`` arrays, None leaves allowed) as numpy arrays over the batch's rows."""
+  import jax
+
+  run = chunk_runner(encoder, fn)
   pad_id = encoder.config.pad_token_id
-
-  @jax.jit
-  def run(state, input_ids, segment_ids):
-    enc = nnx.merge(graphdef, state)
-    enc.eval()
-    return fn(enc, input_ids, segment_ids)
-
   n_rows = batch.input_ids.shape[0]
   calls = -(-n_rows // rows_per_call)
   extra = calls * rows_per_call - n_rows
@@ -172,9 +194,19 @@ def run_packed(encoder, batch: PackedBatch, rows_per_call: int, fn, max_segments
   if progress:
     from tqdm import tqdm
     chunks = tqdm(chunks, desc="encode", unit="call")
-  outs = [run(state, input_ids[c * rows_per_call:(c + 1) * rows_per_call],
+  outs = [run(input_ids[c * rows_per_call:(c + 1) * rows_per_call],
               segment_ids[c * rows_per_call:(c + 1) * rows_per_call]) for c in chunks]
   return jax.tree.map(lambda *xs: np.concatenate([np.asarray(x) for x in xs])[:n_rows], *outs)
+
+
+@dataclasses.dataclass(frozen=True)
+class _AllOutputs:
+  """The encoder's last hidden state, pooler output and first-token state (hashable, for :func:`chunk_runner`)."""
+  max_segments: int
+
+  def __call__(self, enc, input_ids, segment_ids):
+    out = enc(input_ids, segment_ids=segment_ids, max_segments=self.max_segments)
+    return out.last_hidden_state, out.pooler_output, out.first_token_state
 
 
 def encode_texts(model, tokenizer, texts: Sequence[str], *, row_length: int = 512, rows_per_call: int = 8,
@@ -196,11 +228,8 @@ def encode_texts(model, tokenizer, texts: Sequence[str], *, row_length: int = 51
   ids = [i[:row_length] for i in ids]
   batch = pack(ids, row_length, max_segments=max_segments, pad_id=model.config.pad_token_id)
 
-  def outputs(enc, input_ids, segment_ids):
-    out = enc(input_ids, segment_ids=segment_ids, max_segments=max_segments)
-    return out.last_hidden_state, out.pooler_output, out.first_token_state
-
-  hidden, pooled, first = run_packed(models.encoder_of(model), batch, rows_per_call, outputs, max_segments)
+  hidden, pooled, first = run_packed(models.encoder_of(model), batch, rows_per_call, _AllOutputs(max_segments),
+                                     max_segments)
   return {"last_hidden_state": batch.unpack_tokens(hidden),
           "pooler_output": batch.unpack_segments(pooled) if pooled is not None else None,
           "first_token_state": batch.unpack_segments(first),

@@ -41,6 +41,22 @@ def test_packing_and_chunking_change_nothing(minilm_dir):
   shuffled = np.random.default_rng(0).permutation(40)
   again = jaxformers.encode(minilm_dir, [texts[i] for i in shuffled])
   np.testing.assert_allclose(again, packed[shuffled], atol=2e-6)                  # input order is kept
+  streamed = jaxformers.encode(minilm_dir, texts, batch_tokens=512, tokenize_block=7)   # rows carried across blocks
+  np.testing.assert_allclose(streamed, packed, atol=2e-6)
+
+
+def test_repeated_calls_compile_once_and_bfloat16_agrees(minilm_dir):
+  from jaxformers.packing import _jitted_chunk
+  model, tok = jaxformers.from_pretrained(minilm_dir), jaxformers.load_tokenizer(minilm_dir)
+  texts, kw = ragged_texts(12), dict(tokenizer=tok, pooling="mean", normalize=True, max_length=128, batch_tokens=512)
+  f32 = jaxformers.encode(model, texts, **kw)
+  compiled = _jitted_chunk()._cache_size()
+  again = jaxformers.encode(model, texts[::-1], **kw)
+  assert _jitted_chunk()._cache_size() == compiled                 # same model structure and settings: no compile
+  np.testing.assert_allclose(again[::-1], f32, atol=2e-6)
+  bf16 = jaxformers.encode(model, texts, dtype="bfloat16", **kw)
+  assert model.config.dtype == "float32"                           # the caller's model is left as it was
+  assert 0.9995 <= cosine(bf16, f32).min() < 0.999999, cosine(bf16, f32).min()   # measured 0.99987
 
 
 def test_pooling_modes_match_numpy(minilm_dir):
