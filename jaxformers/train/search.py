@@ -175,6 +175,7 @@ class Searched:
     held = run.tokenized("search_heldout")
     bs = self.s.heldout_batch_size or self.c.data.batch_size
     hb = batching.TrainBatches(held, bs, self.c.seed + 1, run.max_length, run.special["pad"], mlm=run.mlm_opts())
+    hb.buckets = hb.buckets[-1:]    # one held-out shape (max_length): the step compiles once per training length
     return _WithHeldout(batches, hb)
 
   def batch_shardings(self, run) -> dict:
