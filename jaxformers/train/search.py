@@ -195,8 +195,9 @@ class Searched:
     return out
 
   def finish(self, run, state, summary: dict) -> None:
-    """Read off the layout, save the derived model and the heat-map, and (with ``then_train``) train it."""
-    if jax.process_index() != 0:
+    """Read off the layout, save the derived model and the heat-map, and (with ``then_train``) train it; nothing
+    while the search is unfinished (``train.stop_after``: the resumed run does it)."""
+    if jax.process_index() != 0 or not summary.get("finished"):
       return
     logits = np.asarray(jax.device_get(S.arch_logits(state["params"])))
     probs = np.asarray(S.probabilities(logits))
