@@ -359,3 +359,37 @@ def test_one_device_vs_four_devices(searched, tmp_path):
   for k in ref:
     np.testing.assert_allclose(four[k], ref[k], atol=2e-6, rtol=1e-5, err_msg=k)
   assert json.loads((tmp_path / "four" / "summary.json").read_text())["search"]["layout"] == out["search"]["layout"]
+
+
+def test_search_from_a_converted_bert_starts_each_candidate_from_its_source_sublayer(tmp_path):
+  """init_from an HF BERT: at both positions of layer i the attention candidate is layer i's attention and the
+  ffn candidate layer i's feed-forward, as from_pretrained converts them."""
+  import jaxformers
+  from jaxformers.train.loop import Run
+  from tests.conftest import make_hf
+  from tests.test_train_glue import glue_tiny, write_rte
+  from tests.test_train_pretrained import _tokenizer_for
+  data = write_rte(tmp_path / "RTE")
+  hf = tmp_path / "bert"
+  make_hf(hf, "BertForSequenceClassification", num_labels=2)
+  _tokenizer_for(data, hf)
+  c = glue_tiny("rte", data, init_from=str(hf), model__layout="", model__hidden_size=None, model__num_heads=None,
+                model__intermediate_size=None, model__max_position_embeddings=None, search__enabled=True)
+  r = Run(c, tmp_path / "run")
+  params, _ = r.init_params()
+  got = dotted_state(params)
+  src = jaxformers.from_pretrained(str(hf), task="classification", num_labels=2)
+  want = dotted(src)
+  assert r.cfg.layout == "serial*3" and len(search.positions_of(r.cfg.blocks)) == 6
+  n = 0
+  for p in range(6):
+    i = p // 2
+    for cand, subs in (("attention", ("mixer", "mixer_norm")), ("ffn", ("mlp", "mlp_norm"))):
+      for k, v in want.items():
+        for sub in subs:
+          if k.startswith(f"encoder.blocks.{i}.{sub}."):
+            rest = k[len(f"encoder.blocks.{i}."):]
+            np.testing.assert_array_equal(got[f"encoder.blocks.{p}.options.{cand}.{rest}"], v, err_msg=k)
+            n += 1
+  assert n == 6 * 16     # q, k, v, out kernels and biases, 2 norms x 2; up, down x 2, norm x 2
+  np.testing.assert_array_equal(got["encoder.embeddings.word.embedding"], want["encoder.embeddings.word.embedding"])
