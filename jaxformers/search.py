@@ -45,7 +45,7 @@ from flax import nnx
 from jaxformers import models
 from jaxformers.blocks import Block
 from jaxformers.config import EncoderConfig
-from jaxformers.layout import BLOCKS, BlockSpec, format_layout
+from jaxformers.layout import BLOCKS, format_layout
 
 # candidate -> the single-sublayer block type it is (None: identity)
 CANDIDATES: dict[str, str | None] = {"attention": "attention", "ffn": "ffn", "identity": None,

@@ -214,7 +214,7 @@ def test_bad_search_config_errors_clearly(tmp_path, key, value, needle):
   c = load_config("tiny", None, search__enabled=True, **{f"search__{key}": value})
   with pytest.raises(ConfigError) as e:
     run(c, tmp_path / "bad")
-  assert f"config.search." in str(e.value) and needle in str(e.value), str(e.value)
+  assert "config.search." in str(e.value) and needle in str(e.value), str(e.value)
   assert not (tmp_path / "bad").exists()
 
 
@@ -236,7 +236,7 @@ def test_search_run_writes_layout_probabilities_heatmap_and_derived_model(search
   assert [r["step"] for r in recs] == list(range(1, 9))
   first = np.asarray([[recs[0][f"arch/p{p}/{c}"] for c in CANDS] for p in range(4)])
   np.testing.assert_allclose(first, 1 / 3, rtol=1e-6)          # warm-up: the logits have not moved (zeros)
-  assert recs[1][f"arch/p0/attention"] == recs[0][f"arch/p0/attention"]
+  assert recs[1]["arch/p0/attention"] == recs[0]["arch/p0/attention"]
   last = np.asarray([[recs[-1][f"arch/p{p}/{c}"] for c in CANDS] for p in range(4)])
   np.testing.assert_allclose(last, probs, rtol=1e-5)
   assert np.abs(last - 1 / 3).max() > 1e-3                     # after the warm-up they have
@@ -277,7 +277,7 @@ def test_only_the_arch_optimizer_moves_the_logits_and_only_on_heldout_data(tmp_p
   """One jitted search step, fed the same training batch with two held-out batches and vice versa: the new
   weights depend only on the training batch, the new logits only on the held-out batch; gradients reach the
   logits (they move), and during the warm-up they stay exactly where they are."""
-  from jaxformers.train import sharding
+  from jaxformers.data.batching import TrainBatches
   from jaxformers.train.loop import Run
   c = load_config("tiny", "steps=8", search__enabled=True, search__warmup_steps=1, search__heldout_batch_size=8)
   r = Run(c, tmp_path / "probe")
@@ -285,8 +285,7 @@ def test_only_the_arch_optimizer_moves_the_logits_and_only_on_heldout_data(tmp_p
   params, rest = r.init_params()
   state = {"params": params, "opt_state": tx.init(params), "rngs": rest, "step": jnp.asarray(0, jnp.int32)}
   step = jax.jit(r.task.make_train_step(r.gd_train, tx, lr, 1, r.max_segments))
-  batches = r.task.train_batches(r, __import__("jaxformers.data.batching", fromlist=["x"]).TrainBatches(
-      r.tokenized("train"), 16, 0, r.max_length, r.special["pad"]))
+  batches = r.task.train_batches(r, TrainBatches(r.tokenized("train"), 16, 0, r.max_length, r.special["pad"]))
   b1, b2 = next(batches), next(batches)
   mixed = {k: (b2[k] if k.startswith("heldout/") else v) for k, v in b1.items()}   # b1's train, b2's held-out
   other = {k: (v if k.startswith("heldout/") else b2[k]) for k, v in b1.items()}   # b2's train, b1's held-out
