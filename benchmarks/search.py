@@ -55,6 +55,7 @@ def config(seed: int, layout: str, search: bool, steps: int, args, init_from: st
     s.target_flops_ratio = args.target
     s.warmup_steps = steps // 4
     s.arch_every = args.arch_every
+    s.arch_lr = args.arch_lr
     s.heldout_batch_size = 16
   return c
 
@@ -114,7 +115,8 @@ def main(argv=None) -> int:
   ap.add_argument("--target", type=float, default=0.65)
   ap.add_argument("--search-steps", type=int, default=100)
   ap.add_argument("--train-steps", type=int, default=200)
-  ap.add_argument("--arch-every", type=int, default=1)
+  ap.add_argument("--arch-every", type=int, default=2)
+  ap.add_argument("--arch-lr", type=float, default=0.15)
   ap.add_argument("--heatmap", default="")
   args = ap.parse_args(argv)
   import logging
@@ -154,7 +156,7 @@ def main(argv=None) -> int:
   (out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
   print(f"\nCPU: {cpu}; source layout {args.layout} (sublayer positions: {2 * len(parse_layout(args.layout))}), "
         f"hidden {args.hidden}, length {args.length}, target FLOPs ratio {args.target}; search {args.search_steps} "
-        f"steps, training {args.train_steps} steps\n")
+        f"steps (arch update every {args.arch_every}, arch lr {args.arch_lr}), training {args.train_steps} steps\n")
   print("| seed | found layout | FLOPs/token ratio | step time ratio | acc serial | acc found | search wall / "
         "baseline train wall |")
   print("|---|---|---|---|---|---|---|")

@@ -175,7 +175,9 @@ class Searched:
     held = run.tokenized("search_heldout")
     bs = self.s.heldout_batch_size or self.c.data.batch_size
     hb = batching.TrainBatches(held, bs, self.c.seed + 1, run.max_length, run.special["pad"], mlm=run.mlm_opts())
-    hb.buckets = hb.buckets[-1:]    # one held-out shape (max_length): the step compiles once per training length
+    # every batch padded to max_length: one compiled shape for the (large) search step instead of one per bucket
+    hb.buckets = hb.buckets[-1:]
+    batches.buckets = batches.buckets[-1:]
     return _WithHeldout(batches, hb)
 
   def batch_shardings(self, run) -> dict:
