@@ -42,6 +42,8 @@ def get_config(arg=None):
   s.target_flops_ratio = a["target"]
   s.warmup_steps = a["warmup"]
   s.heldout_batch_size = 16
+  s.arch_every = 2                 # an architecture update every second step: search wall time ~1.5-2x training's
+  s.arch_lr = 0.15
   s.then_train = bool(a["then_train"])
   c.lock()
   return c

@@ -42,7 +42,7 @@ def set_logits(model, rows):
 def searched(tmp_path_factory):
   """One 8-step search of the tiny config (dropout on, arch frozen for 2 steps), shared by the trainer tests."""
   wd = tmp_path_factory.mktemp("search") / "full"
-  out = run(load_config("tiny", "steps=8", **SEARCH), wd)
+  out = run(load_config("tiny", "steps=8", search__then_train=True, search__then_train_steps=2, **SEARCH), wd)
   return wd, out
 
 
@@ -261,6 +261,12 @@ def test_search_run_writes_layout_probabilities_heatmap_and_derived_model(search
           np.testing.assert_array_equal(got[key[len(prefix):]], want, err_msg=key)
           compared += 1
   assert compared >= 4 * len(plan)
+  # then_train trained the derived model (its layout, no search) for then_train_steps
+  t = s["derived_train"]
+  assert t["workdir"] == str(wd / "derived_train") and "validation/accuracy" in t["eval"]
+  trained = json.loads((wd / "derived_train" / "summary.json").read_text())
+  assert trained["steps"] == 2 and "search" not in trained
+  assert sorted(checkpoint_params(wd / "derived_train", 2)) == sorted(dotted(d))
 
 
 def dotted(module) -> dict:
