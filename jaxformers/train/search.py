@@ -10,11 +10,12 @@ first-order bi-level updates) with the compute-aware penalties of :mod:`jaxforme
 one jitted, sharded step; the held-out batcher's position is saved with the training batcher's, so a resumed
 search is bit-identical.
 
-Each train log line carries every position's probabilities (``arch/p{i}/{candidate}``), the held-out loss,
-expected FLOPs ratio and temperature. At the end: ``summary.json["search"]`` (layout, probabilities, FLOPs),
-``DIR/search_heatmap.png``, ``DIR/derived`` (the derived model with the chosen candidates' weights and the
-tokenizer, a native checkpoint) and the ``train.py`` command that trains it; with ``search.then_train`` that
-training runs in ``DIR/derived_train``.
+Each train log line carries every position's probabilities (``arch/p{i}/{candidate}``), the expected FLOPs
+ratio, the temperature and, when that step updated the architecture, the held-out loss (``arch_loss``).
+At the end: ``summary.json["search"]`` (layout, probabilities, FLOPs), ``DIR/search_heatmap.png``,
+``DIR/derived`` (the derived model with the chosen candidates' weights and the tokenizer, a native checkpoint)
+and the ``train.py`` command that trains it; with ``search.then_train`` that training runs in
+``DIR/derived_train``.
 """
 from __future__ import annotations
 
@@ -189,8 +190,9 @@ class Searched:
 
   def log_metrics(self, m: dict) -> dict:
     probs = np.asarray(m["arch_probs"])
-    out = {"arch_loss": float(m["arch_loss"]), "expected_flops_ratio": float(m["expected_flops_ratio"]),
-           "temperature": float(m["temperature"])}
+    out = {"expected_flops_ratio": float(m["expected_flops_ratio"]), "temperature": float(m["temperature"])}
+    if bool(m["arch_update"]):     # the held-out loss exists on architecture steps only
+      out["arch_loss"] = float(m["arch_loss"])
     for p in range(probs.shape[0]):
       for k, name in enumerate(self.candidates):
         out[f"arch/p{p}/{name}"] = float(probs[p, k])
@@ -331,7 +333,7 @@ def make_search_step(graphdef, tx: BiLevel, lr_fn, task, accum_steps: int, max_s
            "rngs": rngs, "step": t + 1}
     metrics = {"loss": ls / denom, "accuracy": lc / denom, "grad_norm": optax.global_norm(g_w), "lr": lr_fn(t),
                "weight": lw, "arch_loss": arch_ce, "expected_flops_ratio": ratio, "temperature": tau,
-               "arch_probs": probs}
+               "arch_probs": probs, "arch_update": do_arch}
     return new, metrics
 
   return step
