@@ -18,7 +18,7 @@ from jaxformers.data import batching, tokenize
 from jaxformers.layout import BLOCKS, LayoutError
 from jaxformers.train import checkpoint as ckpt_lib
 from jaxformers.train import metrics as metrics_lib
-from jaxformers.train import optim, sharding, steps
+from jaxformers.train import sharding, steps
 from jaxformers.train.defaults import ConfigError, check_keys, check_values, encoder_config, set_fields
 from jaxformers.train.tasks import make_task
 
@@ -493,7 +493,7 @@ def run(config, workdir: str | Path) -> dict:
   try:
     r = Run(config, workdir)
     if config.mode == "train":
-      return train(r)
+      return r.task.after_training(r, train(r), run)
     if config.mode == "eval":
       return evaluate_checkpoint(r)
     return predict(r)

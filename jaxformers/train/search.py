@@ -188,6 +188,16 @@ class Searched:
   def make_train_step(self, graphdef, tx: BiLevel, lr_fn, accum_steps: int = 1, max_segments: int | None = None):
     return make_search_step(graphdef, tx, lr_fn, self.inner, accum_steps, max_segments, self)
 
+  def after_training(self, run, summary: dict, run_fn) -> dict:
+    """With ``search.then_train``, train the derived model once the search has finished (also when a finished
+    search is run again and its derived model has not been trained yet)."""
+    search = summary.get("search")
+    if self.s.then_train and search and "derived_train" not in search and jax.process_index() == 0:
+      search["derived_train"] = then_train(self.c, run.workdir, run_fn)
+      saved = {k: v for k, v in summary.items() if k != "already_done"}
+      (run.workdir / "summary.json").write_text(json.dumps(saved, indent=2) + "\n")
+    return summary
+
   def log_metrics(self, m: dict) -> dict:
     probs = np.asarray(m["arch_probs"])
     out = {"expected_flops_ratio": float(m["expected_flops_ratio"]), "temperature": float(m["temperature"])}
@@ -231,8 +241,6 @@ class Searched:
              100 * found / self.source_cost, out_dir)
     print(f"found layout: {layout}  ({100 * found / self.source_cost:.1f}% of {self.cfg.layout}'s FLOPs/token)\n"
           f"train it: {cmd}", flush=True)
-    if self.s.then_train:
-      summary["search"]["derived_train"] = then_train(self.c, run.workdir)
 
 
 def heat_history(path, n_cand: int, n_pos: int, candidates) -> tuple[list[int], np.ndarray]:
@@ -250,9 +258,9 @@ def heat_history(path, n_cand: int, n_pos: int, candidates) -> tuple[list[int], 
   return steps_, np.asarray([rows[s] for s in steps_], np.float64).reshape(len(steps_), n_pos, n_cand)
 
 
-def then_train(c, workdir) -> dict:
-  """Train the derived model (``DIR/derived``) on the same data in ``DIR/derived_train``; its summary."""
-  from jaxformers.train.loop import run
+def then_train(c, workdir, run) -> dict:
+  """Train the derived model (``DIR/derived``) on the same data in ``DIR/derived_train`` with ``run``
+  (:func:`jaxformers.train.run`); its summary."""
   c2 = copy.deepcopy(c)
   with c2.unlocked():
     c2.search.enabled = False

@@ -18,10 +18,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxformers.train.tasks import Task
 
 
-def make_grads(graphdef, task: Task, accum_steps: int = 1, max_segments: int | None = None, param_filter=nnx.Param):
+def make_grads(graphdef, task, accum_steps: int = 1, max_segments: int | None = None, param_filter=nnx.Param):
   """``grads(params, rngs, batch, inputs) -> (loss_sum, weight_sum, correct_sum, rngs, summed gradient)``;
   ``accum_steps`` micro-batches are summed, which gives exactly the gradient of the whole batch."""
 
@@ -52,11 +51,11 @@ def make_grads(graphdef, task: Task, accum_steps: int = 1, max_segments: int | N
   return grads
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, task: Task, accum_steps: int = 1,
+def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, task, accum_steps: int = 1,
                     max_segments: int | None = None):
   """``step(state, batch, inputs) -> (state, metrics)``; ``inputs`` are the task's fixed extra inputs (e.g. a
-  teacher's parameters, see :meth:`Task.inputs`). ``accum_steps`` micro-batches are summed before one update,
-  which gives exactly the gradient of the whole batch."""
+  teacher's parameters, see :meth:`jaxformers.train.tasks.Task.inputs`). ``accum_steps`` micro-batches are summed
+  before one update, which gives exactly the gradient of the whole batch."""
   grads = make_grads(graphdef, task, accum_steps, max_segments)
 
   def step(state, batch, inputs):
@@ -74,7 +73,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, task: Tas
   return step
 
 
-def make_eval_step(graphdef, task: Task, max_segments: int | None = None):
+def make_eval_step(graphdef, task, max_segments: int | None = None):
   """``eval_step(params, rngs, batch, inputs) -> (task.eval_outputs(logits), loss_sum, weight_sum, correct_sum)``."""
 
   def step(params, rngs, batch, inputs):

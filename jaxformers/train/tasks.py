@@ -101,6 +101,10 @@ class Task:
   def finish(self, run, state, summary: dict) -> None:
     """Called at the end of training with the final state; may add to ``summary`` (written to summary.json)."""
 
+  def after_training(self, run, summary: dict, run_fn) -> dict:
+    """What ``jaxformers.train.run`` returns after training; ``run_fn`` (that function) may start a follow-up run."""
+    return summary
+
   # --- loss (inside the jitted step) --------------------------------------------------------------------------
   def loss(self, model, batch, inputs, max_segments: int | None = None):
     """``(loss_sum, weight_sum, correct_sum, logits)`` of ``model`` on ``batch``; the step divides by the weight."""
