@@ -1,6 +1,6 @@
 """Architecture search study on the embedded default task: search, then train what it finds against the serial baseline.
 
-  python benchmarks/search.py --out runs/search_study [--seeds 0,1,2] [--search-steps 100] [--train-steps 200]
+  python benchmarks/search.py --out runs/search_study [--seeds 0,1,2] [--search-steps 80] [--train-steps 160]
 
 Per seed: a search (configs/search.py's settings on a small encoder, ``--layout`` sublayers, FLOPs target
 ``--target``); the serial baseline is initialised once (seeded) and saved, and both the baseline and the found
@@ -113,8 +113,8 @@ def main(argv=None) -> int:
   ap.add_argument("--hidden", type=int, default=64)
   ap.add_argument("--length", type=int, default=64)
   ap.add_argument("--target", type=float, default=0.65)
-  ap.add_argument("--search-steps", type=int, default=100)
-  ap.add_argument("--train-steps", type=int, default=200)
+  ap.add_argument("--search-steps", type=int, default=80)
+  ap.add_argument("--train-steps", type=int, default=160)
   ap.add_argument("--arch-every", type=int, default=2)
   ap.add_argument("--arch-lr", type=float, default=0.15)
   ap.add_argument("--heatmap", default="")
