@@ -10,7 +10,7 @@ Grammar::
 (PAF-RoBERTa: attention and feed-forward read the same input, one LayerNorm),
 ``parallel_preln`` (PaLM / GPT-J), ``fourier`` (FNet mixing then feed-forward),
 ``sparse`` / ``sparse_parallel`` (sliding window + global tokens), and the
-single-sublayer blocks ``attention`` and ``ffn``. Whitespace is ignored.
+single-sublayer blocks ``attention``, ``ffn``, ``fourier_mixer`` and ``sparse_attention``. Whitespace is ignored.
 
 Examples (12 layers)::
 
@@ -54,6 +54,8 @@ for _name, _spec in {
                                  doc="parallel block with sliding-window + global-token attention"),
     "ffn": BlockSpec(None, True, doc="feed-forward sublayer only: LN(x + FFN(x))"),
     "attention": BlockSpec("attention", False, doc="attention sublayer only: LN(x + Attn(x))"),
+    "fourier_mixer": BlockSpec("fourier", False, doc="Fourier mixing sublayer only: LN(x + Re(DFT(x)))"),
+    "sparse_attention": BlockSpec("sparse", False, doc="sparse attention sublayer only: LN(x + SparseAttn(x))"),
 }.items():
   BLOCKS.register(_name)(_spec)
 

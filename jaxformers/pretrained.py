@@ -68,8 +68,9 @@ def _read_meta(path: Path) -> tuple[dict, EncoderConfig]:
 def _restore(path: Path, meta: dict, cfg: EncoderConfig, rngs: nnx.Rngs | None = None):
   """The model saved in ``path`` built for ``cfg`` (the saved config, runtime fields possibly changed)."""
   import orbax.checkpoint as ocp
-  build = lambda: models.build(meta["task"], cfg, num_labels=meta.get("num_labels"), head=meta.get("head"), rngs=rngs)
-  abstract = nnx.eval_shape(build)
+  def build(r=rngs):
+    return models.build(meta["task"], cfg, num_labels=meta.get("num_labels"), head=meta.get("head"), rngs=r)
+  abstract = nnx.eval_shape(lambda: build(nnx.Rngs(0)))   # rngs made outside cannot be advanced inside a trace
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   params_dir = path.absolute() / PARAMS_DIR   # orbax takes absolute paths only

@@ -137,6 +137,27 @@ def base_config() -> ml_collections.ConfigDict:
   k.layer_map = ""                 # "student:teacher,..." over hidden-state indices (0 = embeddings); "": evenly spaced
   k.relation_heads = 0             # relation heads of the attention/value losses; 0: the student's heads
 
+  # Architecture search (jaxformers.search, jaxformers.train.search): every sublayer position of config.model.layout
+  # (or of init_from's layout) chooses among search.candidates; weights learn on the training split, the
+  # architecture logits on a held-out part of it. configs/search.py is a complete example.
+  c.search = s = ml_collections.ConfigDict()
+  s.enabled = False
+  s.candidates = "attention,ffn,identity"   # comma-separated: attention ffn identity fourier sparse
+  s.hard = False                   # straight-through one-hot samples instead of soft Gumbel-softmax weights
+  s.heldout_fraction = 0.2         # share of the training examples kept for the architecture updates
+  s.heldout_batch_size = 0         # 0: data.batch_size
+  s.warmup_steps = 0               # steps with the architecture frozen (weights only)
+  s.arch_every = 1                 # an architecture update every N steps after the warm-up
+  s.arch_lr = 0.05                 # Adam learning rate of the architecture logits
+  s.tau_start = 1.0                # Gumbel-softmax temperature, annealed exponentially after the warm-up
+  s.tau_end = 0.1
+  s.target_flops_ratio = 0.65      # expected FLOPs/token relative to the source layout's, in (0, 1]
+  s.cost_weight = 2.0              # weight of max(0, E[FLOPs]/source FLOPs - target_flops_ratio)
+  s.max_identity = 0.5             # most positions identity may take (read-off cap and penalty threshold)
+  s.identity_weight = 2.0          # weight of max(0, mean P(identity) - max_identity)
+  s.then_train = False             # then train the derived model (weights from the supernet) in DIR/derived_train
+  s.then_train_steps = 0           # 0: train.num_steps
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                 # devices on the pure data-parallel axis (-1: the rest)
   c.mesh.fsdp = 1                  # devices parameters are sharded over (FSDP); -1: all
@@ -190,6 +211,9 @@ def check_values(c) -> None:
     raise ConfigError(f"config.distill.temperature={c.distill.temperature}: must be positive")
   if c.task == "heal" and not c.distill.teacher:
     raise ConfigError("config.task='heal' needs config.distill.teacher, the model to heal from")
+  if c.search.enabled:
+    from jaxformers.train.search import check_search
+    check_search(c)
   if c.data.batch_size % c.optim.accum_steps:
     raise ConfigError(f"config.data.batch_size={c.data.batch_size} must be divisible by "
                       f"config.optim.accum_steps={c.optim.accum_steps}")

@@ -18,7 +18,7 @@ from jaxformers.data import batching, tokenize
 from jaxformers.layout import BLOCKS, LayoutError
 from jaxformers.train import checkpoint as ckpt_lib
 from jaxformers.train import metrics as metrics_lib
-from jaxformers.train import optim, sharding, steps
+from jaxformers.train import sharding, steps
 from jaxformers.train.defaults import ConfigError, check_keys, check_values, encoder_config, set_fields
 from jaxformers.train.tasks import make_task
 
@@ -131,9 +131,10 @@ class Run:
     self._make = make
     self.abstract = abstract = nnx.eval_shape(make)
     abstract.train()
-    self.gd_train, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
+    self.param_filter = getattr(self.task, "param_filter", nnx.Param)   # what the optimizer learns
+    self.gd_train, abs_params, abs_rest = nnx.split(abstract, self.param_filter, ...)
     abstract.eval()
-    self.gd_eval = nnx.split(abstract, nnx.Param, ...)[0]
+    self.gd_eval = nnx.split(abstract, self.param_filter, ...)[0]
     self.param_sh = sharding.param_shardings(abs_params, self.mesh)
     self.rest_sh = jax.tree.map(lambda _: sharding.replicated(self.mesh), abs_rest)
     self.abs_params, self.abs_rest = abs_params, abs_rest
@@ -178,10 +179,10 @@ class Run:
   def init_params(self):
     """Parameters and dropout state created straight into their shardings (or loaded with from_pretrained)."""
     if self.pretrained is not None:
-      _, p, r = nnx.split(self.pretrained, nnx.Param, ...)
+      _, p, r = nnx.split(self.pretrained, self.param_filter, ...)
       return jax.device_put(p, self.param_sh), jax.device_put(r, self.rest_sh)
     def create():
-      _, p, r = nnx.split(self._make(), nnx.Param, ...)
+      _, p, r = nnx.split(self._make(), self.param_filter, ...)
       return p, r
     return jax.jit(create, out_shardings=(self.param_sh, self.rest_sh))()
 
@@ -300,12 +301,13 @@ def train(r: Run) -> dict:
   except ValueError as e:
     raise ConfigError(str(e)) from None
   padding = {"train": r.padding_report("train", train_data, batches)}
+  batches = r.task.train_batches(r, batches)
   padding.update({s: r.padding_report(s, d) for s, d in eval_sets.items()})
   steps_per_epoch = batches.batches_per_epoch
   total = int(math.ceil(c.train.num_epochs * steps_per_epoch)) if c.train.num_epochs > 0 else c.train.num_steps
   if total < 1:
     raise ConfigError("the run has no steps: raise train.num_steps or train.num_epochs")
-  tx, lr_fn = optim.adamw(c.optim, total)
+  tx, lr_fn = r.task.optimizer(c, total)
 
   abs_state = {"params": r.abs_params, "opt_state": jax.eval_shape(tx.init, r.abs_params), "rngs": r.abs_rest,
                "step": jax.ShapeDtypeStruct((), jnp.int32)}
@@ -334,9 +336,8 @@ def train(r: Run) -> dict:
     state = {"params": params, "opt_state": init_opt(params), "rngs": rest,
              "step": jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(r.mesh))}
     start = 0
-  train_step = jax.jit(steps.make_train_step(r.gd_train, tx, lr_fn, r.task, c.optim.accum_steps,
-                                             r.max_segments),
-                       in_shardings=(state_sh, r.batch_shardings(), r.input_shardings()),
+  train_step = jax.jit(r.task.make_train_step(r.gd_train, tx, lr_fn, c.optim.accum_steps, r.max_segments),
+                       in_shardings=(state_sh, r.task.batch_shardings(r), r.input_shardings()),
                        out_shardings=(state_sh, sharding.replicated(r.mesh)), donate_argnums=0)
   writer = metrics_lib.Writer(r.workdir, enabled=jax.process_index() == 0)
 
@@ -392,7 +393,7 @@ def train(r: Run) -> dict:
         writer.write(at, "train", {"loss": window["loss"] / window["n"],
                                    "accuracy": window["accuracy"] / window["n"], "lr": float(m["lr"]),
                                    "grad_norm": float(m["grad_norm"]), "tokens_per_s": window["tokens"] / dt,
-                                   "epoch": batches.epoch})
+                                   "epoch": batches.epoch, **r.task.log_metrics(m)})
         window = {"loss": 0.0, "accuracy": 0.0, "n": 0, "tokens": 0, "t": time.time()}
 
   try:
@@ -440,6 +441,7 @@ def train(r: Run) -> dict:
              "mesh": dict(r.mesh.shape), "train_examples": len(train_data),
              "eval_examples": {k: len(v) for k, v in eval_sets.items()}, "best_metric": best_name,
              "padding": padding}
+  r.task.finish(r, state, summary)
   if jax.process_index() == 0:
     (r.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   return summary
@@ -491,7 +493,7 @@ def run(config, workdir: str | Path) -> dict:
   try:
     r = Run(config, workdir)
     if config.mode == "train":
-      return train(r)
+      return r.task.after_training(r, train(r), run)
     if config.mode == "eval":
       return evaluate_checkpoint(r)
     return predict(r)

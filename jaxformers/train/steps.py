@@ -18,25 +18,21 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jaxformers.train.tasks import Task
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, task: Task, accum_steps: int = 1,
-                    max_segments: int | None = None):
-  """``step(state, batch, inputs) -> (state, metrics)``; ``inputs`` are the task's fixed extra inputs (e.g. a
-  teacher's parameters, see :meth:`Task.inputs`). ``accum_steps`` micro-batches are summed before one update,
-  which gives exactly the gradient of the whole batch."""
+def make_grads(graphdef, task, accum_steps: int = 1, max_segments: int | None = None, param_filter=nnx.Param):
+  """``grads(params, rngs, batch, inputs) -> (loss_sum, weight_sum, correct_sum, rngs, summed gradient)``;
+  ``accum_steps`` micro-batches are summed, which gives exactly the gradient of the whole batch."""
 
   def micro(params, rngs, mb, inputs):
     def f(p):
       model = nnx.merge(graphdef, p, rngs, copy=True)
       s, w, c, _ = task.loss(model, mb, inputs, max_segments)
-      return s, (w, c, nnx.split(model, nnx.Param, ...)[2])
+      return s, (w, c, nnx.split(model, param_filter, ...)[2])
     (s, (w, c, rngs)), g = jax.value_and_grad(f, has_aux=True)(params)
     return s, w, c, rngs, g
 
-  def step(state, batch, inputs):
-    params, rngs = state["params"], state["rngs"]
+  def grads(params, rngs, batch, inputs):
     if accum_steps == 1:
       s, w, c, rngs, g = micro(params, rngs, batch, inputs)
     else:
@@ -50,6 +46,21 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, task: Tas
       zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), rngs,
               jax.tree.map(jnp.zeros_like, params))
       (s, w, c, rngs, g), _ = jax.lax.scan(body, zero, mbs)
+    return s, w, c, rngs, g
+
+  return grads
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, task, accum_steps: int = 1,
+                    max_segments: int | None = None):
+  """``step(state, batch, inputs) -> (state, metrics)``; ``inputs`` are the task's fixed extra inputs (e.g. a
+  teacher's parameters, see :meth:`jaxformers.train.tasks.Task.inputs`). ``accum_steps`` micro-batches are summed
+  before one update, which gives exactly the gradient of the whole batch."""
+  grads = make_grads(graphdef, task, accum_steps, max_segments)
+
+  def step(state, batch, inputs):
+    params = state["params"]
+    s, w, c, rngs, g = grads(params, state["rngs"], batch, inputs)
     denom = jnp.maximum(w, 1.0)
     g = jax.tree.map(lambda x: x / denom, g)
     updates, opt_state = tx.update(g, state["opt_state"], params)
@@ -62,7 +73,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, lr_fn, task: Tas
   return step
 
 
-def make_eval_step(graphdef, task: Task, max_segments: int | None = None):
+def make_eval_step(graphdef, task, max_segments: int | None = None):
   """``eval_step(params, rngs, batch, inputs) -> (task.eval_outputs(logits), loss_sum, weight_sum, correct_sum)``."""
 
   def step(params, rngs, batch, inputs):

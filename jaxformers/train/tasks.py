@@ -77,6 +77,34 @@ class Task:
     the run's mesh; an empty dict for most tasks."""
     return {}
 
+  # --- training (the trainer's hooks; a task that learns more than weights, e.g. a search, overrides them) ----
+  def optimizer(self, c, total_steps: int):
+    """``(optax transformation, learning-rate schedule)`` of the run's parameters."""
+    from jaxformers.train import optim
+    return optim.adamw(c.optim, total_steps)
+
+  def make_train_step(self, graphdef, tx, lr_fn, accum_steps: int = 1, max_segments: int | None = None):
+    from jaxformers.train import steps
+    return steps.make_train_step(graphdef, tx, lr_fn, self, accum_steps, max_segments)
+
+  def train_batches(self, run, batches):
+    """The iterator of host training batches the step takes (with ``state()`` / ``restore()`` for resuming)."""
+    return batches
+
+  def batch_shardings(self, run) -> dict:
+    return run.batch_shardings()
+
+  def log_metrics(self, metrics: dict) -> dict:
+    """Extra values written with each train log line, from the step's metrics."""
+    return {}
+
+  def finish(self, run, state, summary: dict) -> None:
+    """Called at the end of training with the final state; may add to ``summary`` (written to summary.json)."""
+
+  def after_training(self, run, summary: dict, run_fn) -> dict:
+    """What ``jaxformers.train.run`` returns after training; ``run_fn`` (that function) may start a follow-up run."""
+    return summary
+
   # --- loss (inside the jitted step) --------------------------------------------------------------------------
   def loss(self, model, batch, inputs, max_segments: int | None = None):
     """``(loss_sum, weight_sum, correct_sum, logits)`` of ``model`` on ``batch``; the step divides by the weight."""
@@ -196,14 +224,20 @@ class MaskedLM(TextTask):
 def make_task(c) -> Task:
   """The task ``config.task`` names, on the data ``config.data`` describes; a supervised task follows its data's
   labels (one label = a regression, whatever ``config.task`` says). With ``config.distill.teacher`` set, the task
-  also learns from that teacher (:class:`Distilled`); ``task=heal`` learns from it alone."""
+  also learns from that teacher (:class:`Distilled`); ``task=heal`` learns from it alone. With
+  ``config.search.enabled`` the run is an architecture search on that task
+  (:class:`jaxformers.train.search.Searched`)."""
   source = sources.get_source(c.data)
   source.check(c.data)
   name = c.task
   if name in ("classification", "regression"):
     name = "regression" if source.labels(c.data).regression else "classification"
   task = TASKS.get(name)(source, c)
-  return Distilled(task, c.distill) if c.distill.teacher and not isinstance(task, Heal) else task
+  task = Distilled(task, c.distill) if c.distill.teacher and not isinstance(task, Heal) else task
+  if c.search.enabled:
+    from jaxformers.train.search import Searched
+    task = Searched(task, c)
+  return task
 
 
 class Distillation:
@@ -345,6 +379,9 @@ class Distilled:
 
   def inputs(self):
     return {**self.inner.inputs(), **self.distillation.inputs()}
+
+  def make_train_step(self, graphdef, tx, lr_fn, accum_steps: int = 1, max_segments: int | None = None):
+    return Task.make_train_step(self, graphdef, tx, lr_fn, accum_steps, max_segments)
 
   def loss(self, model, batch, inputs, max_segments=None):
     w = jnp.sum(batch["weights"])     # the task loss's weight (examples, packed slots or masked tokens)

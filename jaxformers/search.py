@@ -1,0 +1,355 @@
+"""Differentiable architecture search (PAR, "Pay Attention when Required", made compute-aware).
+
+A *supernet* replaces every sublayer position of an encoder by a :class:`Choice` between candidate
+sublayers: ``attention``, ``ffn``, ``identity`` (PAR's space), and optionally ``fourier`` (FNet mixing)
+and ``sparse`` (sliding-window attention). Each candidate is an ordinary :class:`jaxformers.blocks.Block`
+with its residual and post-LayerNorm (the ``attention``, ``ffn``, ``fourier_mixer`` and
+``sparse_attention`` block types); ``identity`` passes its input on. A position's output is the
+candidates' outputs weighted by a Gumbel-softmax of the position's architecture logits,
+``softmax((logits + g) / tau)``, with ``tau`` annealed (:func:`temperature`) and, with ``hard``, a
+straight-through one-hot sample. In eval mode the weights are ``softmax(logits)`` without noise.
+Probabilities are always a softmax of logits; no log of a probability is ever taken.
+
+Architecture logits are :class:`ArchParam` variables, not :class:`flax.nnx.Param`:
+``nnx.state(model, ArchParam)`` holds them alone and ``nnx.state(model, nnx.Param)`` the weights alone.
+
+A supernet is made from an ordinary model (:func:`to_supernet`): a block with a token mixer and a
+feed-forward sublayer becomes two positions, a single-sublayer block one. Each candidate takes the
+weights of the source block's sublayer of its kind (the same sublayer mapping as a re-arrangement):
+at both positions of a serial block, the attention candidate starts as that block's attention and the
+``ffn`` candidate as its feed-forward, so a search from a pretrained BERT/RoBERTa fine-tunes it.
+
+:func:`read_off` turns the logits into a layout string of the usual grammar (an ``attention`` position
+followed by an ``ffn`` one is written ``serial``, ``fourier_mixer``+``ffn`` as ``fourier``), and
+:func:`derive` builds that model with exactly the chosen candidates' weights.
+
+Cost: :func:`candidate_flops` counts forward FLOPs per token (a multiply-add is 2) of each candidate from
+the model's shapes at the run's sequence length ``L`` (``d`` hidden, ``F`` intermediate size):
+attention ``8 d^2 + 4 L d`` (four projections, scores and weighted sum), ffn ``4 d F``, fourier
+``4 d^2 + 4 L d`` (the DFT matmuls over hidden and sequence), sparse ``8 d^2 + 4 K d`` with
+``K = min(L, 2 * sparse_window + 1 + globals)``, identity 0. The search's training objective adds
+``cost_weight * max(0, E[cost] / serial_cost - target_flops_ratio)`` (the expected cost under
+``softmax(logits)`` relative to the source layout's cost) and, against the known collapse of
+differentiable search onto parameter-free skips, ``identity_weight * max(0, mean P(identity) -
+max_identity)``; the read-off also keeps at most ``max_identity`` of the positions identity.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxformers import models
+from jaxformers.blocks import Block
+from jaxformers.config import EncoderConfig
+from jaxformers.layout import BLOCKS, format_layout
+
+# candidate -> the single-sublayer block type it is (None: identity)
+CANDIDATES: dict[str, str | None] = {"attention": "attention", "ffn": "ffn", "identity": None,
+                                     "fourier": "fourier_mixer", "sparse": "sparse_attention"}
+# a token-mixer block followed by a feed-forward block reads as one serial-style block
+MERGED = {"attention": "serial", "fourier_mixer": "fourier", "sparse_attention": "sparse"}
+MIXER_CANDIDATES = {"attention": "attention", "fourier": "fourier", "sparse": "sparse"}   # candidate -> mixer
+
+
+class ArchParam(nnx.Variable):
+  """Architecture logits: learnt by the architecture optimizer only, never mixed with the weights (nnx.Param)."""
+
+
+class Temperature(nnx.Variable):
+  """The Gumbel-softmax temperature, set by the search step each step (not learnt)."""
+
+
+def gumbel_softmax(logits: jax.Array, key: jax.Array | None, tau, hard: bool = False) -> jax.Array:
+  """``softmax((logits + Gumbel noise) / tau)`` over the last axis (no noise when ``key`` is None); with
+  ``hard`` the forward value is the one-hot of the largest entry and the gradient that of the soft weights."""
+  logits = logits.astype(jnp.float32)
+  if key is not None:
+    logits = logits + jax.random.gumbel(key, logits.shape, jnp.float32)
+  y = jax.nn.softmax(logits / tau, axis=-1)
+  if hard:
+    one = jax.nn.one_hot(jnp.argmax(y, axis=-1), y.shape[-1], dtype=y.dtype)
+    y = one + y - jax.lax.stop_gradient(y)
+  return y
+
+
+def temperature(step, start: float, end: float, warmup: int, total: int):
+  """Exponential annealing from ``start`` (up to the end of the warm-up) to ``end`` (at ``total``):
+  ``start * (end / start) ** ((step - warmup) / (total - warmup))``, clipped to that interval."""
+  span = max(total - warmup, 1)
+  frac = jnp.clip((jnp.asarray(step, jnp.float32) - warmup) / span, 0.0, 1.0)
+  return start * (end / start) ** frac
+
+
+class Choice(nnx.Module):
+  """One search position: the candidates' outputs mixed by the Gumbel-softmax of this position's logits."""
+
+  def __init__(self, cfg: EncoderConfig, candidates: tuple[str, ...], *, hard: bool = False, rngs: nnx.Rngs):
+    self.candidates = tuple(candidates)
+    self.options = nnx.Dict({c: Block(cfg, BLOCKS.get(CANDIDATES[c]), rngs=rngs)
+                             for c in self.candidates if CANDIDATES[c] is not None})
+    self.logits = ArchParam(jnp.zeros((len(self.candidates),), jnp.float32))
+    self.tau = Temperature(jnp.ones((), jnp.float32))
+    self.hard = hard
+    self.deterministic = False
+    self.rngs = rngs["dropout"].fork()
+
+  has_attention = False   # a supernet position offers no single attention to distil from
+
+  def weights(self) -> jax.Array:
+    """The mixing weights: Gumbel-softmax in training, ``softmax(logits)`` in eval mode."""
+    if self.deterministic:
+      return jax.nn.softmax(self.logits[...].astype(jnp.float32))
+    return gumbel_softmax(self.logits[...], self.rngs(), self.tau[...], self.hard)
+
+  def __call__(self, x_BLD: jax.Array, seq, select_BS: jax.Array | None = None) -> jax.Array:
+    w = self.weights()
+    out = None
+    for i, c in enumerate(self.candidates):
+      if c == "identity":
+        y = x_BLD if select_BS is None else jnp.take_along_axis(x_BLD, select_BS[..., None], axis=1)
+      else:
+        y = self.options[c](x_BLD, seq, select_BS=select_BS)
+      y = w[i].astype(y.dtype) * y
+      out = y if out is None else out + y
+    return out
+
+
+# --- building the supernet from a model ------------------------------------------------------------------------
+
+def positions_of(blocks: tuple[str, ...]) -> list[tuple[int, str]]:
+  """The search positions of a layout: ``(source block, "mixer" | "mlp")`` for each sublayer in order."""
+  out = []
+  for i, name in enumerate(blocks):
+    spec = BLOCKS.get(name)
+    if spec.pre_ln:
+      raise ValueError(f"block {name!r} (layer {i}) is pre-LN; the search space's candidates are post-LN sublayers "
+                       f"(serial, parallel, fourier, sparse, attention, ffn blocks can be searched)")
+    if spec.mixer:
+      out.append((i, "mixer"))
+    if spec.mlp:
+      out.append((i, "mlp"))
+  return out
+
+
+def _copy(dst, src) -> None:
+  nnx.update(dst, nnx.state(src, nnx.Param))
+
+
+def _source_sublayer(blocks, i: int, kind: str):
+  """The block nearest to ``i`` (itself first, then by distance, lower first) with a sublayer of ``kind``:
+  ``"attention"`` (a mixer with query/key/value), ``"fourier"`` (a mixer without weights) or ``"mlp"``."""
+  order = sorted(range(len(blocks)), key=lambda j: (abs(j - i), j))
+  for j in order:
+    b = blocks[j]
+    if kind == "mlp" and b.mlp is not None:
+      return b
+    if kind == "attention" and b.has_attention:
+      return b
+    if kind == "fourier" and b.mixer is not None:
+      return b
+  return None
+
+
+def _norm_of(block, kind: str):
+  if block.spec.parallel:
+    return block.norm
+  return block.mlp_norm if kind == "mlp" else block.mixer_norm
+
+
+def to_supernet(model, candidates: tuple[str, ...], *, hard: bool = False, rngs: nnx.Rngs):
+  """Replace ``model``'s encoder blocks (in place) by one :class:`Choice` per sublayer position; each candidate
+  starts from the weights of the source sublayer of its kind (see the module docstring). Returns ``model``."""
+  enc = models.encoder_of(model)
+  cfg = enc.config
+  src = list(enc.blocks)
+  choices = []
+  for i, _ in positions_of(cfg.blocks):
+    ch = Choice(cfg, candidates, hard=hard, rngs=rngs)
+    for c, block in ch.options.items():
+      kind = "mlp" if c == "ffn" else ("fourier" if c == "fourier" else "attention")
+      s = _source_sublayer(src, i, kind)
+      if s is None:
+        continue                       # e.g. attention where the source has only Fourier mixing: new weights
+      if c == "ffn":
+        _copy(block.mlp, s.mlp)
+        _copy(block.mlp_norm, _norm_of(s, "mlp"))
+      else:
+        if c != "fourier":
+          _copy(block.mixer, s.mixer)
+        _copy(block.mixer_norm, _norm_of(s, "mixer"))
+    choices.append(ch)
+  enc.blocks = nnx.List(choices)
+  return model
+
+
+def choices_of(model) -> list[Choice]:
+  return [b for b in models.encoder_of(model).blocks if isinstance(b, Choice)]
+
+
+# --- cost -------------------------------------------------------------------------------------------------------
+
+def candidate_flops(cfg: EncoderConfig, length: int, name: str) -> float:
+  """Forward FLOPs per token of one candidate sublayer at sequence length ``length`` (see the module docstring)."""
+  d, f, n = cfg.hidden_size, cfg.intermediate_size, length
+  if name == "attention":
+    return 8.0 * d * d + 4.0 * n * d
+  if name == "ffn":
+    return 4.0 * d * f
+  if name == "fourier":
+    return 4.0 * d * d + 4.0 * n * d
+  if name == "sparse":
+    k = min(n, 2 * cfg.sparse_window + 1 + len(cfg.sparse_global_tokens))
+    return 8.0 * d * d + 4.0 * k * d
+  if name == "identity":
+    return 0.0
+  raise ValueError(f"unknown candidate {name!r}; expected one of {', '.join(CANDIDATES)}")
+
+
+def source_flops(cfg: EncoderConfig, length: int) -> float:
+  """FLOPs per token of the source layout's sublayers (the cost the search's budget is relative to)."""
+  total = 0.0
+  for i, kind in positions_of(cfg.blocks):
+    if kind == "mlp":
+      total += candidate_flops(cfg, length, "ffn")
+    else:
+      mixer = BLOCKS.get(cfg.blocks[i]).mixer
+      total += candidate_flops(cfg, length, {"attention": "attention", "fourier": "fourier", "sparse": "sparse"}[mixer])
+  return total
+
+
+def layout_flops(cfg: EncoderConfig, layout_blocks, length: int) -> float:
+  """FLOPs per token of the sublayers of a layout (block names)."""
+  return source_flops(cfg.replace(layout=format_layout(tuple(layout_blocks))), length)
+
+
+def cost_table(cfg: EncoderConfig, candidates: tuple[str, ...], length: int) -> np.ndarray:
+  return np.asarray([candidate_flops(cfg, length, c) for c in candidates], np.float64)
+
+
+def probabilities(logits_PC) -> jax.Array:
+  return jax.nn.softmax(jnp.asarray(logits_PC, jnp.float32), axis=-1)
+
+
+def arch_logits(params) -> jax.Array:
+  """``[positions, candidates]`` logits from a supernet or a params state holding its :class:`ArchParam` s."""
+  state = nnx.state(params, ArchParam) if isinstance(params, nnx.Module) else nnx.filter_state(params, ArchParam)
+  flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+
+  def position(path) -> int:
+    keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+    return int(keys[keys.index("blocks") + 1])
+  flat = sorted(flat, key=lambda kv: position(kv[0]))
+  return jnp.stack([jnp.asarray(v[...] if isinstance(v, nnx.Variable) else v) for _, v in flat])
+
+
+# --- read-off and derivation -------------------------------------------------------------------------------------
+
+def choose(logits_PC, candidates: tuple[str, ...], max_identity: float = 1.0) -> list[str]:
+  """One candidate per position: the largest logit (ties: the earlier candidate), with at most
+  ``floor(max_identity * positions)`` identities (those with the smallest lead over their runner-up are
+  replaced by it) and never all of them."""
+  logits = np.asarray(logits_PC, np.float64)
+  n = logits.shape[0]
+  picks = [int(np.argmax(row)) for row in logits]
+  if "identity" in candidates:
+    ident = candidates.index("identity")
+    cap = min(int(math.floor(max_identity * n + 1e-9)), n - 1)
+    ids = [p for p in range(n) if picks[p] == ident]
+    if len(ids) > cap:
+      def runner_up(p):
+        row = logits[p].copy()
+        row[ident] = -np.inf
+        return int(np.argmax(row))
+      lead = sorted(ids, key=lambda p: (logits[p, ident] - logits[p, runner_up(p)], p))
+      for p in lead[:len(ids) - cap]:
+        picks[p] = runner_up(p)
+  return [candidates[k] for k in picks]
+
+
+def chosen_blocks(chosen: list[str]) -> list[tuple[str, list[int]]]:
+  """``(block name, positions it takes its sublayers from)`` of the derived model: identities dropped, a mixer
+  followed by ``ffn`` merged into one serial-style block."""
+  out, p = [], 0
+  while p < len(chosen):
+    c = chosen[p]
+    name = CANDIDATES[c]
+    if name is None:
+      p += 1
+      continue
+    if name in MERGED and p + 1 < len(chosen) and chosen[p + 1] == "ffn":
+      out.append((MERGED[name], [p, p + 1]))
+      p += 2
+      continue
+    out.append((name, [p]))
+    p += 1
+  return out
+
+
+def read_off(logits_PC, candidates: tuple[str, ...], max_identity: float = 1.0) -> str:
+  """The found layout as a layout string (e.g. ``serial*2,ffn*3``)."""
+  return format_layout(tuple(b for b, _ in chosen_blocks(choose(logits_PC, candidates, max_identity))))
+
+
+def derive(supernet, max_identity: float = 1.0, rngs: nnx.Rngs | None = None):
+  """The model of the read-off layout (same task and head) whose blocks carry exactly the chosen candidates'
+  weights; embeddings, pooler and head are the supernet's. Returns ``(model, layout)``."""
+  enc = models.encoder_of(supernet)
+  choices = choices_of(supernet)
+  cands = choices[0].candidates
+  chosen = choose(np.asarray(arch_logits(supernet)), cands, max_identity)
+  plan = chosen_blocks(chosen)
+  layout = format_layout(tuple(b for b, _ in plan))
+  cfg = enc.config.replace(layout=layout)
+  task = models.task_of(supernet)
+  rngs = rngs if rngs is not None else nnx.Rngs(params=0, dropout=1)
+  model = models.build(task, cfg, num_labels=getattr(supernet, "num_labels", None),
+                       head=supernet.classifier.style if hasattr(supernet, "classifier") else None, rngs=rngs)
+  # everything outside the blocks: same paths in both models
+  new_enc = models.encoder_of(model)
+  _copy(new_enc.embeddings, enc.embeddings)
+  if enc.pooler is not None and new_enc.pooler is not None:
+    _copy(new_enc.pooler, enc.pooler)
+  for name in ("classifier", "lm_head", "nsp"):
+    if hasattr(supernet, name) and getattr(supernet, name) is not None:
+      _copy(getattr(model, name), getattr(supernet, name))
+  for block, (_, ps) in zip(new_enc.blocks, plan):
+    for p in ps:
+      cand = choices[p].options[chosen[p]]
+      if cand.mixer is not None:
+        if cand.has_attention:
+          _copy(block.mixer, cand.mixer)
+        _copy(block.mixer_norm, cand.mixer_norm)
+      if cand.mlp is not None:
+        _copy(block.mlp, cand.mlp)
+        _copy(block.mlp_norm, cand.mlp_norm)
+  return model, layout
+
+
+# --- plots ------------------------------------------------------------------------------------------------------
+
+def heatmap(steps: list[int], probs_TPC: np.ndarray, candidates: tuple[str, ...], path, title: str = "") -> None:
+  """One panel per candidate: its probability at each position (rows, first layer on top) over steps."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  probs = np.asarray(probs_TPC)
+  n_c = len(candidates)
+  fig, axes = plt.subplots(1, n_c, figsize=(3.2 * n_c + 1, 0.35 * probs.shape[1] + 2), squeeze=False,
+                           sharey=True)
+  for k, c in enumerate(candidates):
+    ax = axes[0, k]
+    im = ax.imshow(probs[:, :, k].T, aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest",
+                   extent=(steps[0] if steps else 0, steps[-1] if steps else 1, probs.shape[1] - 0.5, -0.5))
+    ax.set_title(f"P({c})")
+    ax.set_xlabel("step")
+    if k == 0:
+      ax.set_ylabel("position (sublayer, input side at the top)")
+  fig.colorbar(im, ax=axes[0, :].tolist(), shrink=0.8)
+  if title:
+    fig.suptitle(title)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)

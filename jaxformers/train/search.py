@@ -1,0 +1,347 @@
+"""Architecture search as a trainer task: ``config.search.enabled`` wraps the run's task in :class:`Searched`.
+
+The model is the task's model made a supernet (:func:`jaxformers.search.to_supernet`); its parameters are the
+weights (``nnx.Param``) and the architecture logits (:class:`jaxformers.search.ArchParam`), each with its own
+optimizer (the run's AdamW for the weights, Adam at ``search.arch_lr`` for the logits; their states are
+``opt_state["weights"]`` and ``opt_state["arch"]``). A fixed random ``search.heldout_fraction`` of the training
+examples is held out: each step updates the weights on a training batch (logits fixed), and, after
+``search.warmup_steps`` and every ``search.arch_every`` steps, the logits on a held-out batch (weights fixed,
+first-order bi-level updates) with the compute-aware penalties of :mod:`jaxformers.search`. Both run inside the
+one jitted, sharded step; the held-out batcher's position is saved with the training batcher's, so a resumed
+search is bit-identical.
+
+Each train log line carries every position's probabilities (``arch/p{i}/{candidate}``), the expected FLOPs
+ratio, the temperature and, when that step updated the architecture, the held-out loss (``arch_loss``).
+At the end: ``summary.json["search"]`` (layout, probabilities, FLOPs), ``DIR/search_heatmap.png``,
+``DIR/derived`` (the derived model with the chosen candidates' weights and the tokenizer, a native checkpoint)
+and the ``train.py`` command that trains it; with ``search.then_train`` that training runs in
+``DIR/derived_train``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jaxformers import search as S
+from jaxformers.data import batching
+from jaxformers.train import optim, steps
+from jaxformers.train.errors import ConfigError
+
+log = logging.getLogger("jaxformers.train")
+HELD = "heldout/"
+
+
+def candidates_of(c) -> tuple[str, ...]:
+  return tuple(x.strip() for x in str(c.search.candidates).split(",") if x.strip())
+
+
+def check_search(c) -> None:
+  """Every ``config.search`` value the search would fail on or misuse, as one ConfigError line."""
+  s = c.search
+  cands = candidates_of(c)
+  if not cands:
+    raise ConfigError(f"config.search.candidates={s.candidates!r}: the search space is empty; name at least two of "
+                      f"{', '.join(S.CANDIDATES)} (comma-separated)")
+  for x in cands:
+    if x not in S.CANDIDATES:
+      raise ConfigError(f"config.search.candidates: unknown candidate {x!r}; accepted: {', '.join(S.CANDIDATES)}")
+  if len(set(cands)) != len(cands):
+    raise ConfigError(f"config.search.candidates={s.candidates!r} names a candidate twice")
+  if len(cands) < 2:
+    raise ConfigError(f"config.search.candidates={s.candidates!r}: a search needs at least two candidates of "
+                      f"{', '.join(S.CANDIDATES)}")
+  if cands == ("identity",) or all(x == "identity" for x in cands):
+    raise ConfigError("config.search.candidates: identity alone is no architecture")
+  if not 0.0 < s.target_flops_ratio <= 1.0:
+    raise ConfigError(f"config.search.target_flops_ratio={s.target_flops_ratio}: must be in (0, 1] (the expected "
+                      f"FLOPs per token relative to the source layout's)")
+  if not 0.0 < s.heldout_fraction < 1.0:
+    raise ConfigError(f"config.search.heldout_fraction={s.heldout_fraction}: must be in (0, 1)")
+  if not 0.0 <= s.max_identity < 1.0:
+    raise ConfigError(f"config.search.max_identity={s.max_identity}: must be in [0, 1)")
+  if not (s.tau_start > 0 and s.tau_end > 0):
+    raise ConfigError(f"config.search.tau_start={s.tau_start}, tau_end={s.tau_end}: temperatures must be positive")
+  for key, low in (("arch_every", 1), ("warmup_steps", 0), ("heldout_batch_size", 0), ("then_train_steps", 0)):
+    if s[key] < low:
+      raise ConfigError(f"config.search.{key}={s[key]}: must be at least {low}")
+  for key in ("arch_lr", "cost_weight", "identity_weight"):
+    if s[key] < 0:
+      raise ConfigError(f"config.search.{key}={s[key]}: must be at least 0")
+  if c.mode == "train" and c.data.packing:
+    raise ConfigError("config.search.enabled with config.data.packing=True: the search runs on padded batches; set "
+                      "data.packing=False")
+
+
+class BiLevel:
+  """The weights' and the architecture logits' optimizers side by side: ``init(params)`` gives
+  ``{"weights": ..., "arch": ...}``; the search step updates each part with its own."""
+
+  def __init__(self, weights: optax.GradientTransformation, arch: optax.GradientTransformation):
+    self.weights, self.arch = weights, arch
+
+  def init(self, params):
+    a, w = nnx.split_state(params, S.ArchParam, ...)
+    return {"weights": self.weights.init(w), "arch": self.arch.init(a)}
+
+
+class _WithHeldout:
+  """Training batches with a held-out batch under ``heldout/`` keys; both batchers' positions are its state."""
+
+  def __init__(self, train, heldout):
+    self.train, self.heldout = train, heldout
+
+  def __getattr__(self, name):
+    return getattr(self.train, name)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    b = next(self.train)
+    h = next(self.heldout)
+    return {**b, **{HELD + k: v for k, v in h.items()}}
+
+  def state(self) -> dict:
+    return {"train": self.train.state(), "heldout": self.heldout.state()}
+
+  def restore(self, state: dict) -> None:
+    if "heldout" not in state:
+      raise ValueError("the checkpoint's data state has no held-out batcher: it was not written by a search")
+    self.train.restore(state["train"])
+    self.heldout.restore(state["heldout"])
+
+
+class Searched:
+  """The run's task, searched: same data, loss, metrics and head; a supernet model and a bi-level step."""
+
+  param_filter = (nnx.Param, S.ArchParam)
+
+  def __init__(self, inner, c):
+    self.inner = inner
+    self.c = c
+    self.s = c.search
+    self.candidates = candidates_of(c)
+    self._split = None
+
+  def __getattr__(self, name):
+    return getattr(self.inner, name)
+
+  # --- model and data ------------------------------------------------------------------------------------------
+  def build_model(self, cfg, rngs):
+    try:
+      S.positions_of(cfg.blocks)
+    except ValueError as e:
+      raise ConfigError(f"config.model.layout={cfg.layout!r}: {e}") from None
+    return S.to_supernet(self.inner.build_model(cfg, rngs), self.candidates, hard=bool(self.s.hard), rngs=rngs)
+
+  def _indices(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(self.c.seed + 7919).permutation(n)
+    k = max(1, int(round(self.s.heldout_fraction * n)))
+    return np.sort(perm[k:]), np.sort(perm[:k])
+
+  def examples(self, split: str):
+    if split not in ("train", "search_heldout"):
+      return self.inner.examples(split)
+    ex = self.inner.examples("train")
+    if len(ex) < 2:
+      raise ConfigError(f"the training split has {len(ex)} examples: a search needs some to hold out")
+    train, held = self._indices(len(ex))
+    return ex.subset(train if split == "train" else held)
+
+  def prepare(self, run) -> None:
+    self.inner.prepare(run)
+    if run.pretrained is not None:    # candidates take the checkpoint's sublayers (same mapping as for a new model)
+      S.to_supernet(run.pretrained, self.candidates, hard=bool(self.s.hard),
+                    rngs=nnx.Rngs(params=self.c.seed, dropout=self.c.seed + 1))
+    self.cfg = run.cfg
+    self.length = run.max_length
+    self.costs = S.cost_table(run.cfg, self.candidates, run.max_length)
+    self.source_cost = S.source_flops(run.cfg, run.max_length)
+    self.positions = len(S.positions_of(run.cfg.blocks))
+
+  # --- the trainer's hooks ---------------------------------------------------------------------------------------
+  def optimizer(self, c, total_steps: int):
+    self.total = total_steps
+    weights, lr = optim.adamw(c.optim, total_steps)
+    return BiLevel(weights, optax.adam(self.s.arch_lr, b1=0.5, b2=0.999)), lr
+
+  def train_batches(self, run, batches):
+    held = run.tokenized("search_heldout")
+    bs = self.s.heldout_batch_size or self.c.data.batch_size
+    hb = batching.TrainBatches(held, bs, self.c.seed + 1, run.max_length, run.special["pad"], mlm=run.mlm_opts())
+    # every batch padded to max_length: one compiled shape for the (large) search step instead of one per bucket
+    hb.buckets = hb.buckets[-1:]
+    batches.buckets = batches.buckets[-1:]
+    return _WithHeldout(batches, hb)
+
+  def batch_shardings(self, run) -> dict:
+    base = run.batch_shardings()
+    return {**base, **{HELD + k: v for k, v in base.items()}}
+
+  def make_train_step(self, graphdef, tx: BiLevel, lr_fn, accum_steps: int = 1, max_segments: int | None = None):
+    return make_search_step(graphdef, tx, lr_fn, self.inner, accum_steps, max_segments, self)
+
+  def after_training(self, run, summary: dict, run_fn) -> dict:
+    """With ``search.then_train``, train the derived model once the search has finished (also when a finished
+    search is run again and its derived model has not been trained yet)."""
+    search = summary.get("search")
+    if self.s.then_train and search and "derived_train" not in search and jax.process_index() == 0:
+      search["derived_train"] = then_train(self.c, run.workdir, run_fn)
+      saved = {k: v for k, v in summary.items() if k != "already_done"}
+      (run.workdir / "summary.json").write_text(json.dumps(saved, indent=2) + "\n")
+    return summary
+
+  def log_metrics(self, m: dict) -> dict:
+    probs = np.asarray(m["arch_probs"])
+    out = {"expected_flops_ratio": float(m["expected_flops_ratio"]), "temperature": float(m["temperature"])}
+    if bool(m["arch_update"]):     # the held-out loss exists on architecture steps only
+      out["arch_loss"] = float(m["arch_loss"])
+    for p in range(probs.shape[0]):
+      for k, name in enumerate(self.candidates):
+        out[f"arch/p{p}/{name}"] = float(probs[p, k])
+    return out
+
+  def finish(self, run, state, summary: dict) -> None:
+    """Read off the layout, save the derived model and the heat-map, and (with ``then_train``) train it; nothing
+    while the search is unfinished (``train.stop_after``: the resumed run does it)."""
+    if jax.process_index() != 0 or not summary.get("finished"):
+      return
+    logits = np.asarray(jax.device_get(S.arch_logits(state["params"])))
+    probs = np.asarray(S.probabilities(logits))
+    chosen = S.choose(logits, self.candidates, self.s.max_identity)
+    layout = S.read_off(logits, self.candidates, self.s.max_identity)
+    found = S.layout_flops(self.cfg, [b for b, _ in S.chosen_blocks(chosen)], self.length)
+    supernet = nnx.merge(run.gd_eval, jax.device_get(state["params"]), jax.device_get(state["rngs"]))
+    derived, layout2 = S.derive(supernet, self.s.max_identity,
+                                rngs=nnx.Rngs(params=self.c.seed, dropout=self.c.seed + 1))
+    assert layout2 == layout
+    from jaxformers.pretrained import save_pretrained
+    out_dir = run.workdir / "derived"
+    save_pretrained(derived, out_dir, overwrite=out_dir.exists(), tokenizer=run.workdir)
+    steps_, hist = heat_history(run.workdir / "metrics.jsonl", len(self.candidates), self.positions, self.candidates)
+    png = run.workdir / "search_heatmap.png"
+    if steps_:
+      S.heatmap(steps_, hist, self.candidates, png, title=f"search: {layout}")
+    cmd = (f"python train.py --config CONFIG --config.init_from={out_dir} --config.model.layout='' "
+           f"--config.search.enabled=False --workdir {run.workdir / 'derived_train'}")
+    summary["search"] = {
+        "layout": layout, "chosen": chosen, "candidates": list(self.candidates), "source_layout": self.cfg.layout,
+        "probabilities": probs.round(6).tolist(), "flops_per_token": found, "source_flops_per_token": self.source_cost,
+        "flops_ratio": found / self.source_cost, "sequence_length": self.length,
+        "expected_flops_ratio": float((probs * self.costs).sum() / self.source_cost),
+        "derived_dir": str(out_dir), "heatmap": str(png) if steps_ else None, "train_command": cmd}
+    log.info("search found layout %s (%.1f%% of the source's FLOPs/token); derived model in %s", layout,
+             100 * found / self.source_cost, out_dir)
+    print(f"found layout: {layout}  ({100 * found / self.source_cost:.1f}% of {self.cfg.layout}'s FLOPs/token)\n"
+          f"train it: {cmd}", flush=True)
+
+
+def heat_history(path, n_cand: int, n_pos: int, candidates) -> tuple[list[int], np.ndarray]:
+  """Steps and ``[steps, positions, candidates]`` probabilities of the train log lines in ``metrics.jsonl``
+  (the last record of a step wins, so a resumed run's history has each step once)."""
+  rows = {}
+  if not path.is_file():
+    return [], np.zeros((0, n_pos, n_cand))
+  for line in path.read_text().splitlines():
+    rec = json.loads(line)
+    if rec.get("kind") != "train" or f"arch/p0/{candidates[0]}" not in rec:
+      continue
+    rows[rec["step"]] = [[rec[f"arch/p{p}/{c}"] for c in candidates] for p in range(n_pos)]
+  steps_ = sorted(rows)
+  return steps_, np.asarray([rows[s] for s in steps_], np.float64).reshape(len(steps_), n_pos, n_cand)
+
+
+def then_train(c, workdir, run) -> dict:
+  """Train the derived model (``DIR/derived``) on the same data in ``DIR/derived_train`` with ``run``
+  (:func:`jaxformers.train.run`); its summary."""
+  c2 = copy.deepcopy(c)
+  with c2.unlocked():
+    c2.search.enabled = False
+    c2.init_from = str(workdir / "derived")
+    c2.model.layout = ""
+    c2.data.tokenizer = ""
+    if c.search.then_train_steps:
+      c2.train.num_steps = c.search.then_train_steps
+      c2.train.num_epochs = 0.0
+  out = run(c2, workdir / "derived_train")
+  return {"workdir": str(workdir / "derived_train"), "eval": out.get("eval", {}),
+          "wall_time_s": out.get("wall_time_s")}
+
+
+def _set_temperature(rngs, tau):
+  return jax.tree.map(lambda v: v.replace(jnp.asarray(tau, jnp.float32)) if isinstance(v, S.Temperature) else v,
+                      rngs, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def make_search_step(graphdef, tx: BiLevel, lr_fn, task, accum_steps: int, max_segments: int | None, search):
+  """``step(state, batch, inputs) -> (state, metrics)``: the weights' update on the training batch, then (after the
+  warm-up, every ``arch_every`` steps) the logits' update on the held-out batch at the weights before this step."""
+  s = search.s
+  grads = steps.make_grads(graphdef, task, accum_steps, max_segments, param_filter=Searched.param_filter)
+  costs = jnp.asarray(search.costs, jnp.float32)
+  source_cost = float(search.source_cost)
+  ident = search.candidates.index("identity") if "identity" in search.candidates else None
+  warmup, every = int(s.warmup_steps), int(s.arch_every)
+
+  def penalties(arch):
+    probs = S.probabilities(S.arch_logits(arch))
+    ratio = jnp.sum(probs * costs) / source_cost
+    pen = s.cost_weight * jax.nn.relu(ratio - s.target_flops_ratio)
+    if ident is not None:
+      pen = pen + s.identity_weight * jax.nn.relu(jnp.mean(probs[:, ident]) - s.max_identity)
+    return pen, ratio, probs
+
+  def arch_grads(arch, weights, rngs, held, inputs):
+    def f(a):
+      model = nnx.merge(graphdef, nnx.merge_state(weights, a), rngs, copy=True)
+      ls, lw, _, _ = task.loss(model, held, inputs, max_segments)
+      ce = ls / jnp.maximum(lw, 1.0)
+      pen, _, _ = penalties(a)
+      return ce + pen, (ce, nnx.split(model, Searched.param_filter, ...)[2])
+    (_, (ce, rngs)), g = jax.value_and_grad(f, has_aux=True)(arch)
+    return ce, rngs, g
+
+  def step(state, batch, inputs):
+    train_b = {k: v for k, v in batch.items() if not k.startswith(HELD)}
+    held_b = {k[len(HELD):]: v for k, v in batch.items() if k.startswith(HELD)}
+    t = state["step"]
+    tau = S.temperature(t, s.tau_start, s.tau_end, warmup, search.total)
+    rngs = _set_temperature(state["rngs"], tau)
+    params = state["params"]
+    arch, weights = nnx.split_state(params, S.ArchParam, ...)
+    # weights: gradient on the training batch; the logits' part of it is dropped
+    ls, lw, lc, rngs, g = grads(params, rngs, train_b, inputs)
+    denom = jnp.maximum(lw, 1.0)
+    _, g_w = nnx.split_state(g, S.ArchParam, ...)
+    g_w = jax.tree.map(lambda x: x / denom, g_w)
+    w_upd, w_opt = tx.weights.update(g_w, state["opt_state"]["weights"], weights)
+    new_weights = optax.apply_updates(weights, w_upd)
+    # architecture: gradient on the held-out batch, weights fixed
+    do_arch = (t >= warmup) & ((t - warmup) % every == 0)
+
+    def run_arch(rngs):
+      return arch_grads(arch, weights, rngs, held_b, inputs)
+
+    def skip(rngs):
+      return jnp.zeros((), jnp.float32), rngs, jax.tree.map(jnp.zeros_like, arch)
+    arch_ce, rngs, g_a = jax.lax.cond(do_arch, run_arch, skip, rngs)
+    a_upd, a_opt = tx.arch.update(g_a, state["opt_state"]["arch"], arch)
+    new_arch = optax.apply_updates(arch, a_upd)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(do_arch, n, o), new, old)  # noqa: E731
+    new_arch, a_opt = keep(new_arch, arch), keep(a_opt, state["opt_state"]["arch"])
+    _, ratio, probs = penalties(new_arch)
+    new = {"params": nnx.merge_state(new_weights, new_arch), "opt_state": {"weights": w_opt, "arch": a_opt},
+           "rngs": rngs, "step": t + 1}
+    metrics = {"loss": ls / denom, "accuracy": lc / denom, "grad_norm": optax.global_norm(g_w), "lr": lr_fn(t),
+               "weight": lw, "arch_loss": arch_ce, "expected_flops_ratio": ratio, "temperature": tau,
+               "arch_probs": probs, "arch_update": do_arch}
+    return new, metrics
+
+  return step

@@ -1,0 +1,402 @@
+"""Architecture search: supernet, Gumbel-softmax, costs, read-off, derivation, and the search as a trainer task."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxformers import models, search
+from jaxformers.config import EncoderConfig
+from jaxformers.train import run
+from jaxformers.train.errors import ConfigError
+from tests.test_train_resume import assert_same_runs
+from tests.train_helpers import ROOT, checkpoint_params, load_config, records
+
+CANDS = ("attention", "ffn", "identity")
+SEARCH = dict(search__enabled=True, search__warmup_steps=2, search__heldout_batch_size=8,
+              model__hidden_dropout=0.1, optim__schedule="linear", optim__warmup_steps=2)
+
+
+def tiny_cfg(**kw):
+  base = dict(layout="serial*2", hidden_size=16, num_heads=2, intermediate_size=24, vocab_size=40,
+              max_position_embeddings=16, hidden_dropout=0.0, attention_dropout=0.0)
+  return EncoderConfig(**{**base, **kw})
+
+
+def supernet(cands=CANDS, hard=False, seed=0):
+  m = models.build("classification", tiny_cfg(), num_labels=3, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+  return search.to_supernet(m, cands, hard=hard, rngs=nnx.Rngs(params=seed, dropout=seed + 1))
+
+
+def set_logits(model, rows):
+  for ch, row in zip(search.choices_of(model), rows):
+    ch.logits[...] = jnp.asarray(row, jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+  """One 8-step search of the tiny config (dropout on, arch frozen for 2 steps), shared by the trainer tests."""
+  wd = tmp_path_factory.mktemp("search") / "full"
+  out = run(load_config("tiny", "steps=8", search__then_train=True, search__then_train_steps=2, **SEARCH), wd)
+  return wd, out
+
+
+# --- model-level ------------------------------------------------------------------------------------------------
+
+def test_arch_logits_are_their_own_variable_type():
+  m = supernet()
+  arch, weights = nnx.state(m, search.ArchParam), nnx.state(m, nnx.Param)
+  assert len(jax.tree.leaves(arch)) == 4                      # serial*2: 4 sublayer positions
+  assert all(x.shape == (3,) for x in jax.tree.leaves(arch))
+  assert all(k.endswith(".logits") for k in dotted_state(arch))
+  assert not any("logits" in k for k in dotted_state(weights)) and len(dotted_state(weights)) > 20
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_extreme_logits_give_finite_loss_and_gradients(hard):
+  m = supernet(hard=hard)
+  set_logits(m, [[1e4, -1e4, 0.0], [-1e4, 1e4, -1e4], [0.0, -1e4, 1e4], [-1e4, -1e4, 1e4]])
+  gd, params, rest = nnx.split(m, (nnx.Param, search.ArchParam), ...)
+  ids = jnp.asarray(np.random.default_rng(0).integers(1, 40, (2, 8)), jnp.int32)
+
+  def loss(p):
+    logits = nnx.merge(gd, p, rest, copy=True)(ids, jnp.ones((2, 8)))
+    return jnp.mean(jax.nn.log_softmax(logits)[:, 0])
+  for tau in (1.0, 0.01):
+    rest = jax.tree.map(lambda v: v.replace(jnp.float32(tau)) if isinstance(v, search.Temperature) else v, rest,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    val, g = jax.jit(jax.value_and_grad(loss))(params)
+    assert np.isfinite(float(val))
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(g))
+  # the softmax of extreme logits is the one-hot of the largest, without NaN
+  probs = np.asarray(search.probabilities(search.arch_logits(m)))
+  np.testing.assert_array_equal(probs.argmax(-1), [0, 1, 2, 2])
+  assert np.all(np.isfinite(probs))
+
+
+def test_gumbel_softmax_hard_is_one_hot_with_soft_gradient():
+  logits = jnp.asarray([0.3, -0.2, 0.1])
+  key = jax.random.key(3)
+  soft = search.gumbel_softmax(logits, key, 0.5)
+  hard = search.gumbel_softmax(logits, key, 0.5, hard=True)
+  np.testing.assert_array_equal(np.asarray(hard), np.eye(3)[int(np.argmax(soft))])
+  g_soft = jax.grad(lambda l: search.gumbel_softmax(l, key, 0.5)[1])(logits)
+  g_hard = jax.grad(lambda l: search.gumbel_softmax(l, key, 0.5, hard=True)[1])(logits)
+  np.testing.assert_allclose(np.asarray(g_hard), np.asarray(g_soft), rtol=1e-6)
+  # reference: softmax((l + g) / tau) with numpy and the same noise
+  g = np.asarray(jax.random.gumbel(key, (3,), jnp.float32))
+  z = (np.asarray(logits) + g) / 0.5
+  np.testing.assert_allclose(np.asarray(soft), np.exp(z - z.max()) / np.exp(z - z.max()).sum(), rtol=1e-6)
+
+
+def test_temperature_schedule():
+  t = lambda s: float(search.temperature(s, 2.0, 0.02, 10, 110))  # noqa: E731
+  assert t(0) == pytest.approx(2.0) and t(10) == pytest.approx(2.0)
+  assert t(60) == pytest.approx(np.sqrt(2.0 * 0.02), rel=1e-5)       # geometric midpoint
+  assert t(35) == pytest.approx(2.0 * 0.01 ** 0.25, rel=1e-5)
+  assert t(110) == pytest.approx(0.02, rel=1e-5) and t(500) == pytest.approx(0.02, rel=1e-5)
+  assert all(t(a) > t(a + 1) for a in range(10, 110))
+
+
+def test_read_off_hand_set_logits():
+  # attention, ffn | attention, identity | identity, ffn  ->  serial, attention, ffn
+  logits = [[5, 0, 0], [0, 5, 0], [5, 0, 1], [0, 0, 5], [0, 1, 4], [0, 5, 0]]
+  assert search.read_off(logits, CANDS) == "serial,attention,ffn"
+  # identity capped at half the positions: the identity with the smallest lead (position 3: 4 vs 1) gives way
+  logits = [[0, 0, 5], [0, 0, 5], [0, 1, 4], [3, 0, 4]]
+  assert search.choose(logits, CANDS, max_identity=0.5) == ["identity", "identity", "ffn", "attention"]
+  assert search.read_off(logits, CANDS, max_identity=0.5) == "ffn,attention"
+  # ties go to the earlier candidate; all-identity is never read off
+  assert search.choose([[1, 1, 1]], CANDS) == ["attention"]
+  assert search.read_off([[0, 0, 9], [0, 0, 9]], CANDS) in ("attention", "ffn")
+  assert search.read_off([[0, 0, 0, 5, 0], [0, 5, 0, 0, 0]], CANDS + ("fourier", "sparse")) == "fourier"
+
+
+def test_derived_model_has_exactly_the_chosen_candidates_weights():
+  m = supernet(cands=CANDS + ("fourier",))
+  # make every candidate distinct: random weights everywhere
+  params = nnx.state(m, nnx.Param)
+  keys = iter(jax.random.split(jax.random.key(5), len(jax.tree.leaves(params))))
+  nnx.update(m, jax.tree.map(lambda x: x + 0.1 * jax.random.normal(next(keys), x.shape), params))
+  set_logits(m, [[0, 0, 0, 9], [0, 9, 0, 0], [9, 0, 0, 0], [0, 0, 9, 0]])   # fourier, ffn, attention, identity
+  d, layout = search.derive(m)
+  assert layout == "fourier,attention"
+  ch = search.choices_of(m)
+  db = models.encoder_of(d).blocks
+  pairs = [(db[0].mixer_norm, ch[0].options["fourier"].mixer_norm), (db[0].mlp, ch[1].options["ffn"].mlp),
+           (db[0].mlp_norm, ch[1].options["ffn"].mlp_norm), (db[1].mixer, ch[2].options["attention"].mixer),
+           (db[1].mixer_norm, ch[2].options["attention"].mixer_norm),
+           (models.encoder_of(d).embeddings, models.encoder_of(m).embeddings), (d.classifier, m.classifier)]
+  for got, want in pairs:
+    a, b = jax.tree.leaves(nnx.state(got, nnx.Param)), jax.tree.leaves(nnx.state(want, nnx.Param))
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # so the derived model computes what the supernet computes when its choices are one-hot
+  set_logits(m, [[0, 0, 0, 1e4], [0, 1e4, 0, 0], [1e4, 0, 0, 0], [0, 0, 1e4, 0]])
+  m.eval()
+  d.eval()
+  ids = jnp.asarray(np.random.default_rng(1).integers(1, 40, (2, 8)), jnp.int32)
+  fwd = nnx.jit(lambda model, ids: model(ids, jnp.ones((2, 8))))
+  np.testing.assert_allclose(np.asarray(fwd(m, ids)), np.asarray(fwd(d, ids)), atol=1e-6)
+
+
+def test_candidates_start_from_the_source_sublayers():
+  src = models.build("classification", tiny_cfg(layout="serial,fourier"), num_labels=3, rngs=nnx.Rngs(0))
+  s_blocks = list(models.encoder_of(src).blocks)
+  m = search.to_supernet(src, CANDS, rngs=nnx.Rngs(1))
+  ch = search.choices_of(m)
+  assert len(ch) == 4                       # serial: 2 positions, fourier: 2 positions
+
+  def same(a, b):
+    for x, y in zip(jax.tree.leaves(nnx.state(a, nnx.Param)), jax.tree.leaves(nnx.state(b, nnx.Param))):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  for p in (0, 1):      # both positions of the serial block take its attention and its feed-forward
+    same(ch[p].options["attention"].mixer, s_blocks[0].mixer)
+    same(ch[p].options["ffn"].mlp, s_blocks[0].mlp)
+  for p in (2, 3):      # the fourier block's positions: its feed-forward; attention from the nearest (layer 0)
+    same(ch[p].options["ffn"].mlp, s_blocks[1].mlp)
+    same(ch[p].options["ffn"].mlp_norm, s_blocks[1].mlp_norm)
+    same(ch[p].options["attention"].mixer, s_blocks[0].mixer)
+
+
+@pytest.mark.parametrize("name", ["attention", "ffn"])
+def test_candidate_flops_match_xla_cost_analysis(name):
+  """The cost model's FLOPs/token against XLA's count of the candidate block's forward (which adds the softmax,
+  LayerNorm and residual elementwise work, a few percent here)."""
+  cfg = tiny_cfg(hidden_size=64, intermediate_size=256)
+  from jaxformers.blocks import Block
+  from jaxformers.layers import Sequences
+  from jaxformers.layout import BLOCKS
+  block = Block(cfg, BLOCKS.get(name), rngs=nnx.Rngs(0))
+  block.eval()
+  L = 16
+  x = jnp.ones((1, L, 64))
+  seq = Sequences.build(1, L, attention_mask=jnp.ones((1, L)))
+  xla = jax.jit(lambda x: block(x, seq)).lower(x).compile().cost_analysis()["flops"] / L
+  # numpy hand count: matmul [1, d] x [d, e] is 2*d*e FLOPs
+  d, f = 64, 256
+  hand = {"attention": 4 * 2 * d * d + 2 * (2 * L * d), "ffn": 2 * (2 * d * f)}[name]
+  assert search.candidate_flops(cfg, L, name) == hand
+  assert hand <= xla <= 1.15 * hand, (hand, xla)
+
+
+def test_expected_cost_and_source_cost_by_hand():
+  cfg = tiny_cfg(hidden_size=32, intermediate_size=128, layout="serial*2,ffn")
+  L, d, f = 20, 32, 128
+  att, ffn = 8 * d * d + 4 * L * d, 4 * d * f
+  assert search.source_flops(cfg, L) == 2 * (att + ffn) + ffn
+  costs = search.cost_table(cfg, CANDS, L)
+  logits = np.random.default_rng(0).normal(size=(5, 3))
+  p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  want = float((p @ np.asarray([att, ffn, 0.0])).sum())
+  got = float(jnp.sum(search.probabilities(logits) * costs))
+  assert got == pytest.approx(want, rel=1e-6)
+
+
+# --- config errors ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("candidates", "attention,ffn,convolution", "unknown candidate 'convolution'; accepted: attention, ffn, identity"),
+    ("candidates", "", "search space is empty"),
+    ("candidates", " , ", "search space is empty"),
+    ("candidates", "ffn", "at least two candidates"),
+    ("target_flops_ratio", 0.0, "target_flops_ratio=0.0: must be in (0, 1]"),
+    ("target_flops_ratio", 1.5, "target_flops_ratio=1.5: must be in (0, 1]"),
+    ("max_identity", 1.0, "max_identity=1.0"),
+])
+def test_bad_search_config_errors_clearly(tmp_path, key, value, needle):
+  c = load_config("tiny", None, search__enabled=True, **{f"search__{key}": value})
+  with pytest.raises(ConfigError) as e:
+    run(c, tmp_path / "bad")
+  assert "config.search." in str(e.value) and needle in str(e.value), str(e.value)
+  assert not (tmp_path / "bad").exists()
+
+
+def test_pre_ln_source_layout_is_refused(tmp_path):
+  c = load_config("tiny", "layout=serial_preln*2", search__enabled=True)
+  with pytest.raises(ConfigError, match=r"config.model.layout='serial_preln\*2'.*pre-LN"):
+    run(c, tmp_path / "bad")
+
+
+# --- the search as a trainer task --------------------------------------------------------------------------------
+
+def test_search_run_writes_layout_probabilities_heatmap_and_derived_model(searched):
+  wd, out = searched
+  s = out["search"]
+  probs = np.asarray(s["probabilities"])
+  assert probs.shape == (4, 3)
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+  recs = records(wd)
+  assert [r["step"] for r in recs] == list(range(1, 9))
+  first = np.asarray([[recs[0][f"arch/p{p}/{c}"] for c in CANDS] for p in range(4)])
+  np.testing.assert_allclose(first, 1 / 3, rtol=1e-6)          # warm-up: the logits have not moved (zeros)
+  assert recs[1]["arch/p0/attention"] == recs[0]["arch/p0/attention"]
+  last = np.asarray([[recs[-1][f"arch/p{p}/{c}"] for c in CANDS] for p in range(4)])
+  np.testing.assert_allclose(last, probs, rtol=1e-5)
+  assert np.abs(last - 1 / 3).max() > 1e-3                     # after the warm-up they have
+  # the step's expected-cost metric equals the numpy expectation of the final probabilities
+  assert recs[-1]["expected_flops_ratio"] == pytest.approx(s["expected_flops_ratio"], rel=1e-5)
+  assert s["layout"] == search.read_off(np.log(probs), CANDS, 0.5)
+  assert (wd / "search_heatmap.png").stat().st_size > 1000
+  assert json.loads((wd / "summary.json").read_text())["search"]["layout"] == s["layout"]
+  # the derived checkpoint holds the read-off layout with the final supernet's chosen candidates' weights
+  from jaxformers.pretrained import from_pretrained
+  d = from_pretrained(str(wd / "derived"))
+  assert d.config.layout == s["layout"]
+  sup = checkpoint_params(wd, 8)
+  plan = search.chosen_blocks(s["chosen"])
+  compared = 0
+  for j, (_, ps) in enumerate(plan):
+    got = dotted(models.encoder_of(d).blocks[j])
+    for p in ps:
+      prefix = f"encoder.blocks.{p}.options.{s['chosen'][p]}."
+      for key, want in sup.items():
+        if key.startswith(prefix):
+          np.testing.assert_array_equal(got[key[len(prefix):]], want, err_msg=key)
+          compared += 1
+  assert compared >= 4 * len(plan)
+  # then_train trained the derived model (its layout, no search) for then_train_steps
+  t = s["derived_train"]
+  assert t["workdir"] == str(wd / "derived_train") and "validation/accuracy" in t["eval"]
+  trained = json.loads((wd / "derived_train" / "summary.json").read_text())
+  assert trained["steps"] == 2 and "search" not in trained
+  assert sorted(checkpoint_params(wd / "derived_train", 2)) == sorted(dotted(d))
+
+
+def dotted(module) -> dict:
+  return dotted_state(nnx.state(module, nnx.Param))
+
+
+def dotted_state(state) -> dict:
+  flat = jax.tree_util.tree_flatten_with_path(state)[0]
+  return {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path if getattr(k, "name", None) != "value"):
+          np.asarray(v) for path, v in flat}
+
+
+def test_only_the_arch_optimizer_moves_the_logits_and_only_on_heldout_data(tmp_path):
+  """One jitted search step, fed the same training batch with two held-out batches and vice versa: the new
+  weights depend only on the training batch, the new logits only on the held-out batch; gradients reach the
+  logits (they move), and during the warm-up they stay exactly where they are."""
+  from jaxformers.data.batching import TrainBatches
+  from jaxformers.train.loop import Run
+  c = load_config("tiny", "steps=8", search__enabled=True, search__warmup_steps=1, search__heldout_batch_size=8)
+  r = Run(c, tmp_path / "probe")
+  tx, lr = r.task.optimizer(c, 8)
+  params, rest = r.init_params()
+  state = {"params": params, "opt_state": tx.init(params), "rngs": rest, "step": jnp.asarray(0, jnp.int32)}
+  step = jax.jit(r.task.make_train_step(r.gd_train, tx, lr, 1, r.max_segments))
+  batches = r.task.train_batches(r, TrainBatches(r.tokenized("train"), 16, 0, r.max_length, r.special["pad"]))
+  b1, b2 = next(batches), next(batches)
+  mixed = {k: (b2[k] if k.startswith("heldout/") else v) for k, v in b1.items()}   # b1's train, b2's held-out
+  other = {k: (v if k.startswith("heldout/") else b2[k]) for k, v in b1.items()}   # b2's train, b1's held-out
+  split = lambda st: nnx.split_state(st["params"], search.ArchParam, ...)  # noqa: E731
+  flat = lambda t: [np.asarray(x) for x in jax.tree.leaves(t)]  # noqa: E731
+  # warm-up step: weights move, logits exactly unchanged
+  s0, _ = step(jax.tree.map(jnp.copy, state), b1, {})
+  a0, w0 = split(s0)
+  assert all(np.array_equal(x, 0 * x) for x in flat(a0))
+  assert any(not np.array_equal(x, y) for x, y in zip(flat(w0), flat(split(state)[1])))
+  after = dict(state, step=jnp.asarray(1, jnp.int32))
+  n1, m1 = step(jax.tree.map(jnp.copy, after), b1, {})
+  n2, _ = step(jax.tree.map(jnp.copy, after), mixed, {})
+  n3, _ = step(jax.tree.map(jnp.copy, after), other, {})
+  (a1, w1), (a2, w2), (a3, w3) = split(n1), split(n2), split(n3)
+  assert all(np.array_equal(x, y) for x, y in zip(flat(w1), flat(w2)))          # held-out batch: weights untouched
+  assert any(not np.array_equal(x, y) for x, y in zip(flat(a1), flat(a2)))      # ... but logits differ
+  assert all(np.array_equal(x, y) for x, y in zip(flat(a1), flat(a3)))          # training batch: logits untouched
+  assert any(not np.array_equal(x, y) for x, y in zip(flat(w1), flat(w3)))
+  assert any(np.abs(x).max() > 0 for x in flat(a1))                              # gradients reached the logits
+  assert np.isfinite(float(m1["arch_loss"])) and float(m1["arch_loss"]) > 0
+
+
+def test_resume_mid_search_is_bit_identical(searched, tmp_path):
+  full, out = searched
+  part = tmp_path / "part"
+  o = run(load_config("tiny", "steps=8", train__stop_after=3, **SEARCH), part)
+  assert o["steps"] == 3 and "search" not in o
+  o = run(load_config("tiny", "steps=8", **SEARCH), part)
+  assert o["steps_this_run"] == 5
+  assert_same_runs(full, part, 8)
+  # so the read-off is the same too (a fixed seed gives the same layout twice)
+  assert o["search"]["layout"] == out["search"]["layout"]
+  assert o["search"]["probabilities"] == out["search"]["probabilities"]
+  ra, rb = records(full), records(part)
+  for k in ra[-1]:
+    if k.startswith("arch/"):
+      assert ra[-1][k] == rb[-1][k], k
+
+
+SCRIPT = r"""
+import sys
+import jax
+assert jax.device_count() == 4, jax.devices()
+sys.path.insert(0, {root!r})
+import numpy as np
+from tests.train_helpers import checkpoint_params, load_config
+from jaxformers.train import run
+s = run(load_config("tiny", "steps=8", **{kw!r}), {wd!r})
+assert s["mesh"] == {{"data": 4, "fsdp": 1}}, s["mesh"]
+np.savez({wd!r} + "/params.npz", **checkpoint_params({wd!r}, 8))
+"""
+
+
+@pytest.mark.slow
+def test_one_device_vs_four_devices(searched, tmp_path):
+  one, out = searched
+  wd = str(tmp_path / "four")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  p = subprocess.run([sys.executable, "-c", SCRIPT.format(root=str(ROOT), kw=SEARCH, wd=wd)], cwd=ROOT, env=env,
+                     capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  ra, rb = records(one), records(wd)
+  for a, b in zip(ra, rb):
+    assert ("arch_loss" in a) == ("arch_loss" in b) == (a["step"] > 2)    # warm-up: no architecture steps
+    keys = ("loss", "expected_flops_ratio", "arch/p0/attention", "arch/p3/identity")
+    for k in keys + (("arch_loss",) if "arch_loss" in a else ()):
+      assert b[k] == pytest.approx(a[k], rel=2e-5, abs=1e-6), (a["step"], k)
+  four = np.load(wd + "/params.npz")
+  ref = checkpoint_params(one, 8)
+  assert set(four.files) == set(ref)
+  for k in ref:
+    np.testing.assert_allclose(four[k], ref[k], atol=2e-6, rtol=1e-5, err_msg=k)
+  assert json.loads((tmp_path / "four" / "summary.json").read_text())["search"]["layout"] == out["search"]["layout"]
+
+
+def test_search_from_a_converted_bert_starts_each_candidate_from_its_source_sublayer(tmp_path):
+  """init_from an HF BERT: at both positions of layer i the attention candidate is layer i's attention and the
+  ffn candidate layer i's feed-forward, as from_pretrained converts them."""
+  import jaxformers
+  from jaxformers.train.loop import Run
+  from tests.conftest import make_hf
+  from tests.test_train_glue import glue_tiny, write_rte
+  from tests.test_train_pretrained import _tokenizer_for
+  data = write_rte(tmp_path / "RTE")
+  hf = tmp_path / "bert"
+  make_hf(hf, "BertForSequenceClassification", num_labels=2)
+  _tokenizer_for(data, hf)
+  c = glue_tiny("rte", data, init_from=str(hf), model__layout="", model__hidden_size=None, model__num_heads=None,
+                model__intermediate_size=None, model__max_position_embeddings=None, search__enabled=True)
+  r = Run(c, tmp_path / "run")
+  params, _ = r.init_params()
+  got = dotted_state(params)
+  src = jaxformers.from_pretrained(str(hf), task="classification", num_labels=2)
+  want = dotted(src)
+  assert r.cfg.layout == "serial*3" and len(search.positions_of(r.cfg.blocks)) == 6
+  n = 0
+  for p in range(6):
+    i = p // 2
+    for cand, subs in (("attention", ("mixer", "mixer_norm")), ("ffn", ("mlp", "mlp_norm"))):
+      for k, v in want.items():
+        for sub in subs:
+          if k.startswith(f"encoder.blocks.{i}.{sub}."):
+            rest = k[len(f"encoder.blocks.{i}."):]
+            np.testing.assert_array_equal(got[f"encoder.blocks.{p}.options.{cand}.{rest}"], v, err_msg=k)
+            n += 1
+  assert n == 6 * 16     # q, k, v, out kernels and biases, 2 norms x 2; up, down x 2, norm x 2
+  np.testing.assert_array_equal(got["encoder.embeddings.word.embedding"], want["encoder.embeddings.word.embedding"])
