@@ -46,7 +46,8 @@ DATA_KEYS = ("train_file", "eval_file", "text_a_column", "text_b_column", "label
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--init_from", required=True, help="the source checkpoint (any from_pretrained path or run)")
-  p.add_argument("--layouts", default=DEFAULT_LAYOUTS, help="';'-separated block layouts")
+  p.add_argument("--layouts", default=DEFAULT_LAYOUTS,
+                 help="';'-separated block layouts; 'search:DIR' = the layout found by the search run in DIR")
   p.add_argument("--recipes", default="direct,healed")
   p.add_argument("--data", default="embedded", help="'embedded' or a directory with data.json")
   p.add_argument("--workdir", required=True)
@@ -98,11 +99,30 @@ def data_settings(spec: str) -> dict:
   return out
 
 
+def searched_layout(entry: str) -> str:
+  """The layout an architecture search found: ``search:DIR`` reads ``DIR/summary.json`` (a finished search run)."""
+  d = Path(entry[len("search:"):])
+  path = d / "summary.json"
+  try:
+    found = json.loads(path.read_text()).get("search", {}).get("layout")
+  except (OSError, json.JSONDecodeError) as e:
+    raise SystemExit(f"--layouts: {entry!r}: cannot read {path} ({e}); expected the workdir of a finished search "
+                     f"(python train.py --config configs/search.py --workdir DIR)")
+  if not found:
+    raise SystemExit(f"--layouts: {entry!r}: {path} holds no found layout (summary['search']['layout']); expected "
+                     f"the workdir of a finished search, not of a training run")
+  print(f"--layouts: {entry} -> {found}", flush=True)
+  return found
+
+
 def check_layouts(layouts: list[str]) -> list[str]:
-  """Each layout in its canonical spelling; a bad one stops the study before it trains anything."""
+  """Each layout in its canonical spelling (``search:DIR``: the layout the search in DIR found); a bad one stops
+  the study before it trains anything."""
   from jaxformers.layout import BLOCKS, LayoutError, format_layout, parse_layout
   out = []
   for lay in layouts:
+    if lay.startswith("search:"):
+      lay = searched_layout(lay)
     try:
       out.append(format_layout(parse_layout(lay, BLOCKS.names())))
     except LayoutError as e:

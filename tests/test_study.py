@@ -118,3 +118,19 @@ def test_bigbench_task_converts_to_csv_with_a_grouped_seeded_split(tmp_path, cap
   (tmp_path / "bad.json").write_text(json.dumps({"examples": [{"input": "no separator", "target_scores": {"a": 1}}]}))
   with pytest.raises(SystemExit, match=r"example 0's input has no separator '\\nClaim: '"):
     bigbench_to_csv.main([str(tmp_path / "bad.json"), "--out", str(tmp_path / "d")])
+
+
+def test_a_searched_layout_is_one_more_entry(tmp_path, capsys):
+  """``search:DIR`` takes the layout a finished architecture search wrote to its summary; anything else is named."""
+  found = tmp_path / "search"
+  found.mkdir()
+  (found / "summary.json").write_text(json.dumps({"finished": True, "search": {"layout": "serial,ffn*2,attention"}}))
+  assert study.check_layouts(["serial*2", f"search:{found}"]) == ["serial*2", "serial,ffn*2,attention"]
+  assert f"search:{found} -> serial,ffn*2,attention" in capsys.readouterr().out
+  trained = tmp_path / "trained"
+  trained.mkdir()
+  (trained / "summary.json").write_text(json.dumps({"finished": True}))
+  with pytest.raises(SystemExit, match="holds no found layout"):
+    study.check_layouts([f"search:{trained}"])
+  with pytest.raises(SystemExit, match=r"cannot read .*missing.*summary\.json"):
+    study.check_layouts([f"search:{tmp_path / 'missing'}"])
