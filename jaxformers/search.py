@@ -136,7 +136,9 @@ def positions_of(blocks: tuple[str, ...]) -> list[tuple[int, str]]:
 
 
 def _copy(dst, src) -> None:
-  nnx.update(dst, nnx.state(src, nnx.Param))
+  """``src``'s parameters into ``dst`` as new arrays: two positions take the same source sublayer, and the train
+  step donates its parameters, so no two candidates may share a buffer."""
+  nnx.update(dst, jax.tree.map(lambda x: jnp.array(x, copy=True), nnx.state(src, nnx.Param)))
 
 
 def _source_sublayer(blocks, i: int, kind: str):

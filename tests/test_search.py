@@ -399,4 +399,7 @@ def test_search_from_a_converted_bert_starts_each_candidate_from_its_source_subl
             np.testing.assert_array_equal(got[f"encoder.blocks.{p}.options.{cand}.{rest}"], v, err_msg=k)
             n += 1
   assert n == 6 * 16     # q, k, v, out kernels and biases, 2 norms x 2; up, down x 2, norm x 2
+  # both positions of a layer start from its weights, in buffers of their own (the train step donates them)
+  leaves = jax.tree.leaves(params)
+  assert len({x.unsafe_buffer_pointer() for x in leaves}) == len(leaves)
   np.testing.assert_array_equal(got["encoder.embeddings.word.embedding"], want["encoder.embeddings.word.embedding"])
