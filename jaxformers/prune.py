@@ -358,3 +358,32 @@ def sparsity_report(model) -> dict[str, float]:
       zeros, total = zeros + z, total + a.size
   out["total"] = zeros / max(total, 1)
   return out
+
+
+def pad_to_full(model, rngs: nnx.Rngs | None = None):
+  """The same function as a pruned ``model`` with every block at ``num_heads`` heads and ``intermediate_size``
+  neurons again: the removed heads and neurons come back as zero weights (zero queries, keys, values and
+  output-projection rows; zero up- and down-projection weights), which contribute nothing. This is how a pruned
+  model is written as an HF checkpoint (transformers 5 no longer prunes heads when it loads a model)."""
+  cfg = model.config
+  if cfg.num_heads_per_layer is None and cfg.intermediate_sizes is None:
+    return model
+  full = cfg.replace(num_heads_per_layer=None, intermediate_sizes=None)
+  new = models.build(models.task_of(model), full, num_labels=getattr(model, "num_labels", None),
+                     head=model.classifier.style if hasattr(model, "classifier") else None, rngs=rngs)
+  from jaxformers.convert.params import get_params, set_params
+  old = get_params(model)
+  out = {}
+  for path, v in nnx.to_flat_state(nnx.state(new, nnx.Param)):
+    path = ".".join(map(str, path))
+    a, shape = old[path], v[...].shape
+    if a.shape != shape:
+      pad = np.zeros(shape, a.dtype)
+      pad[tuple(slice(0, n) for n in a.shape)] = a   # kept heads / neurons first, zeros after
+      a = pad
+    out[path] = a
+  set_params(new, out)
+  if getattr(model, "label_names", None):
+    new.label_names = model.label_names
+  new.eval()
+  return new
