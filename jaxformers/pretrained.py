@@ -68,8 +68,8 @@ def _read_meta(path: Path) -> tuple[dict, EncoderConfig]:
 def _restore(path: Path, meta: dict, cfg: EncoderConfig, rngs: nnx.Rngs | None = None):
   """The model saved in ``path`` built for ``cfg`` (the saved config, runtime fields possibly changed)."""
   import orbax.checkpoint as ocp
-  build = lambda: models.build(meta["task"], cfg, num_labels=meta.get("num_labels"), head=meta.get("head"), rngs=rngs)
-  abstract = nnx.eval_shape(build)
+  build = lambda r: models.build(meta["task"], cfg, num_labels=meta.get("num_labels"), head=meta.get("head"), rngs=r)
+  abstract = nnx.eval_shape(lambda: build(None))   # given rngs are not advanced inside a trace
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
   params_dir = path.absolute() / PARAMS_DIR   # orbax takes absolute paths only
@@ -80,7 +80,7 @@ def _restore(path: Path, meta: dict, cfg: EncoderConfig, rngs: nnx.Rngs | None =
       restored = ckpt.restore(params_dir, target)
     except (ValueError, KeyError) as e:
       raise CheckpointError(f"{params_dir}: parameters do not match {NATIVE_CONFIG} ({e})") from None
-  model = build()
+  model = build(rngs)
   nnx.update(model, restored)
   if meta.get("label_names"):
     model.label_names = tuple(meta["label_names"])

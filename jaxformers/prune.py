@@ -14,7 +14,9 @@ half the mean squared final hidden state (how much of the output's energy runs t
 :func:`prune` cuts the chosen heads and neurons out of the projection matrices and writes the per-layer head
 counts and widths into the config (``num_heads_per_layer``, ``intermediate_sizes``). A block that loses every head
 becomes an ``ffn`` block and one that loses every neuron an ``attention`` block (a layout edit); a parallel block's
-single LayerNorm becomes the remaining sublayer's. Nothing is masked: the matrices are smaller.
+single LayerNorm becomes the remaining sublayer's (the same function as zeroing the sublayer), while a post-LN serial
+block loses the removed sublayer's LayerNorm with it (a change beyond zeroing, which distillation heals). Nothing is
+masked: the matrices are smaller.
 
 :func:`magnitude_masks` / :func:`masked_updates` / :func:`sparsity_report`: unstructured magnitude pruning kept as
 masks through fine-tuning (``optim.sparsity`` in the trainer). It makes no model smaller or faster on dense
@@ -174,6 +176,10 @@ def plan(model, scores: Importance, heads=0.0, ffn=0.0) -> tuple[dict, dict]:
   if not isinstance(ffn, dict):
     ffn = {i: ffn for i in scores.ffn}
   keep_f = _select(scores.ffn, ffn, "ffn (feed-forward)", normalise=False)
+  for what, keep, t in (("heads", keep_h, heads), ("ffn", keep_f, ffn)):
+    if keep and sum(len(k) for k in keep.values()) == 0:
+      raise PruneError(f"{what}={t}: 0 {'heads' if what == 'heads' else 'neurons'} left in the whole model; lower "
+                       f"the fraction")
   return keep_h, keep_f
 
 
@@ -387,3 +393,26 @@ def pad_to_full(model, rngs: nnx.Rngs | None = None):
     new.label_names = model.label_names
   new.eval()
   return new
+
+
+def sample_batches(tokenizer, examples, n: int = 256, max_length: int = 128, batch_size: int = 32,
+                   pad_id: int = 0, seed: int = 0) -> list[dict]:
+  """Padded batches of a fixed random sample of ``n`` :class:`jaxformers.data.sources.Examples` (with labels when
+  they have them), for :func:`importance`."""
+  from jaxformers.data import tokenize
+  keep = np.sort(np.random.default_rng(seed).permutation(len(examples))[:n])
+  data = tokenize.encode(tokenizer, examples.subset(keep), max_length)
+  out = []
+  for s in range(0, len(data), batch_size):
+    rows = range(s, min(s + batch_size, len(data)))
+    length = max(len(data.ids[i]) for i in rows)
+    ids = np.full((len(rows), length), pad_id, np.int32)
+    types, mask = np.zeros_like(ids), np.zeros_like(ids)
+    for r, i in enumerate(rows):
+      k = len(data.ids[i])
+      ids[r, :k], types[r, :k], mask[r, :k] = data.ids[i], data.type_ids[i], 1
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    if data.label is not None:
+      batch["labels"] = np.asarray(data.label[s:s + len(rows)])
+    out.append(batch)
+  return out
