@@ -188,6 +188,16 @@ def main(argv=None):
     models[(name, "distil")] = current
     log(f"{name}: {prune.describe(current).strip()}")
 
+  try:   # the same int8 recipe through qwix (the `quant` extra), when installed: PTQ of the classifier's call
+    import qwix
+    rule = qwix.QuantizationRule(module_path=r".*/(query|key|value|out|up|down|dense)", weight_qtype="int8",
+                                 act_qtype="int8")   # the dense layers, as jaxformers.quant
+    qmodel = jaxformers.from_pretrained(fp32_dir)
+    models[("int8 PTQ (qwix)", "-")] = qwix.quantize_model(qmodel, qwix.PtqProvider([rule]), *infer)
+    qmodel.eval()
+  except ImportError:
+    log("qwix is not installed (pip install 'jaxformers[quant]'): no qwix row")
+
   # PyTorch: the same fp32 model exported, fp32 and dynamic int8
   hf_dir = root / "hf"
   if not hf_dir.exists():

@@ -87,9 +87,9 @@ def _prune(args) -> int:
   from jaxformers.pretrained import check_save_destination
   from jaxformers.train.tasks import make_task
   check_save_destination(args.dst, args.overwrite)
-  model = jaxformers.from_pretrained(args.src, progress=True)
+  model = jaxformers.from_pretrained(args.src)
   n = model.config.num_layers
-  prune.parse_target(args.heads, n, "--heads"), prune.parse_target(args.ffn, n, "--ffn")
+  prune.check_targets(model, args.heads, args.ffn)
   if args.rounds < 1 or args.examples < 1:
     raise ValueError(f"--rounds={args.rounds} and --examples={args.examples} must be at least 1")
   c = _train_config(args.config)

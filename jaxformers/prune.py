@@ -275,10 +275,32 @@ def prune(model, keep_heads: dict[int, np.ndarray] | None = None, keep_ffn: dict
   return new
 
 
+def check_targets(model, heads=0.0, ffn=0.0) -> None:
+  """Raise :class:`PruneError` for targets :func:`plan` would refuse, before any scoring: fractions outside [0, 1),
+  unknown layers, or a global fraction that leaves no head (neuron) at all."""
+  n = model.config.num_layers
+  blocks = models.encoder_of(model).blocks
+  for what, t in (("heads", parse_target(heads, n, "heads")), ("ffn", parse_target(ffn, n, "ffn"))):
+    units = [b.mixer.num_heads if what == "heads" and b.has_attention else
+             (b.mlp.down.kernel.shape[0] if what == "ffn" and b.mlp is not None else 0) for b in blocks]
+    if isinstance(t, dict):
+      bad = [i for i in t if units[i] == 0]
+      if bad:
+        raise PruneError(f"{what} layer {bad[0]}: block {bad[0]} ({model.config.blocks[bad[0]]}) has no "
+                         f"{'attention heads' if what == 'heads' else 'feed-forward'} to prune")
+      left = sum(u - int(round(t.get(i, 0.0) * u)) for i, u in enumerate(units))
+    elif what == "heads":
+      left = sum(units) - int(round(t * sum(units)))
+    else:
+      left = sum(u - int(round(t * u)) for u in units)
+    if sum(units) and left == 0:
+      raise PruneError(f"{what}={t}: 0 {'heads' if what == 'heads' else 'neurons'} left in the whole model; lower "
+                       f"the fraction")
+
+
 def prune_to(model, batches, heads=0.0, ffn=0.0, progress: bool = False):
   """Score ``model`` on ``batches`` and prune it to the targets (see :func:`plan`); returns ``(model, importance)``."""
-  n = model.config.num_layers
-  parse_target(heads, n, "heads"), parse_target(ffn, n, "ffn")   # bad targets fail before the scoring pass
+  check_targets(model, heads, ffn)   # bad targets fail before the scoring pass
   scores = importance(model, batches, progress=progress)
   keep_h, keep_f = plan(model, scores, heads, ffn)
   return prune(model, keep_h, keep_f), scores
@@ -305,7 +327,9 @@ def describe(model) -> str:
 # --- unstructured magnitude pruning -------------------------------------------------------------------------------
 def _prunable(path: tuple, x) -> bool:
   """Dense kernels of the encoder blocks (embeddings, norms, biases and heads are left dense)."""
-  keys = [str(getattr(p, "key", p)) for p in path]
+  keys = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+  if keys and keys[-1] == "value":    # a Variable's array inside a pytree path
+    keys = keys[:-1]
   return "blocks" in keys and keys[-1] == "kernel" and getattr(x, "ndim", 0) == 2
 
 
