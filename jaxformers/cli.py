@@ -73,7 +73,8 @@ def _train_config(spec: str | None):
   if spec:
     from jaxformers.train.cli import _load_config_file
     if not Path(spec.partition(":")[0]).is_file():
-      raise ValueError(f"--config {spec}: no such config file (expected a train.py config, e.g. configs/glue.py:task=rte)")
+      raise ValueError(f"--config {spec}: no such config file (expected a train.py config, e.g. "
+                       f"configs/glue.py:task=rte)")
     c = _load_config_file(spec)
     c.unlock()
     return c

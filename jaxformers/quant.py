@@ -10,9 +10,7 @@ field: ``config.model.quant_aware=True`` in ``train.py``), after which ``quantiz
 """
 from __future__ import annotations
 
-import re
 
-import jax
 import numpy as np
 from flax import nnx
 
@@ -33,8 +31,9 @@ def quantize(model, mode: str = "int8", rngs: nnx.Rngs | None = None):
   from jaxformers.convert.params import get_params, set_params
   from jaxformers.layers.quant import quantize_kernel
   target = cfg.replace(quantization=mode, quant_aware=False)
-  new = nnx.eval_shape(lambda: models.build(models.task_of(model), target, num_labels=getattr(model, "num_labels", None),
-                                            head=model.classifier.style if hasattr(model, "classifier") else None,
+  head = model.classifier.style if hasattr(model, "classifier") else None
+  labels = getattr(model, "num_labels", None)
+  new = nnx.eval_shape(lambda: models.build(models.task_of(model), target, num_labels=labels, head=head,
                                             rngs=nnx.Rngs(0)))
   want = {".".join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.state(new, nnx.Param))}
   old = get_params(model)
@@ -46,8 +45,7 @@ def quantize(model, mode: str = "int8", rngs: nnx.Rngs | None = None):
       out[path], out[f"{path}_scale"] = quantize_kernel(old[path])
     else:
       out[path] = old[path]
-  new = models.build(models.task_of(model), target, num_labels=getattr(model, "num_labels", None),
-                     head=model.classifier.style if hasattr(model, "classifier") else None, rngs=rngs)
+  new = models.build(models.task_of(model), target, num_labels=labels, head=head, rngs=rngs)
   set_params(new, out)
   if getattr(model, "label_names", None):
     new.label_names = model.label_names
