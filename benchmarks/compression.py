@@ -5,6 +5,8 @@ One source checkpoint (default all-MiniLM-L6-v2) is fine-tuned on the study's da
 ``benchmarks/study.py`` takes it); that fine-tuned classifier is the fp32 reference. Then, every method applied to it:
 
 * ``bf16``: the same weights computed in bfloat16 (``dtype="bfloat16"``);
+* ``fp32 finetune``: the reference fine-tuned ``--heal_steps`` more steps in float (what the extra steps of QAT give
+  without quantization);
 * ``int8 PTQ``: :func:`jaxformers.quant.quantize`; ``int8 QAT``: fine-tuned further with ``model.quant_aware=True``
   (task loss only, or with distillation from the fp32 model), then quantized;
 * ``heads -X%`` / ``ffn -Y%``: :func:`jaxformers.prune.prune_to` (Taylor importance on a training sample), then
@@ -62,6 +64,7 @@ def train_config(a, data, init_from, steps, lr, teacher=None, quant_aware=False)
   c = base_config(a, data, steps, lr)
   c.task = "classification"
   c.init_from = str(init_from)
+  c.data.tokenizer = str(a.init_from)   # the source's tokenizer, whatever the checkpoint directory holds
   c.model.layout = ""
   if quant_aware:
     c.model.quant_aware = True
@@ -164,6 +167,8 @@ def main(argv=None):
   models = {("fp32", "-"): fp32,
             ("bf16", "-"): jaxformers.from_pretrained(fp32_dir, dtype="bfloat16"),
             ("int8 PTQ", "-"): quantize(fp32)}
+  # the same extra training in float: what the QAT rows' extra steps alone give
+  models[("fp32", "finetune")] = trained(a, data, root, "fp32-finetune", fp32_dir, a.heal_steps, a.heal_lr)
   for recipe, teacher in (("finetune", None), ("distil", fp32_dir)):
     qat = trained(a, data, root, f"qat-{recipe}", fp32_dir, a.heal_steps, a.heal_lr, teacher=teacher, quant_aware=True)
     models[("int8 QAT", recipe)] = quantize(qat)
@@ -242,14 +247,16 @@ def main(argv=None):
                     "params": int(sum(p.numel() for p in pt.parameters())), "disk_bytes": path.stat().st_size,
                     "framework": "torch"}
   log("accuracy measured; timing")
+  load = [os.getloadavg()[0]]
   medians = interleaved_medians(fns, a.repeats)
+  load.append(os.getloadavg()[0])
   for key, sec in medians.items():
     results[key]["examples_per_s"] = infer[0].shape[0] / sec
   ref = results[("fp32", "-")]
   cpu = cpu_model()
   out = {"settings": {k: v for k, v in vars(a).items()}, "cpu": cpu, "cores": os.cpu_count(),
          "torch_threads": threads, "jax_version": jax.__version__, "torch_version": torch.__version__,
-         "measured_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "wall_s": time.time() - t_start,
+         "load_average": load, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "wall_s": time.time() - t_start,
          "rows": [{"method": k[0], "recipe": k[1], **v} for k, v in results.items()]}
   (root / "compression.json").write_text(json.dumps(out, indent=2) + "\n")
   header = ["method", "healing", "accuracy", "vs fp32 (points)", "examples/s", "speed-up", "params (M)",
@@ -261,7 +268,8 @@ def main(argv=None):
                  f"{r['examples_per_s']:.0f}", f"{r['examples_per_s'] / ref['examples_per_s']:.2f}x",
                  f"{r['params'] / 1e6:.2f}", f"{r['bytes'] / 1e6:.1f}", f"{r['disk_bytes'] / 1e6:.1f}"])
   md = (f"CPU: {cpu} ({os.cpu_count()} cores; PyTorch {threads} threads). Inference batch {infer[0].shape[0]}x"
-        f"{a.max_length}, medians of {a.repeats} interleaved rounds; accuracy on {len(labels)} validation examples. "
+        f"{a.max_length}, medians of {a.repeats} interleaved rounds (1-minute load average {load[0]:.1f} before, "
+        f"{load[1]:.1f} after); accuracy on {len(labels)} validation examples. "
         f"Wall time {out['wall_s'] / 60:.1f} min.\n\n" + table(header, rows) + "\n")
   (root / "compression.md").write_text(md)
   print(md)
