@@ -17,7 +17,7 @@ One source checkpoint (default all-MiniLM-L6-v2) is fine-tuned on the study's da
   ``torch.ao.quantization.quantize_dynamic`` (every ``nn.Linear``, qint8), with the threads JAX's CPU backend uses.
 
 Measured: validation accuracy, inference examples/s (one fixed batch ``--infer_batch`` x ``--max_length`` of
-validation examples, every model's forward timed in interleaved rounds, medians), parameters and bytes (in memory:
+validation examples, the JAX models' forwards timed in interleaved rounds, then PyTorch's likewise, medians), parameters and bytes (in memory:
 the parameters; on disk: the saved checkpoint). Writes ``DIR/compression.json`` and ``DIR/compression.md``.
 
   python benchmarks/compression.py --workdir /tmp/compression \\
@@ -249,7 +249,10 @@ def main(argv=None):
                     "framework": "torch"}
   log("accuracy measured; timing")
   load = [os.getloadavg()[0]]
-  medians = interleaved_medians(fns, a.repeats)
+  # JAX models in one interleaved set, PyTorch's in another afterwards: torch's OpenMP threads keep spinning after
+  # a call and would slow whichever JAX model ran next
+  medians = interleaved_medians({k: f for k, f in fns.items() if results[k]["framework"] == "jax"}, a.repeats)
+  medians.update(interleaved_medians({k: f for k, f in fns.items() if results[k]["framework"] == "torch"}, a.repeats))
   load.append(os.getloadavg()[0])
   for key, sec in medians.items():
     results[key]["examples_per_s"] = infer[0].shape[0] / sec
