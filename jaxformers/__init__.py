@@ -23,10 +23,11 @@ from jaxformers.models import (Encoder, EncoderOutput, MaskedLM, PreTraining, Se
                                build)
 from jaxformers.encode import encode
 from jaxformers.pretrained import from_pretrained, save_pretrained
+from jaxformers.quant import quantize
 from jaxformers.runs import load_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = ["encode", "EncoderConfig", "CheckpointError", "export_hf", "parse_layout", "Encoder", "EncoderOutput", "MaskedLM",
            "PreTraining", "SequenceClassifier", "TokenClassifier", "build", "from_pretrained", "save_pretrained",
-           "load_tokenizer"]
+           "load_tokenizer", "quantize"]

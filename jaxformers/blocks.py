@@ -28,18 +28,21 @@ from jaxformers.layout import BLOCKS, BlockSpec  # noqa: F401  (BLOCKS: the bloc
 class Block(nnx.Module):
   """One encoder block as described by its :class:`BlockSpec`."""
 
-  def __init__(self, cfg: EncoderConfig, spec: BlockSpec, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: EncoderConfig, spec: BlockSpec, *, rngs: nnx.Rngs, layer: int = 0):
+    """``layer``: the block's depth, which picks its pruned head count and feed-forward width (if any)."""
     self.spec = spec
     d = cfg.hidden_size
-    self.mixer = MIXERS.get(spec.mixer)(cfg, rngs=rngs) if spec.mixer else None
-    self.mlp = FeedForward(cfg, rngs=rngs) if spec.mlp else None
+    heads = {"num_heads": cfg.heads_at(layer)} if cfg.num_heads_per_layer is not None else {}
+    self.mixer = MIXERS.get(spec.mixer)(cfg, rngs=rngs, **heads) if spec.mixer else None
+    self.mlp = FeedForward(cfg, rngs=rngs, width=cfg.ffn_width_at(layer)) if spec.mlp else None
     if spec.parallel:
       self.norm = layer_norm(cfg, d, rngs=rngs)
     else:
       self.mixer_norm = layer_norm(cfg, d, rngs=rngs) if spec.mixer else None
       self.mlp_norm = layer_norm(cfg, d, rngs=rngs) if spec.mlp else None
     self.dropout = Dropout(cfg.hidden_dropout, impl=cfg.dropout_impl, rngs=rngs)
-    self.fuse = bool(cfg.fuse_projections and spec.parallel and spec.mixer in ("attention", "sparse"))
+    self.fuse = bool(cfg.fuse_projections and spec.parallel and spec.mixer in ("attention", "sparse")
+                     and cfg.quantization == "none" and not cfg.quant_aware)
 
   @property
   def has_attention(self) -> bool:
@@ -77,8 +80,8 @@ class Block(nnx.Module):
                               mlp.up.kernel[...]], axis=1)
     bias = jnp.concatenate([att.query.bias[...], att.key.bias[...], att.value.bias[...], mlp.up.bias[...]])
     z = flat_matmul(h_BLD, kernel.astype(h_BLD.dtype)) + bias.astype(h_BLD.dtype)
-    d = h_BLD.shape[-1]
-    q, k, v, up = jnp.split(z, [d, 2 * d, 3 * d], axis=-1)
+    a = att.query.kernel.shape[1]   # the attention's inner width (hidden size unless heads were pruned)
+    q, k, v, up = jnp.split(z, [a, 2 * a, 3 * a], axis=-1)
     return att(h_BLD, seq, qkv_BLD=(q, k, v)), mlp(h_BLD, hidden_BLF=up)
 
   def __call__(self, x_BLD: jax.Array, seq: Sequences, select_BS: jax.Array | None = None) -> jax.Array:

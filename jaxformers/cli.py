@@ -68,6 +68,83 @@ def _encode(args) -> int:
   return 0
 
 
+def _train_config(spec: str | None):
+  """A train.py config (``FILE[:ARG]``), or the defaults (the embedded data) without one."""
+  if spec:
+    from jaxformers.train.cli import _load_config_file
+    if not Path(spec.partition(":")[0]).is_file():
+      raise ValueError(f"--config {spec}: no such config file (expected a train.py config, e.g. "
+                       f"configs/glue.py:task=rte)")
+    c = _load_config_file(spec)
+    c.unlock()
+    return c
+  from jaxformers.train.defaults import base_config
+  return base_config()
+
+
+def _prune(args) -> int:
+  import jaxformers
+  from jaxformers import models, prune
+  from jaxformers.pretrained import check_save_destination
+  from jaxformers.train.tasks import make_task
+  check_save_destination(args.dst, args.overwrite)
+  model = jaxformers.from_pretrained(args.src)
+  n = model.config.num_layers
+  prune.check_targets(model, args.heads, args.ffn)
+  if args.rounds < 1 or args.examples < 1:
+    raise ValueError(f"--rounds={args.rounds} and --examples={args.examples} must be at least 1")
+  c = _train_config(args.config)
+  tok = jaxformers.load_tokenizer(args.src)
+  batches = prune.sample_batches(tok, make_task(c).examples("train"), args.examples, c.data.max_length,
+                                 pad_id=model.config.pad_token_id, seed=c.seed)
+  before = prune.count_params(model)
+  work = Path(args.workdir or f"{args.dst}-rounds")
+  for k in range(1, args.rounds + 1):
+    frac = lambda t: _round_target(prune.parse_target(t, n, "target"), k, args.rounds)  # noqa: E731
+    model, _ = prune.prune_to(model, batches, heads=frac(args.heads), ffn=frac(args.ffn), progress=True)
+    print(f"round {k}/{args.rounds}: {prune.count_params(model):,} parameters\n{prune.describe(model)}")
+    if args.distill:
+      from jaxformers.train import run
+      saved = jaxformers.save_pretrained(model, work / f"round{k}" / "pruned", overwrite=True, tokenizer=args.src)
+      c.init_from, c.distill.teacher, c.model.layout = str(saved), str(args.src), ""
+      c.distill.hidden = 1.0
+      if models.task_of(model) == "classification" and c.task in ("classification", "regression"):
+        c.distill.logits = 1.0
+      else:
+        c.task = "heal"
+      if args.steps:
+        c.train.num_steps = args.steps
+      summary = run(c, work / f"round{k}" / "run")
+      print(f"round {k}/{args.rounds}: distilled {summary['steps']} steps, eval " +
+            " ".join(f"{key}={v:.4f}" for key, v in summary["eval"].items()))
+      model = jaxformers.from_pretrained(work / f"round{k}" / "run")
+  out = jaxformers.save_pretrained(model, args.dst, overwrite=args.overwrite, tokenizer=args.src)
+  print(f"wrote {out}: {prune.count_params(model):,} parameters ({before:,} before), layout {model.config.layout}")
+  return 0
+
+
+def _round_target(target, k: int, rounds: int):
+  """The fraction round ``k`` removes from what is left so that after ``k`` rounds ``target * k / rounds`` is gone."""
+  def one(t):
+    before, after = t * (k - 1) / rounds, t * k / rounds
+    return (after - before) / (1.0 - before)
+  return {i: one(t) for i, t in target.items()} if isinstance(target, dict) else one(target)
+
+
+def _quantize(args) -> int:
+  import jaxformers
+  from jaxformers.pretrained import check_save_destination
+  from jaxformers.quant import dir_bytes, quantize, size_report
+  check_save_destination(args.dst, args.overwrite)
+  model = jaxformers.from_pretrained(args.src, progress=True)
+  q = quantize(model, args.mode)
+  out = jaxformers.save_pretrained(q, args.dst, overwrite=args.overwrite, tokenizer=args.src)
+  a, b = size_report(model), size_report(q)
+  print(f"wrote {out}: {args.mode}, parameters {a['bytes'] / 1e6:.1f} MB -> {b['bytes'] / 1e6:.1f} MB in memory, "
+        f"{dir_bytes(out / 'params') / 1e6:.1f} MB on disk ({b['int8_params']:,} of {b['params']:,} values int8)")
+  return 0
+
+
 def _layouts(args) -> int:
   from jaxformers.blocks import BLOCKS
   from jaxformers import layout
@@ -130,6 +207,35 @@ def main(argv: list[str] | None = None) -> int:
                                                                    "parameters stay float32)")
   n.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
   n.set_defaults(fn=_encode)
+  pr = sub.add_parser("prune", help="structured pruning: remove attention heads and feed-forward neurons",
+                      description="Score SRC's heads and feed-forward neurons (Taylor importance on a sample of the "
+                                  "training data of --config, default the embedded data), remove the least important "
+                                  "and write the smaller model to DST. With --distill each of --rounds rounds is "
+                                  "followed by distillation from SRC (train.py's trainer, settings from --config). "
+                                  + SAFE_WRITE.format(names="jaxformers.json, params/ and tokenizer files", extra=""))
+  pr.add_argument("src")
+  pr.add_argument("dst")
+  pr.add_argument("--heads", default="0", help="fraction of all heads to remove (global ranking), or per block "
+                                                "'0:0.5,3:0.25'; in [0, 1)")
+  pr.add_argument("--ffn", default="0", help="fraction of every block's feed-forward neurons to remove, or per "
+                                              "block '0:0.3'; in [0, 1)")
+  pr.add_argument("--config", help="a train.py config FILE[:ARG] for the scoring data and the distillation runs")
+  pr.add_argument("--examples", type=int, default=256, help="training examples the importance is computed on")
+  pr.add_argument("--distill", action="store_true", help="distil from SRC after each round")
+  pr.add_argument("--rounds", type=int, default=1, help="prune in this many equal steps (prune -> distil -> prune)")
+  pr.add_argument("--steps", type=int, default=0, help="distillation steps per round (default: the config's)")
+  pr.add_argument("--workdir", help="where the rounds' runs go (default DST-rounds)")
+  pr.add_argument("--overwrite", action="store_true", help="replace the jaxformers checkpoint in a non-empty DST")
+  pr.set_defaults(fn=_prune)
+  q = sub.add_parser("quantize", help="int8 post-training quantization of every dense layer",
+                     description="Quantize SRC's dense layers to int8 weights with per-token int8 activations at run "
+                                 "time and write the model to DST. "
+                                 + SAFE_WRITE.format(names="jaxformers.json, params/ and tokenizer files", extra=""))
+  q.add_argument("src")
+  q.add_argument("dst")
+  q.add_argument("--mode", default="int8", choices=["int8"])
+  q.add_argument("--overwrite", action="store_true", help="replace the jaxformers checkpoint in a non-empty DST")
+  q.set_defaults(fn=_quantize)
   l = sub.add_parser("layouts", help="print the layout grammar and the registered blocks")
   l.set_defaults(fn=_layouts)
   args = p.parse_args(argv)

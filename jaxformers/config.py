@@ -19,8 +19,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 FAMILIES = ("bert", "roberta")
 # Fields that change only how a model computes, never its parameters: a checkpoint loads under any value of these.
 RUNTIME_FIELDS = frozenset({"attention_impl", "fourier_impl", "fourier_padding", "fourier_norm",
-                            "fuse_projections", "hidden_dropout",
-                            "attention_dropout", "dropout_impl", "dtype", "sparse_window", "sparse_global_tokens"})
+                            "fuse_projections", "hidden_dropout", "attention_dropout", "dropout_impl", "dtype",
+                            "sparse_window", "sparse_global_tokens", "quant_aware"})
+QUANTIZATIONS = ("none", "int8")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,16 @@ class EncoderConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   family: str = "bert"
+  # Structured pruning (jaxformers.prune): per-block attention head counts and feed-forward widths, one entry per
+  # block (0 where the block has no attention / no feed-forward); None: every block has num_heads and
+  # intermediate_size. Heads keep head_dim = hidden_size // num_heads.
+  num_heads_per_layer: tuple[int, ...] | None = None
+  intermediate_sizes: tuple[int, ...] | None = None
+  # int8 inference (jaxformers.quant): "int8" stores every dense layer's kernel as int8 with a scale per output
+  # channel and quantises its input per token at run time. quant_aware: float kernels, int8 simulated in the forward
+  # pass with straight-through gradients (quantization-aware fine-tuning).
+  quantization: str = "none"
+  quant_aware: bool = False
 
   def __post_init__(self):
     def bad(field: str, why: str):
@@ -73,7 +84,7 @@ class EncoderConfig:
                        ("fourier_impl", FOURIER_IMPLS), ("fourier_padding", FOURIER_PADDINGS),
                        ("fourier_norm", FOURIER_NORMS),
                        ("dtype", DTYPES), ("param_dtype", DTYPES), ("family", FAMILIES),
-                       ("dropout_impl", DROPOUT_IMPLS)):
+                       ("dropout_impl", DROPOUT_IMPLS), ("quantization", QUANTIZATIONS)):
       if getattr(self, f) not in allowed:
         bad(f, f"expected one of {', '.join(allowed)}")
     for f in ("hidden_dropout", "attention_dropout"):
@@ -82,7 +93,22 @@ class EncoderConfig:
     if self.sparse_window < 1:
       bad("sparse_window", "must be a positive number of tokens")
     object.__setattr__(self, "sparse_global_tokens", tuple(int(t) for t in self.sparse_global_tokens))
-    parse_layout(self.layout, BLOCKS.names())
+    blocks = parse_layout(self.layout, BLOCKS.names())
+    for f, top, has in (("num_heads_per_layer", self.num_heads, lambda s: s.mixer in ("attention", "sparse")),
+                        ("intermediate_sizes", None, lambda s: s.mlp)):
+      v = getattr(self, f)
+      if v is None:
+        continue
+      if isinstance(v, (str, bytes)) or not all(isinstance(n, int) and not isinstance(n, bool) for n in v):
+        bad(f, "expected a list of integers, one per block, or None")
+      object.__setattr__(self, f, tuple(v))
+      if len(v) != len(blocks):
+        bad(f, f"has {len(v)} entries; the layout {self.layout!r} has {len(blocks)} blocks")
+      for i, (n, name) in enumerate(zip(v, blocks)):
+        if not has(BLOCKS.get(name)) and n != 0:
+          bad(f, f"block {i} ({name}) has no {'attention' if top else 'feed-forward'} sublayer: its entry must be 0")
+        if has(BLOCKS.get(name)) and not (1 <= n <= (top or n)):
+          bad(f, f"block {i} ({name}): {n} is outside 1..{top or 'any'}")
 
   @property
   def blocks(self) -> tuple[str, ...]:
@@ -96,12 +122,22 @@ class EncoderConfig:
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
 
+  def heads_at(self, layer: int) -> int:
+    """Attention heads of block ``layer`` (``num_heads`` unless pruned)."""
+    return self.num_heads if self.num_heads_per_layer is None else self.num_heads_per_layer[layer]
+
+  def ffn_width_at(self, layer: int) -> int:
+    """Feed-forward width of block ``layer`` (``intermediate_size`` unless pruned)."""
+    return self.intermediate_size if self.intermediate_sizes is None else self.intermediate_sizes[layer]
+
   def replace(self, **changes: Any) -> "EncoderConfig":
     return dataclasses.replace(self, **changes)
 
   def to_dict(self) -> dict[str, Any]:
     d = dataclasses.asdict(self)
     d["sparse_global_tokens"] = list(self.sparse_global_tokens)
+    for f in ("num_heads_per_layer", "intermediate_sizes"):
+      d[f] = None if d[f] is None else list(d[f])
     return d
 
   @classmethod

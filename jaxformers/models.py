@@ -57,7 +57,7 @@ class Encoder(nnx.Module):
     self.config = cfg
     self.embeddings = Embeddings(cfg, rngs=rngs)
     specs = [BLOCKS.get(name) for name in cfg.blocks]
-    self.blocks = nnx.List([Block(cfg, spec, rngs=rngs) for spec in specs])
+    self.blocks = nnx.List([Block(cfg, spec, rngs=rngs, layer=i) for i, spec in enumerate(specs)])
     self.final_norm = layer_norm(cfg, cfg.hidden_size, rngs=rngs) if specs[-1].pre_ln else None
     self.pooler = Pooler(cfg, rngs=rngs) if cfg.use_pooler else None
 

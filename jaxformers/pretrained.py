@@ -81,7 +81,7 @@ def _restore(path: Path, meta: dict, cfg: EncoderConfig, rngs: nnx.Rngs | None =
       restored = ckpt.restore(params_dir, target)
     except (ValueError, KeyError) as e:
       raise CheckpointError(f"{params_dir}: parameters do not match {NATIVE_CONFIG} ({e})") from None
-  model = build()
+  model = build(rngs)
   nnx.update(model, restored)
   if meta.get("label_names"):
     model.label_names = tuple(meta["label_names"])

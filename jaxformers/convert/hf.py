@@ -140,6 +140,10 @@ def encoder_config(hf: dict, where: str, layout: str | None = None, **overrides)
       hidden_dropout=hf.get("hidden_dropout_prob", 0.1), attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
       initializer_range=hf.get("initializer_range", 0.02), family=family,
       layout=layout or stored_layout or f"serial*{n}")
+  pruned = hf.get("pruned_heads") or {}
+  if pruned:   # a checkpoint pruned by transformers 4 (its tensors have the pruned shapes)
+    kw["num_heads_per_layer"] = tuple(hf["num_attention_heads"] - len(set(pruned.get(str(i), pruned.get(i, []))))
+                                      for i in range(n))
   kw.update(overrides)
   try:
     return EncoderConfig(**kw)
@@ -287,6 +291,13 @@ def to_hf_state(model, where: str = "model") -> tuple[dict[str, np.ndarray], dic
   cfg: EncoderConfig = model.config
   task = models.task_of(model)
   kind = _exportable(cfg, where)
+  if cfg.quantization != "none":
+    raise CheckpointError(f"{where}: an int8 ({cfg.quantization}) model has no HF checkpoint form; export the float "
+                          f"model it was quantized from (and quantize the PyTorch one with torch's quantize_dynamic)")
+  if cfg.num_heads_per_layer is not None or cfg.intermediate_sizes is not None:
+    from jaxformers.prune import pad_to_full   # pruned heads and neurons are written as zero weights
+    model = pad_to_full(model)
+    cfg = model.config
   family = cfg.family
   if task == "pretraining" and family != "bert":
     raise CheckpointError(f"{where}: the pre-training head (masked LM + next sentence) exists only for BERT")

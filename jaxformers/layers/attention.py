@@ -16,13 +16,15 @@ class SelfAttention(nnx.Module):
 
   selects_queries = True   # can compute the outputs of some positions only (see Block)
 
-  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs, num_heads: int | None = None):
+    """``num_heads``: this sublayer's heads when pruned (each still ``cfg.head_dim`` wide); default ``cfg.num_heads``."""
     d = cfg.hidden_size
-    self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-    self.query = linear(cfg, d, d, ("embed", "heads"), rngs=rngs)
-    self.key = linear(cfg, d, d, ("embed", "heads"), rngs=rngs)
-    self.value = linear(cfg, d, d, ("embed", "heads"), rngs=rngs)
-    self.out = linear(cfg, d, d, ("heads", "embed"), rngs=rngs)
+    self.num_heads, self.head_dim = num_heads or cfg.num_heads, cfg.head_dim
+    inner = self.num_heads * self.head_dim
+    self.query = linear(cfg, d, inner, ("embed", "heads"), rngs=rngs)
+    self.key = linear(cfg, d, inner, ("embed", "heads"), rngs=rngs)
+    self.value = linear(cfg, d, inner, ("embed", "heads"), rngs=rngs)
+    self.out = linear(cfg, inner, d, ("heads", "embed"), rngs=rngs)
     self.impl = cfg.attention_impl
     self.dropout_rate = cfg.attention_dropout
     self.dropout_impl = cfg.dropout_impl
@@ -66,8 +68,8 @@ class SparseSelfAttention(SelfAttention):
 
   selects_queries = False
 
-  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
-    super().__init__(cfg, rngs=rngs)
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs, num_heads: int | None = None):
+    super().__init__(cfg, rngs=rngs, num_heads=num_heads)
     self.window, self.global_positions = cfg.sparse_window, cfg.sparse_global_tokens
 
   def uses_kernel(self, seq: Sequences) -> bool:

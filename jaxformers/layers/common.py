@@ -43,17 +43,33 @@ def flat_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 class Dense(nnx.Linear):
-  """``nnx.Linear`` (same parameters) applied to the rows view of its input (see :func:`on_rows`)."""
+  """``nnx.Linear`` (same parameters) applied to the rows view of its input (see :func:`on_rows`). With
+  ``fake_quant`` the kernel (per output channel) and the input (per token) are rounded to int8 grids with
+  straight-through gradients (quantization-aware training, see :mod:`jaxformers.layers.quant`)."""
+
+  fake_quant = False
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+    if self.fake_quant:
+      from jaxformers.layers.quant import fake_quant
+      w = fake_quant(self.kernel[...].astype(jnp.float32), axis=0)
+      b = self.bias[...].astype(jnp.float32)
+      rows = lambda r: (fake_quant(r.astype(jnp.float32), axis=-1) @ w + b).astype(self.dtype)  # noqa: E731
+      return on_rows(rows, inputs)
     return on_rows(lambda rows: super(Dense, self).__call__(rows, out_sharding), inputs)
 
 
-def linear(cfg: EncoderConfig, d_in: int, d_out: int, axes: tuple, *, rngs: nnx.Rngs) -> Dense:
-  return Dense(
+def linear(cfg: EncoderConfig, d_in: int, d_out: int, axes: tuple, *, rngs: nnx.Rngs):
+  if cfg.quantization == "int8":
+    from jaxformers.layers.quant import Int8Dense
+    return Int8Dense(d_in, d_out, axes, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype), rngs=rngs)
+  dense = Dense(
       d_in, d_out, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
       kernel_init=nnx.initializers.normal(cfg.initializer_range),
       kernel_metadata={"logical_axes": axes}, bias_metadata={"logical_axes": axes[-1:]}, rngs=rngs)
+  if cfg.quant_aware:
+    dense.fake_quant = True
+  return dense
 
 
 def layer_norm(cfg: EncoderConfig, dim: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:

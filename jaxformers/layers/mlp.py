@@ -32,9 +32,11 @@ def activation(name: str):
 class FeedForward(nnx.Module):
   """``down(act(up(x)))``; ``up`` is HF's ``intermediate.dense``, ``down`` its ``output.dense``."""
 
-  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
-    self.up = linear(cfg, cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), rngs=rngs)
-    self.down = linear(cfg, cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), rngs=rngs)
+  def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs, width: int | None = None):
+    """``width``: this sublayer's hidden width when pruned; default ``cfg.intermediate_size``."""
+    width = width or cfg.intermediate_size
+    self.up = linear(cfg, cfg.hidden_size, width, ("embed", "mlp"), rngs=rngs)
+    self.down = linear(cfg, width, cfg.hidden_size, ("mlp", "embed"), rngs=rngs)
     self.act = activation(cfg.hidden_act)
 
   def __call__(self, x_BLD: jax.Array, hidden_BLF: jax.Array | None = None) -> jax.Array:

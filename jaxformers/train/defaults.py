@@ -108,6 +108,11 @@ def base_config() -> ml_collections.ConfigDict:
   o.eps = 1e-6
   o.clip_norm = 1.0
   o.accum_steps = 1                # micro-batches per update (batch_size must divide by it)
+  # Magnitude pruning kept through fine-tuning (jaxformers.prune.masked_updates): the sparsity fraction of the
+  # smallest block dense-kernel weights, over all of them (global) or per kernel (layer), is zeroed at the start and
+  # stays exactly zero. No speed-up on dense hardware.
+  o.sparsity = 0.0
+  o.sparsity_scope = "global"      # global | layer
 
   c.train = t = ml_collections.ConfigDict()
   t.num_steps = 1000
@@ -184,7 +189,7 @@ def check_values(c) -> None:
   """Every value the trainer would otherwise fail on late (or silently misuse), as one ConfigError line."""
   choices = {"mode": ("train", "eval", "predict"), "task": tuple(TASKS.names()), "data.source": tuple(SOURCES.names()),
              "data.on_too_long": ("truncate", "error"), "optim.schedule": ("linear", "cosine", "constant"),
-             "train.best_mode": ("", "max", "min")}
+             "train.best_mode": ("", "max", "min"), "optim.sparsity_scope": ("global", "layer")}
   for key, allowed in choices.items():
     v = _get(c, key)
     if v not in allowed:

@@ -111,6 +111,15 @@ class Run:
       self.cfg = self.pretrained.config
     else:
       self.cfg = encoder_config(c.model, vocab_size=self.tok.get_vocab_size(), pad_token_id=self.special["pad"])
+    # int8 (config.model.quantization) is applied to the restored float model in eval / predict (see _quantized)
+    self.quantize = c.model.quantization == "int8"
+    if self.cfg.quantization != "none":
+      if c.mode == "train":
+        raise ConfigError(f"{c.init_from}: an int8 model cannot be trained; fine-tune the float model (with "
+                          f"config.model.quant_aware=True for quantization-aware training) and quantize it after")
+      self.quantize, self.cfg = True, self.cfg.replace(quantization="none")
+      if self.pretrained is not None:
+        self.pretrained = None
     if self.tok.get_vocab_size() > self.cfg.vocab_size:
       raise ConfigError(f"tokenizer has {self.tok.get_vocab_size()} tokens but the model's vocab_size is "
                         f"{self.cfg.vocab_size}")
@@ -455,7 +464,21 @@ def _restore_for_inference(r: Run):
   """Only params and dropout state are needed: restore them from the saved train state."""
   target = {"params": _abstract_with(r.param_sh, r.abs_params), "rngs": _abstract_with(r.rest_sh, r.abs_rest)}
   state, _, step = ckpt_lib.restore_for_inference(r.workdir, target, r.meta)
+  if r.quantize:
+    return (*_quantized(r, state["params"], state["rngs"]), step)
   return state["params"], state["rngs"], step
+
+
+def _quantized(r: Run, params, rest):
+  """The restored model quantized to int8 (jaxformers.quant); the run's eval step then runs the int8 graph."""
+  from jaxformers.quant import quantize
+  model = quantize(nnx.merge(r.gd_eval, params, rest))
+  r.gd_eval, params, rest = nnx.split(model, nnx.Param, ...)
+  r.param_sh = sharding.param_shardings(params, r.mesh)
+  r.rest_sh = jax.tree.map(lambda _: sharding.replicated(r.mesh), rest)
+  r.__dict__.pop("_eval_step", None)
+  log.info("evaluating the int8 model (config.model.quantization='int8')")
+  return jax.device_put(params, r.param_sh), jax.device_put(rest, r.rest_sh)
 
 
 def evaluate_checkpoint(r: Run) -> dict:

@@ -34,4 +34,7 @@ def adamw(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Sc
   if cfg.clip_norm and cfg.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(cfg.clip_norm))
   parts.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask))
+  if cfg.get("sparsity", 0.0) > 0:
+    from jaxformers.prune import masked_updates
+    parts.append(masked_updates(cfg.sparsity, cfg.get("sparsity_scope", "global")))
   return optax.chain(*parts), lr
