@@ -26,6 +26,9 @@ PRESETS = {
         study=dict(checkpoint=MINILM, layouts=MINILM_LAYOUTS, recipes="direct,healed", heal_steps=200,
                    finetune_steps=300, max_length=64, batch_size=32, max_train_examples=0, lr=3e-4, heal_lr=3e-4,
                    infer_batch=64, repeats=10),
+        compression=dict(checkpoint=BERT, scratch=None, finetune_steps=300, lr=5e-5, heads=0.5, ffn=0.3,
+                         score_examples=512, heal_steps=100, heal_lr=5e-5, max_length=128, batch_size=32,
+                         infer_batch=64, repeats=10),
         kernels=dict(lengths=(512, 1024, 2048, 4096, 8192), head_dim=128, width=1024, tokens=16384,
                      dtype="bfloat16", window=512, check_length=2048, reps=10)),
     "gpu": dict(
@@ -35,6 +38,9 @@ PRESETS = {
         study=dict(checkpoint=MINILM, layouts=MINILM_LAYOUTS, recipes="direct,healed", heal_steps=200,
                    finetune_steps=300, max_length=64, batch_size=32, max_train_examples=0, lr=3e-4, heal_lr=3e-4,
                    infer_batch=64, repeats=10),
+        compression=dict(checkpoint=BERT, scratch=None, finetune_steps=300, lr=5e-5, heads=0.5, ffn=0.3,
+                         score_examples=512, heal_steps=100, heal_lr=5e-5, max_length=128, batch_size=32,
+                         infer_batch=64, repeats=10),
         kernels=dict(lengths=(512, 1024, 2048, 4096, 8192), head_dim=128, width=1024, tokens=16384,
                      dtype="bfloat16", window=512, check_length=2048, reps=10)),
     "cpu_tiny": dict(
@@ -48,6 +54,11 @@ PRESETS = {
                    layouts="serial*3;fourier*2,serial", recipes="direct,healed", heal_steps=8, finetune_steps=20,
                    max_length=32, batch_size=32, max_train_examples=256, lr=1e-3, heal_lr=1e-3, infer_batch=32,
                    repeats=3),
+        # like the study's: a small classifier trained from scratch stands in for the fine-tuned model
+        compression=dict(checkpoint="", scratch=dict(layout="serial*3", hidden_size=64, num_heads=4,
+                                                     intermediate_size=256, vocab_size=2000),
+                         finetune_steps=600, lr=3e-3, heads=0.5, ffn=0.3, score_examples=128, heal_steps=60,
+                         heal_lr=1e-3, max_length=32, batch_size=32, infer_batch=64, repeats=5),
         kernels=dict(lengths=(64, 128, 256), head_dim=32, width=64, tokens=256, dtype="float32", window=32,
                      check_length=256, reps=2)),
 }
