@@ -318,8 +318,9 @@ plt.show()
 # %% [markdown]
 # ### What speed to expect, and why
 #
-# * **Magnitude pruning gives none.** Its row has the same parameters, bytes and speed as fp32: the zeros are stored
-#   and multiplied. Sparse formats pay only at very high sparsity or with hardware patterns (NVIDIA's 2:4 structured
+# * **Magnitude pruning gives none.** Its row has the same parameters, memory and speed as fp32: the zeros are stored
+#   and multiplied (only its checkpoint on disk is a little smaller, as orbax compresses what it writes and zeros
+#   compress well). Sparse formats pay only at very high sparsity or with hardware patterns (NVIDIA's 2:4 structured
 #   sparsity) that XLA does not use for these matmuls. It is a research tool (how much of a network can be zero),
 #   not a deployment one.
 # * **Structured pruning** removes work on every device: at heads -50% the attention's projections and score
@@ -359,13 +360,12 @@ a, b = forward(compressed)(val_batches[0]), forward(back)(val_batches[0])
 print("reloaded logits equal:", bool(np.array_equal(np.asarray(a), np.asarray(b))))
 assert np.array_equal(np.asarray(a), np.asarray(b))
 
-tok2 = jaxformers.load_tokenizer(final_dir)
-names = getattr(back, "label_names", None)
-ids = val_batches[0][0]
-for r in range(3):
-  text = tok2.decode([int(t) for t in ids[r] if t != pad])
+print("tokenizer saved beside it:", jaxformers.load_tokenizer(final_dir).get_vocab_size(), "entries")
+names = back.label_names or [str(k) for k in range(back.num_labels)]
+texts = make_task(c).examples("validation").text_a
+for r in range(4):                          # the first validation examples: predicted (true) package
   k = int(np.asarray(b)[r].argmax())
-  print(f"{names[k] if names else k:>12} (true {names[labels[r]] if names else labels[r]}): {text[:70]}")
+  print(f"{names[k]:>12} ({names[labels[r]]}): {' '.join(texts[r].split())[:80]}")
 
 # %% [markdown]
 # ## The full run on a CPU, for comparison
