@@ -160,7 +160,6 @@ def base_config(a, data: dict, steps: int, lr: float):
   c.train.keep = 1
   c.train.progress = False
   c.train.async_checkpoint = False
-  c.model.fourier_norm = a.fourier_norm
   return c
 
 
@@ -169,6 +168,7 @@ def heal_config(a, data: dict, layout: str):
   c.task = "heal"
   c.init_from = a.init_from
   c.model.layout = layout
+  c.model.fourier_norm = a.fourier_norm
   c.distill.teacher = a.init_from
   c.distill.hidden = 1.0
   c.distill.first_token = a.heal_first_token
@@ -183,6 +183,7 @@ def finetune_config(a, data: dict, init_from: str, layout: str):
   c.task = "classification"
   c.init_from = init_from
   c.model.layout = layout
+  c.model.fourier_norm = a.fourier_norm
   return c
 
 

@@ -135,6 +135,20 @@ MUTANTS = [
            "distill.hidden_mse(s_out.hidden_states[i], t_out.hidden_states[j], valid)",
            "distill.hidden_mse(s_out.hidden_states[i], t_out.hidden_states[-1], valid)",
            "tests/test_distill.py::equal_to_its_teacher"),
+    Mutant("int8 activations scaled per tensor, not per token", "jaxformers/layers/quant.py",
+           "s_R1 = absmax_scale(x, axis=-1)", "s_R1 = absmax_scale(x.reshape(1, -1), axis=-1)",
+           "tests/test_quantize.py::int8_dense_matches_numpy"),
+    Mutant("head importance keeps the sign of the gate gradient", "jaxformers/prune.py",
+           "heads[i] += np.abs(wg.reshape(len(heads[i]), -1).sum(-1))",
+           "heads[i] += wg.reshape(len(heads[i]), -1).sum(-1)",
+           "tests/test_prune.py::importance_is_the_gate_gradient"),
+    Mutant("architecture updates during the warm-up", "jaxformers/train/search.py",
+           "do_arch = (t >= warmup) & ((t - warmup) % every == 0)", "do_arch = (t - warmup) % every == 0",
+           "tests/test_search.py::only_the_arch_optimizer"),
+    Mutant("init_from without a tokenizer gets a new WordPiece", "jaxformers/train/loop.py",
+           "    elif init is not None:\n      raise ConfigError(f\"config.init_from",
+           "    elif False:\n      raise ConfigError(f\"config.init_from",
+           "tests/test_train_pretrained.py::without_a_tokenizer"),
 ]
 
 

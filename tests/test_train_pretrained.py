@@ -80,3 +80,23 @@ def test_finetune_from_hf_pytorch_checkpoint(tmp_path):
   out = run(glue_tiny("rte", data, init_from=str(ckpt), model__layout="", **FROM_STEP_ONE), tmp_path / "run")
   assert out["steps"] == 6 and out["num_params"] > 30 * 32
   assert_starts_from(tmp_path / "run", ckpt, None)
+
+
+def test_init_from_without_a_tokenizer_is_refused_not_given_a_new_vocabulary(tmp_path):
+  """A checkpoint saved without tokenizer files: training a fresh WordPiece would feed its embeddings ids from
+  another vocabulary; the run stops before writing anything and names init_from and data.tokenizer."""
+  from jaxformers.train.errors import ConfigError
+  data = write_rte(tmp_path / "RTE")
+  ckpt = tmp_path / "native"
+  cfg = EncoderConfig(vocab_size=120, hidden_size=16, num_heads=2, intermediate_size=32, layout="serial*1",
+                      max_position_embeddings=64)
+  jaxformers.save_pretrained(models.SequenceClassifier(cfg, num_labels=2, rngs=nnx.Rngs(0)), ckpt)
+  assert not tokenize.has_tokenizer(ckpt)
+  with pytest.raises(ConfigError, match=r"config.init_from=.*native: no tokenizer there.*config.data.tokenizer"):
+    run(glue_tiny("rte", data, init_from=str(ckpt), model__layout=""), tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+  vocab = _tokenizer_for(data, tmp_path)   # the same run with the tokenizer named trains
+  assert vocab <= 120
+  out = run(glue_tiny("rte", data, init_from=str(ckpt), model__layout="", data__tokenizer=str(tmp_path / "tokenizer.json"),
+                      train__num_steps=2), tmp_path / "run")
+  assert out["steps"] == 2

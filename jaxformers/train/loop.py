@@ -72,6 +72,10 @@ class Run:
       self.tok = tokenize.load_tokenizer(str(init))
     elif saved.is_file():
       self.tok = tokenize.load_tokenizer(str(saved))
+    elif init is not None:
+      raise ConfigError(f"config.init_from={c.init_from}: no tokenizer there (tokenizer.json, or vocab.txt / "
+                        f"vocab.json + merges.txt); its embeddings only fit the vocabulary it was trained with: set "
+                        f"config.data.tokenizer to that tokenizer (a file or directory)")
     else:
       if c.mode != "train":
         raise FileNotFoundError(f"{saved} not found: mode={c.mode} needs the tokenizer of a trained run "
