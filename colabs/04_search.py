@@ -193,7 +193,8 @@ print(f"found {found['layout']}: {100 * found['flops_ratio']:.1f}% of {found['so
 # probabilities (`arch/p{i}/{candidate}`) and, on steps that updated the architecture, the held-out loss
 # (`arch_loss`). During the warm-up the probabilities are uniform and the expected cost sits where uniform
 # probabilities put it. Once the architecture learns, the cost penalty pushes the expected cost down towards the
-# target (dashed); it acts only above the target, so below it the held-out loss alone decides.
+# target (dashed); it acts only above the target, so below it the held-out loss (and the identity guard) alone
+# decides.
 
 # %%
 import matplotlib.pyplot as plt
@@ -308,7 +309,7 @@ fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.2))
 names = list(results)
 colours = ["tab:orange", "tab:blue", "tab:green"]
 a1.bar(names, [results[n]["eval"][acc_key] for n in names], color=colours)
-a1.set_ylabel(acc_key), a1.set_title(f"after {T} training steps")
+a1.set_ylabel(acc_key), a1.set_title(f"after {T} training steps (derived: after the search's too)")
 a2.bar(names, [step_ms[n] for n in names], color=colours)
 a2.set_ylabel("ms per train step"), a2.set_title(f"batch {S['batch_size']} x {S['max_length']} tokens, "
                                                   f"{jax.default_backend()}")
