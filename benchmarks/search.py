@@ -72,21 +72,29 @@ def step_time_ratio(cfg_a, cfg_b, wd: Path, reps: int = 15) -> tuple[float, floa
   for i, c in enumerate((cfg_a, cfg_b)):
     r = Run(c, wd / f"probe{i}")
     tx, lr = r.task.optimizer(c, 100)
+    # the trainer's state shardings in and out, so the step compiles once (not again for its own output's layout)
+    abs_state = {"params": r.abs_params, "opt_state": jax.eval_shape(tx.init, r.abs_params), "rngs": r.abs_rest,
+                 "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    state_sh = sharding.state_shardings(abs_state, r.param_sh, r.mesh)
     params, rest = r.init_params()
-    state = {"params": params, "opt_state": tx.init(params), "rngs": rest, "step": jnp.asarray(0, jnp.int32)}
-    step = jax.jit(r.task.make_train_step(r.gd_train, tx, lr, 1, r.max_segments), donate_argnums=0)
+    opt_state = jax.jit(tx.init, in_shardings=(state_sh["params"],), out_shardings=state_sh["opt_state"])(params)
+    state = {"params": params, "opt_state": opt_state, "rngs": rest,
+             "step": jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(r.mesh))}
+    step = jax.jit(r.task.make_train_step(r.gd_train, tx, lr, 1, r.max_segments),
+                   in_shardings=(state_sh, r.task.batch_shardings(r), r.input_shardings()),
+                   out_shardings=(state_sh, sharding.replicated(r.mesh)), donate_argnums=0)
     data = r.tokenized("train")
     b = batching.TrainBatches(data, c.data.batch_size, 0, r.max_length, r.special["pad"])
     b.buckets = b.buckets[-1:]
     batch = sharding.shard_batch(next(b), r.mesh)
-    state, m = step(state, batch, {})
+    state, m = step(state, batch, r.inputs)
     jax.block_until_ready(m["loss"])
-    prepared.append([step, state, batch])
+    prepared.append([step, state, batch, r.inputs])
   times = ([], [])
   for _ in range(reps):
     for k, p in enumerate(prepared):
       t0 = time.perf_counter()
-      p[1], m = p[0](p[1], p[2], {})
+      p[1], m = p[0](p[1], p[2], p[3])
       jax.block_until_ready(m["loss"])
       times[k].append(time.perf_counter() - t0)
   a, b = statistics.median(times[0]), statistics.median(times[1])

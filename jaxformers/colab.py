@@ -1,8 +1,9 @@
 """Presets and helpers for the notebooks in ``colabs/``: one place that decides model, data and budget per runtime.
 
 ``preset("auto")`` picks ``tpu``, ``gpu`` or ``cpu_tiny`` from the attached devices; ``preset("gpu")`` names one.
-A preset holds one settings dict per notebook (``quickstart``, ``finetune``, ``study``, ``kernels``); a new
-notebook adds its own key to every entry of :data:`PRESETS`. ``cpu_tiny`` runs every notebook offline in a few
+A preset holds one settings dict per notebook (``quickstart``, ``finetune``, ``study``, ``search``, ``kernels``,
+``compression``);
+a new notebook adds its own key to every entry of :data:`PRESETS`. ``cpu_tiny`` runs every notebook offline in a few
 minutes on two CPU cores (it is what CI runs); ``tpu`` and ``gpu`` use real checkpoints from the Hugging Face Hub
 and GLUE from tensorflow-datasets.
 """
@@ -17,6 +18,10 @@ from pathlib import Path
 BERT = "google-bert/bert-base-uncased"
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 MINILM_LAYOUTS = "serial*6;parallel*6;fourier*6;fourier*4,serial*2;serial*4,ffn*2"
+# notebook 4 on an accelerator: BERT-base's 24 sublayer positions searched while it is fine-tuned on SST-2
+SEARCH_BERT = dict(checkpoint=BERT, model={}, vocab_size=0, data="tfds", glue_task="sst2", max_length=128,
+                   batch_size=32, heldout_batch_size=32, lr=3e-5, candidates="attention,ffn,identity", target=0.65,
+                   search_steps=600, warmup_steps=150, arch_every=2, arch_lr=0.1, train_steps=600, reps=20)
 
 PRESETS = {
     "tpu": dict(
@@ -26,6 +31,7 @@ PRESETS = {
         study=dict(checkpoint=MINILM, layouts=MINILM_LAYOUTS, recipes="direct,healed", heal_steps=200,
                    finetune_steps=300, max_length=64, batch_size=32, max_train_examples=0, lr=3e-4, heal_lr=3e-4,
                    infer_batch=64, repeats=10),
+        search=SEARCH_BERT | dict(dtype="bfloat16"),
         compression=dict(checkpoint=BERT, scratch=None, finetune_steps=300, lr=5e-5, heads=0.5, ffn=0.3,
                          score_examples=512, heal_steps=100, heal_lr=5e-5, max_length=128, batch_size=32,
                          infer_batch=64, repeats=10),
@@ -38,6 +44,7 @@ PRESETS = {
         study=dict(checkpoint=MINILM, layouts=MINILM_LAYOUTS, recipes="direct,healed", heal_steps=200,
                    finetune_steps=300, max_length=64, batch_size=32, max_train_examples=0, lr=3e-4, heal_lr=3e-4,
                    infer_batch=64, repeats=10),
+        search=SEARCH_BERT | dict(dtype="float32"),
         compression=dict(checkpoint=BERT, scratch=None, finetune_steps=300, lr=5e-5, heads=0.5, ffn=0.3,
                          score_examples=512, heal_steps=100, heal_lr=5e-5, max_length=128, batch_size=32,
                          infer_batch=64, repeats=10),
@@ -54,6 +61,12 @@ PRESETS = {
                    layouts="serial*3;fourier*2,serial", recipes="direct,healed", heal_steps=8, finetune_steps=20,
                    max_length=32, batch_size=32, max_train_examples=256, lr=1e-3, heal_lr=1e-3, infer_batch=32,
                    repeats=3),
+        # a search over a 3-layer encoder trained from scratch (``model``) on the embedded data
+        search=dict(checkpoint="", model=dict(layout="serial*3", hidden_size=64, num_heads=4, intermediate_size=256,
+                                              max_position_embeddings=34, hidden_dropout=0.0, attention_dropout=0.0),
+                    vocab_size=2000, data="embedded", glue_task="", dtype="float32", max_length=32, batch_size=32,
+                    heldout_batch_size=16, lr=3e-3, candidates="attention,ffn,identity", target=0.65,
+                    search_steps=160, warmup_steps=40, arch_every=2, arch_lr=0.15, train_steps=200, reps=20),
         # like the study's: a small classifier trained from scratch stands in for the fine-tuned model
         compression=dict(checkpoint="", scratch=dict(layout="serial*3", hidden_size=64, num_heads=4,
                                                      intermediate_size=256, vocab_size=2000),

@@ -334,14 +334,13 @@ def derive(supernet, max_identity: float = 1.0, rngs: nnx.Rngs | None = None):
 # --- plots ------------------------------------------------------------------------------------------------------
 
 def heatmap(steps: list[int], probs_TPC: np.ndarray, candidates: tuple[str, ...], path, title: str = "") -> None:
-  """One panel per candidate: its probability at each position (rows, first layer on top) over steps."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  """One panel per candidate: its probability at each position (rows, first layer on top) over steps. Drawn on a
+  figure of its own, without pyplot, so the process's matplotlib backend (a notebook's inline one) is left alone."""
+  from matplotlib.figure import Figure
   probs = np.asarray(probs_TPC)
   n_c = len(candidates)
-  fig, axes = plt.subplots(1, n_c, figsize=(3.2 * n_c + 1, 0.35 * probs.shape[1] + 2), squeeze=False,
-                           sharey=True)
+  fig = Figure(figsize=(3.2 * n_c + 1, 0.35 * probs.shape[1] + 2))
+  axes = fig.subplots(1, n_c, squeeze=False, sharey=True)
   for k, c in enumerate(candidates):
     ax = axes[0, k]
     im = ax.imshow(probs[:, :, k].T, aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest",
@@ -354,4 +353,3 @@ def heatmap(steps: list[int], probs_TPC: np.ndarray, candidates: tuple[str, ...]
   if title:
     fig.suptitle(title)
   fig.savefig(path, dpi=110)
-  plt.close(fig)

@@ -38,7 +38,8 @@ def cells(nb) -> list[tuple[str, str, tuple]]:
 
 def test_notebooks_exist_and_are_numbered():
   names = [p.stem for p in SOURCES]
-  assert {"01_quickstart", "02_finetune", "03_layout_study", "05_kernels"} <= set(names), names
+  assert {"01_quickstart", "02_finetune", "03_layout_study", "04_search", "05_kernels",
+          "06_compression"} <= set(names), names
   assert len({n[:2] for n in names}) == len(names), f"two notebooks share a number: {names}"
   strays = sorted(p.name for p in COLABS.glob("*.ipynb") if not p.with_suffix(".py").is_file())
   assert not strays, f"notebooks without a .py source: {strays}"
@@ -112,8 +113,8 @@ def test_presets_resolve_by_backend_and_name():
   assert Path(p.quickstart["checkpoint"], "config.json").is_file()
   with pytest.raises(ValueError, match=r"PRESET='v5e': unknown preset; expected one of auto, tpu, gpu, cpu_tiny"):
     colab.preset("v5e")
-  with pytest.raises(AttributeError, match=r"preset 'cpu_tiny' has no settings for 'search'"):
-    p.search
+  with pytest.raises(AttributeError, match=r"preset 'cpu_tiny' has no settings for 'no_such_notebook'"):
+    p.no_such_notebook
   # every preset has settings for the same notebooks, with the same keys
   shapes = {name: {nb: sorted(s) for nb, s in notebooks.items()} for name, notebooks in colab.PRESETS.items()}
   assert shapes["tpu"] == shapes["gpu"] and sorted(shapes["cpu_tiny"]) == sorted(shapes["tpu"]), shapes

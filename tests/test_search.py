@@ -103,6 +103,21 @@ def test_temperature_schedule():
   assert all(t(a) > t(a + 1) for a in range(10, 110))
 
 
+def test_heatmap_writes_the_png_and_leaves_the_matplotlib_backend_alone(tmp_path):
+  import matplotlib
+  import matplotlib.image
+  before = matplotlib.get_backend()
+  matplotlib.use("svg")                    # stands in for a notebook's inline backend
+  try:
+    probs = np.full((5, 4, 3), 1 / 3)
+    search.heatmap(list(range(1, 6)), probs, CANDS, tmp_path / "h.png", title="t")
+    assert matplotlib.get_backend() == "svg"
+  finally:
+    matplotlib.use(before)
+  img = matplotlib.image.imread(tmp_path / "h.png")
+  assert img.shape[:2] == (round(110 * (0.35 * 4 + 2)), round(110 * (3.2 * 3 + 1)))
+
+
 def test_read_off_hand_set_logits():
   # attention, ffn | attention, identity | identity, ffn  ->  serial, attention, ffn
   logits = [[5, 0, 0], [0, 5, 0], [5, 0, 1], [0, 0, 5], [0, 1, 4], [0, 5, 0]]
