@@ -2,8 +2,7 @@
 
 ``preset("auto")`` picks ``tpu``, ``gpu`` or ``cpu_tiny`` from the attached devices; ``preset("gpu")`` names one.
 A preset holds one settings dict per notebook (``quickstart``, ``finetune``, ``study``, ``search``, ``kernels``,
-``compression``);
-a new notebook adds its own key to every entry of :data:`PRESETS`. ``cpu_tiny`` runs every notebook offline in a few
+``compression``); a new notebook adds its own key to every entry of :data:`PRESETS`. ``cpu_tiny`` runs every notebook offline in a few
 minutes on two CPU cores (it is what CI runs); ``tpu`` and ``gpu`` use real checkpoints from the Hugging Face Hub
 and GLUE from tensorflow-datasets.
 """
