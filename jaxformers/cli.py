@@ -90,10 +90,17 @@ def _prune(args) -> int:
   check_save_destination(args.dst, args.overwrite)
   model = jaxformers.from_pretrained(args.src)
   n = model.config.num_layers
+  if args.flops is not None:
+    if args.heads != "0" or args.ffn != "0":
+      raise ValueError(f"--flops={args.flops} sets the heads and ffn fractions itself; give either --flops or "
+                       f"--heads / --ffn")
+    args.heads, args.ffn = prune.flops_fractions(args.flops)
   prune.check_targets(model, args.heads, args.ffn)
   if args.rounds < 1 or args.examples < 1:
     raise ValueError(f"--rounds={args.rounds} and --examples={args.examples} must be at least 1")
   c = _train_config(args.config)
+  length = c.data.max_length
+  flops_before = prune.block_flops(model, length)
   tok = jaxformers.load_tokenizer(args.src)
   batches = prune.sample_batches(tok, make_task(c).examples("train"), args.examples, c.data.max_length,
                                  pad_id=model.config.pad_token_id, seed=c.seed)
@@ -119,7 +126,8 @@ def _prune(args) -> int:
             " ".join(f"{key}={v:.4f}" for key, v in summary["eval"].items()))
       model = jaxformers.from_pretrained(work / f"round{k}" / "run")
   out = jaxformers.save_pretrained(model, args.dst, overwrite=args.overwrite, tokenizer=args.src)
-  print(f"wrote {out}: {prune.count_params(model):,} parameters ({before:,} before), layout {model.config.layout}")
+  print(f"wrote {out}: {prune.count_params(model):,} parameters ({before:,} before), layout {model.config.layout}, "
+        f"blocks' FLOPs/token at length {length}: {prune.block_flops(model, length) / flops_before:.3f} of SRC's")
   return 0
 
 
@@ -219,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                                                 "'0:0.5,3:0.25'; in [0, 1)")
   pr.add_argument("--ffn", default="0", help="fraction of every block's feed-forward neurons to remove, or per "
                                               "block '0:0.3'; in [0, 1)")
+  pr.add_argument("--flops", type=float, help="instead of --heads/--ffn: the fraction of the blocks' FLOPs per token "
+                                              "to keep, in (0, 1] (removes 1 - FLOPS of the heads and neurons)")
   pr.add_argument("--config", help="a train.py config FILE[:ARG] for the scoring data and the distillation runs")
   pr.add_argument("--examples", type=int, default=256, help="training examples the importance is computed on")
   pr.add_argument("--distill", action="store_true", help="distil from SRC after each round")

@@ -298,8 +298,42 @@ def check_targets(model, heads=0.0, ffn=0.0) -> None:
                        f"the fraction")
 
 
-def prune_to(model, batches, heads=0.0, ffn=0.0, progress: bool = False):
-  """Score ``model`` on ``batches`` and prune it to the targets (see :func:`plan`); returns ``(model, importance)``."""
+def block_flops(model, length: int) -> float:
+  """Forward FLOPs per token of the encoder's blocks at sequence length ``length``, from the model's own shapes:
+  each attention head ``(8 d + 4 L) h`` (query, key, value and output projections, scores and weighted sum; ``h``
+  the head dimension), each feed-forward neuron ``4 d``. LayerNorm, softmax and the embeddings are left out."""
+  d = model.config.hidden_size
+  total = 0.0
+  for b in models.encoder_of(model).blocks:
+    if b.has_attention:
+      total += (8.0 * d + 4.0 * length) * b.mixer.num_heads * b.mixer.head_dim
+    if b.mlp is not None:
+      total += 4.0 * d * b.mlp.down.kernel.shape[0]
+  return total
+
+
+def flops_fractions(flops) -> tuple[float, float]:
+  """``(heads, ffn)`` fractions that bring the blocks' FLOPs per token to ``flops`` (in (0, 1]) of what they are:
+  every head of a model costs the same, and every neuron, so removing the fraction ``1 - flops`` of all heads
+  (global ranking) and of every block's neurons scales :func:`block_flops` by ``flops``, up to rounding to whole
+  heads and neurons."""
+  try:
+    r = float(flops)
+  except (TypeError, ValueError):
+    raise PruneError(f"flops={flops!r}: expected the fraction of the blocks' FLOPs per token to keep, in (0, 1]") from None
+  if not 0.0 < r <= 1.0:
+    raise PruneError(f"flops={flops!r}: the fraction of the blocks' FLOPs per token to keep must be in (0, 1]")
+  return 1.0 - r, 1.0 - r
+
+
+def prune_to(model, batches, heads=0.0, ffn=0.0, flops=None, progress: bool = False):
+  """Score ``model`` on ``batches`` and prune it to the targets (see :func:`plan`); returns ``(model, importance)``.
+  ``flops`` (instead of ``heads`` / ``ffn``): the fraction of the blocks' FLOPs per token to keep
+  (:func:`flops_fractions`)."""
+  if flops is not None:
+    if heads or ffn:
+      raise PruneError(f"flops={flops} sets the heads and ffn fractions itself; give either flops or heads / ffn")
+    heads, ffn = flops_fractions(flops)
   check_targets(model, heads, ffn)   # bad targets fail before the scoring pass
   scores = importance(model, batches, progress=progress)
   keep_h, keep_f = plan(model, scores, heads, ffn)
