@@ -252,7 +252,8 @@ def test_cli_prune_and_bad_targets(tmp_path, minilm_dir, capsys):
   jaxformers.save_pretrained(tiny(), tmp_path / "tiny")
   for args, msg in ((["--heads", "1"], "must be in [0, 1)"), (["--ffn", "-0.2"], "must be in [0, 1)"),
                     (["--heads", "9:0.5"], "unknown layer; the model has blocks 0..2"),
-                    (["--heads", "0.97"], "0 heads left"), (["--ffn", "1:0.5,x:0.1"], "expected an integer block")):
+                    (["--heads", "0.97"], "0 heads left"), (["--ffn", "1:0.5,x:0.1"], "expected an integer block"),
+                    (["--flops", "0"], "must be in (0, 1]"), (["--flops", "0.5", "--heads", "0.2"], "either --flops")):
     assert main(["prune", str(tmp_path / "tiny"), str(tmp_path / "bad"), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and msg in err[0], err
