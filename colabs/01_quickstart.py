@@ -55,8 +55,6 @@ if importlib.util.find_spec("jaxformers") is None:
 # attached devices.
 
 # %%
-import time
-
 import jax
 import numpy as np
 

@@ -141,8 +141,6 @@ print(f"the block-sparse kernel visits {int(np.asarray(bmask.blocks).sum())} of 
 # (XLA's `memory_analysis`).
 
 # %%
-import time
-
 sys.path.insert(0, str(colab.repo_root()))  # benchmarks/ lives in the checkout, beside the package
 from benchmarks.common import interleaved_medians
 
