@@ -22,33 +22,25 @@ SEARCH_BERT = dict(checkpoint=BERT, model={}, vocab_size=0, data="tfds", glue_ta
                    batch_size=32, heldout_batch_size=32, lr=3e-5, candidates="attention,ffn,identity", target=0.65,
                    search_steps=600, warmup_steps=150, arch_every=2, arch_lr=0.1, train_steps=600, reps=20)
 
+_ACCELERATOR = dict(
+    quickstart=dict(checkpoint=BERT, batch=32, length=128, repeats=10),
+    finetune=dict(checkpoint=BERT, data="tfds", glue_task="sst2", dtype="bfloat16", steps=600, batch_size=32,
+                  max_length=128, lr=3e-5),
+    study=dict(checkpoint=MINILM, layouts=MINILM_LAYOUTS, recipes="direct,healed", heal_steps=200,
+               finetune_steps=300, max_length=64, batch_size=32, max_train_examples=0, lr=3e-4, heal_lr=3e-4,
+               infer_batch=64, repeats=10),
+    search=SEARCH_BERT | dict(dtype="bfloat16"),
+    compression=dict(checkpoint=BERT, scratch=None, finetune_steps=300, lr=5e-5, heads=0.5, ffn=0.3,
+                     score_examples=512, heal_steps=100, heal_lr=5e-5, max_length=128, batch_size=32,
+                     infer_batch=64, repeats=10),
+    kernels=dict(lengths=(512, 1024, 2048, 4096, 8192), head_dim=128, width=1024, tokens=16384,
+                 dtype="bfloat16", window=512, check_length=2048, reps=10))
+
 PRESETS = {
-    "tpu": dict(
-        quickstart=dict(checkpoint=BERT, batch=32, length=128, repeats=10),
-        finetune=dict(checkpoint=BERT, data="tfds", glue_task="sst2", dtype="bfloat16", steps=600, batch_size=32,
-                      max_length=128, lr=3e-5),
-        study=dict(checkpoint=MINILM, layouts=MINILM_LAYOUTS, recipes="direct,healed", heal_steps=200,
-                   finetune_steps=300, max_length=64, batch_size=32, max_train_examples=0, lr=3e-4, heal_lr=3e-4,
-                   infer_batch=64, repeats=10),
-        search=SEARCH_BERT | dict(dtype="bfloat16"),
-        compression=dict(checkpoint=BERT, scratch=None, finetune_steps=300, lr=5e-5, heads=0.5, ffn=0.3,
-                         score_examples=512, heal_steps=100, heal_lr=5e-5, max_length=128, batch_size=32,
-                         infer_batch=64, repeats=10),
-        kernels=dict(lengths=(512, 1024, 2048, 4096, 8192), head_dim=128, width=1024, tokens=16384,
-                     dtype="bfloat16", window=512, check_length=2048, reps=10)),
-    "gpu": dict(
-        quickstart=dict(checkpoint=BERT, batch=32, length=128, repeats=10),
-        finetune=dict(checkpoint=BERT, data="tfds", glue_task="sst2", dtype="float32", steps=600, batch_size=32,
-                      max_length=128, lr=3e-5),
-        study=dict(checkpoint=MINILM, layouts=MINILM_LAYOUTS, recipes="direct,healed", heal_steps=200,
-                   finetune_steps=300, max_length=64, batch_size=32, max_train_examples=0, lr=3e-4, heal_lr=3e-4,
-                   infer_batch=64, repeats=10),
-        search=SEARCH_BERT | dict(dtype="float32"),
-        compression=dict(checkpoint=BERT, scratch=None, finetune_steps=300, lr=5e-5, heads=0.5, ffn=0.3,
-                         score_examples=512, heal_steps=100, heal_lr=5e-5, max_length=128, batch_size=32,
-                         infer_batch=64, repeats=10),
-        kernels=dict(lengths=(512, 1024, 2048, 4096, 8192), head_dim=128, width=1024, tokens=16384,
-                     dtype="bfloat16", window=512, check_length=2048, reps=10)),
+    "tpu": _ACCELERATOR,
+    # a GPU preset is the TPU one with float32 training (bfloat16 stays in the kernels notebook)
+    "gpu": {**_ACCELERATOR, "finetune": _ACCELERATOR["finetune"] | dict(dtype="float32"),
+            "search": _ACCELERATOR["search"] | dict(dtype="float32")},
     "cpu_tiny": dict(
         quickstart=dict(checkpoint="minilm", batch=4, length=64, repeats=3),
         finetune=dict(checkpoint="minilm", data="csv", glue_task="", dtype="float32", steps=24, batch_size=16,

@@ -121,9 +121,7 @@ class Run:
       if c.mode == "train":
         raise ConfigError(f"{c.init_from}: an int8 model cannot be trained; fine-tune the float model (with "
                           f"config.model.quant_aware=True for quantization-aware training) and quantize it after")
-      self.quantize, self.cfg = True, self.cfg.replace(quantization="none")
-      if self.pretrained is not None:
-        self.pretrained = None
+      self.quantize, self.cfg, self.pretrained = True, self.cfg.replace(quantization="none"), None
     if self.tok.get_vocab_size() > self.cfg.vocab_size:
       raise ConfigError(f"tokenizer has {self.tok.get_vocab_size()} tokens but the model's vocab_size is "
                         f"{self.cfg.vocab_size}")
