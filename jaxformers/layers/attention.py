@@ -6,8 +6,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformers.config import EncoderConfig
-from jaxformers.kernels.attention import attention
+from jaxformers.kernels.attention import attention, default_block_sizes, local_global_mask
 from jaxformers.layers.common import MIXERS, Sequences, linear
+from jaxformers.layers.sparse import sparse_attention_xla
+from jaxformers.targets import current_target
 
 
 @MIXERS.register("attention")
@@ -73,18 +75,17 @@ class SparseSelfAttention(SelfAttention):
     self.window, self.global_positions = cfg.sparse_window, cfg.sparse_global_tokens
 
   def uses_kernel(self, seq: Sequences) -> bool:
-    from jaxformers.kernels.attention.config import kernel_backend, interpret_forced
+    """Whether the current target runs this call as the block-sparse kernel (see the class docstring)."""
+    target = current_target()
     leading = self.global_positions == tuple(range(len(self.global_positions)))
-    on_accelerator = kernel_backend() != "interpret" or interpret_forced()
-    return on_accelerator and leading and not seq.packed and self.impl in ("auto", "pallas")
+    kernels = target.kernel_backend is not None and (target.platform != "cpu" or target.interpret)
+    return kernels and leading and not seq.packed and self.impl in ("auto", "pallas")
 
   def attend(self, q_BLNH, k_BLNH, v_BLNH, seq: Sequences, select_BS=None) -> jax.Array:
-    from jaxformers.layers.sparse import sparse_attention_xla
     if self.uses_kernel(seq):
-      from jaxformers.kernels.attention import local_global_mask
-      from jaxformers.kernels.attention.config import default_block_sizes
-      bs = default_block_sizes(head_dim=self.head_dim)
-      block_mask = local_global_mask(q_BLNH.shape[1], window=self.window // 2, num_global=len(self.global_positions),
+      length = q_BLNH.shape[1]
+      bs = default_block_sizes(head_dim=self.head_dim, length=length)
+      block_mask = local_global_mask(length, window=self.window // 2, num_global=len(self.global_positions),
                                      block_q=bs.block_q, block_k=bs.block_k)
       return attention(q_BLNH, k_BLNH, v_BLNH, segment_ids=seq.segment_ids, block_mask=block_mask, impl="pallas")
     return sparse_attention_xla(

@@ -36,6 +36,7 @@ from flax import nnx
 
 from jaxformers.config import EncoderConfig
 from jaxformers.layers.common import MIXERS, Sequences
+from jaxformers.targets import current_target
 
 
 @functools.lru_cache(maxsize=32)
@@ -106,7 +107,7 @@ def fourier_per_sequence_fft(x_BLD: jax.Array, seq: Sequences) -> jax.Array:
 def choose_fourier_impl(impl: str, packed: bool, length: int, backend: str | None = None) -> str:
   if impl != "auto":
     return impl
-  backend = backend or jax.default_backend()
+  backend = backend or current_target().platform
   if packed or (backend == "tpu" and length <= 4096):
     return "matmul"
   return "fft"

@@ -1,19 +1,16 @@
-"""Per-backend block sizes and the switch that forces Pallas interpret mode.
+"""Block sizes per target, and the kernel lowering a target takes.
 
-Backends: ``"gpu"`` lowers through the Pallas Triton backend, ``"tpu"`` through Mosaic, and
-``"cpu"`` (or any backend with interpret forced) runs the same kernels with
-``pallas_call(..., interpret=True)``.
+Lowerings: ``"triton"`` (GPU), ``"mosaic"`` (TPU), or the Pallas interpreter (``"interpret"``; and
+``"interpret_tpu"`` / ``"interpret_gpu"``, which run the TPU / GPU driver's code on the interpreter). Which one
+applies comes from a :class:`~jaxformers.targets.Target`, by default the current one
+(:func:`jaxformers.targets.current_target`: the host's devices unless ``use_target`` names another chip).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
 
-import jax
-
-_INTERPRET_ENV = "JAXFORMERS_PALLAS_INTERPRET"
-_force_interpret: bool | None = None
+from jaxformers.targets import (Target, current_target, force_interpret, interpret_forced,  # noqa: F401 (re-exported)
+                                set_force_interpret)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,8 +26,8 @@ class BlockSizes:
         raise ValueError(f"BlockSizes.{name} must be an int multiple of 8 (>= 8), got {v!r}")
 
 
-# Starting points, not tuned on hardware here. Triton needs power-of-two blocks; Mosaic wants the
-# key block (the lane dimension of the logits tile) to be a multiple of 128.
+# A platform's blocks where no chip is named or the chip has no row in the generated table (block_table.py).
+# Triton needs power-of-two blocks; Mosaic wants the key block (the lanes of the logits tile) a multiple of 128.
 _DEFAULTS = {
     "gpu": {64: BlockSizes(128, 64), 128: BlockSizes(128, 64)},
     "tpu": {64: BlockSizes(128, 128), 128: BlockSizes(128, 128)},
@@ -38,46 +35,27 @@ _DEFAULTS = {
 }
 
 
-def kernel_backend() -> str:
-  """``"interpret"``, ``"triton"`` or ``"mosaic"``: how a Pallas call is lowered right now."""
-  if interpret_forced():
-    return "interpret"
-  platform = jax.default_backend()
-  if platform in ("gpu", "cuda", "rocm"):
-    return "triton"
-  if platform == "tpu":
-    return "mosaic"
-  return "interpret"
+def kernel_backend(target: Target | None = None) -> str | None:
+  """How a Pallas call lowers on ``target`` (default: the current target); None where the kernels do not run."""
+  return (target or current_target()).kernel_backend
 
 
-def default_block_sizes(platform: str | None = None, head_dim: int = 64) -> BlockSizes:
-  """Default blocks for ``platform`` (``"gpu"``, ``"tpu"``, ``"cpu"``; None = current backend)."""
-  platform = platform or jax.default_backend()
-  platform = "gpu" if platform in ("cuda", "rocm") else platform
-  table = _DEFAULTS.get(platform, _DEFAULTS["cpu"])
-  return table[64] if head_dim <= 64 else table[128]
-
-
-def interpret_forced() -> bool:
-  """True when :func:`force_interpret` or ``JAXFORMERS_PALLAS_INTERPRET=1`` asks for interpret mode."""
-  if _force_interpret is not None:
-    return _force_interpret
-  return os.environ.get(_INTERPRET_ENV, "0") not in ("", "0", "false", "False")
-
-
-def set_force_interpret(value: bool | None) -> None:
-  """Force (True), forbid (False) or reset to the environment default (None) interpret mode."""
-  global _force_interpret
-  _force_interpret = value
-
-
-@contextlib.contextmanager
-def force_interpret(value: bool = True):
-  """Context manager: run Pallas kernels in interpret mode on any backend (and let ``auto`` pick them on CPU)."""
-  global _force_interpret
-  old = _force_interpret
-  _force_interpret = value
-  try:
-    yield
-  finally:
-    _force_interpret = old
+def default_block_sizes(target: Target | str | None = None, head_dim: int = 64, length: int | None = None) \
+    -> BlockSizes:
+  """The blocks for ``target`` (a :class:`Target`, a platform name, or None: the current target), ``head_dim``
+  and sequence ``length``: the generated table's row for the chip (see ``benchmarks/block_sizes.py``), else the
+  platform's default."""
+  from jaxformers.kernels.attention.block_table import TABLE
+  if target is None:
+    target = current_target()
+  if isinstance(target, str):
+    target = Target("gpu" if target in ("cuda", "rocm") else target)
+  hd = 64 if head_dim <= 64 else 128
+  if target.chip is not None and length is not None:
+    rows = TABLE.get(target.chip, {}).get(hd)
+    if rows:
+      for max_len, bq, bk in rows:
+        if length <= max_len:
+          return BlockSizes(bq, bk)
+      return BlockSizes(*rows[-1][1:])
+  return _DEFAULTS[target.platform][hd]

@@ -10,9 +10,13 @@
   explicit ``impl="pallas"`` runs them with ``interpret=True``: slow, but exactly the kernel code,
   which is what tests and debugging want. ``force_interpret()`` / ``JAXFORMERS_PALLAS_INTERPRET=1``
   force interpret mode on any backend.
-* ``"auto"``: dropout > 0 or a dense ``mask`` -> xla; CPU (interpret not forced) -> xla;
+* ``"auto"``: dropout > 0 or a dense ``mask`` -> xla; CPU (interpret not forced) -> xla; a chip the
+  kernels do not serve (no Pallas lowering for it, see :data:`jaxformers.targets.CHIPS`) -> xla;
   dtype / head_dim the kernels do not take -> xla; GPU -> cudnn when it applies, else pallas;
   TPU (or forced interpret) -> pallas. Each fallback logs its reason once per distinct reason.
+
+Every rule reads the *target* (:func:`jaxformers.targets.current_target`, or ``target=``), never the host's
+backend, so a step traced under ``use_target("v5e")`` on a CPU host holds the kernels a v5e runs.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxformers.kernels.attention import flash
-from jaxformers.kernels.attention.config import interpret_forced
+from jaxformers.targets import Target, current_target
 
 logger = logging.getLogger("jaxformers.kernels.attention")
 
@@ -59,10 +63,15 @@ def padding_lengths(segment_ids) -> np.ndarray | None:
 
 
 def cudnn_unsupported_reason(q, k, v, *, segment_ids=None, kv_segment_ids=None, mask=None, block_mask=None,
-                             dropout_rate=0.0, require_concrete_segments: bool = True) -> str | None:
-  """Why cuDNN cannot run this call, or None when it can."""
-  if jax.default_backend() != "gpu":
-    return f"cudnn needs a GPU backend, the backend is {jax.default_backend()}"
+                             dropout_rate=0.0, require_concrete_segments: bool = True,
+                             target: Target | None = None) -> str | None:
+  """Why cuDNN cannot run this call on ``target`` (default: the current one), or None when it can."""
+  target = target or current_target()
+  if target.platform != "gpu":
+    return f"cudnn needs a GPU, the target is {target}"
+  cc = target.spec.compute_capability if target.spec else None
+  if cc is not None and cc < (8, 0):
+    return f"cudnn flash attention needs compute capability 8.0 or later, {target.spec.label} has {cc[0]}.{cc[1]}"
   if dropout_rate > 0.0:
     return "cudnn path has no attention dropout"
   if mask is not None or block_mask is not None:
@@ -102,8 +111,10 @@ def cudnn_attention(q, k, v, *, segment_ids=None, kv_segment_ids=None, scale=Non
 
 
 def choose_impl(q, k, v, *, segment_ids=None, kv_segment_ids=None, mask=None, block_mask=None,
-                dropout_rate: float = 0.0) -> str:
-  """The implementation ``impl="auto"`` runs for these arguments (logs a fallback reason once)."""
+                dropout_rate: float = 0.0, target: Target | None = None) -> str:
+  """The implementation ``impl="auto"`` runs for these arguments on ``target`` (default: the current target);
+  logs a fallback reason once."""
+  target = target or current_target()
   if dropout_rate > 0.0:
     log_once("attention: using the XLA reference: attention dropout_rate > 0 and the kernels have no dropout")
     return "xla"
@@ -111,18 +122,22 @@ def choose_impl(q, k, v, *, segment_ids=None, kv_segment_ids=None, mask=None, bl
     log_once("attention: using the XLA reference: a dense boolean mask was given; the kernels take segment ids "
              "or a block_mask")
     return "xla"
-  backend = jax.default_backend()
-  if backend not in ("gpu", "tpu") and not interpret_forced():
-    log_once(f"attention: using the XLA reference on the {backend} backend: Pallas kernels would only run in "
+  if target.platform == "cpu" and not target.interpret:
+    log_once("attention: using the XLA reference on the cpu backend: Pallas kernels would only run in "
              "interpret mode (force_interpret() to use them)")
+    return "xla"
+  if target.kernel_backend is None:
+    log_once(f"attention: using the XLA reference on {target.spec.label}: the Pallas kernels have no lowering for "
+             f"this chip")
     return "xla"
   try:
     flash.check_inputs(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
   except ValueError as e:
     log_once(f"attention: using the XLA reference: {e}")
     return "xla"
-  if backend == "gpu" and not interpret_forced() and block_mask is None:
-    reason = cudnn_unsupported_reason(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
+  if target.platform == "gpu" and not target.interpret and block_mask is None:
+    reason = cudnn_unsupported_reason(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                                      target=target)
     if reason is None:
       return "cudnn"
     log_once(f"attention: using Pallas rather than cuDNN: {reason}", logging.INFO)

@@ -38,9 +38,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jaxformers.kernels.attention import tiles
-from jaxformers.kernels.attention.config import BlockSizes, default_block_sizes, kernel_backend
+from jaxformers.kernels.attention.config import BlockSizes, default_block_sizes
 from jaxformers.kernels.attention.masks import BlockSparseMask
 from jaxformers.kernels.attention.tiles import KernelConfig
+from jaxformers.targets import Target, as_target, current_target
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
 MIN_HEAD_DIM, MAX_HEAD_DIM = 32, 128
@@ -281,7 +282,8 @@ def check_inputs(q, k, v, *, segment_ids=None, kv_segment_ids=None) -> None:
 
 def flash_attention(q_BLNH, k_BLNH, v_BLNH, *, segment_ids=None, kv_segment_ids=None, scale: float | None = None,
                     block_sizes: BlockSizes | None = None, block_mask: BlockSparseMask | None = None,
-                    backend: str | None = None, num_warps: int | None = None, num_stages: int = 2):
+                    backend: str | None = None, num_warps: int | None = None, num_stages: int = 2,
+                    target: Target | str | None = None):
   """Flash attention, q/k/v ``[batch, length, heads, head_dim]`` -> ``[batch, q_len, heads, head_dim]``.
 
   Differentiable in q, k, v through Pallas backward kernels. ``segment_ids`` ``[batch, q_len]``
@@ -290,13 +292,15 @@ def flash_attention(q_BLNH, k_BLNH, v_BLNH, *, segment_ids=None, kv_segment_ids=
   ``backend`` is ``"interpret"`` (loop driver, generic Pallas interpreter), ``"interpret_gpu"``
   (the same with Triton's power-of-two padding), ``"interpret_tpu"`` (grid driver with
   scalar-prefetched lists, under the TPU interpreter on CPU), ``"triton"``
-  (loop driver, GPU) or ``"mosaic"`` (grid driver, TPU); None picks from the current JAX
-  backend (interpret on CPU or when forced).
+  (loop driver, GPU) or ``"mosaic"`` (grid driver, TPU); None takes ``target``'s lowering (a
+  :class:`~jaxformers.targets.Target` or name; default the current target). Default block sizes are the
+  target chip's for this head_dim and length (see :func:`default_block_sizes`).
   """
   check_inputs(q_BLNH, k_BLNH, v_BLNH, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
   B, Lq, N, H = q_BLNH.shape
   Lk = k_BLNH.shape[1]
-  backend = backend or kernel_backend()
+  target = current_target() if target is None else as_target(target)
+  backend = backend or target.kernel_backend
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
   if block_mask is not None:
@@ -307,7 +311,8 @@ def flash_attention(q_BLNH, k_BLNH, v_BLNH, *, segment_ids=None, kv_segment_ids=
   else:
     platform = {"triton": "gpu", "mosaic": "tpu", "interpret": "cpu", "interpret_gpu": "cpu",
                 "interpret_tpu": "cpu"}[backend]
-    bs = block_sizes or default_block_sizes(platform, H)
+    for_target = target if target.kernel_backend == backend else Target(platform)
+    bs = block_sizes or default_block_sizes(for_target, H, max(Lq, Lk))
   nq, nk = _cdiv(Lq, bs.block_q), _cdiv(Lk, bs.block_k)
   if backend in POW2_BACKENDS and (bs.block_q & (bs.block_q - 1) or bs.block_k & (bs.block_k - 1)):
     raise ValueError(f"block sizes must be powers of two on GPU (Triton), got {bs}")

@@ -1,0 +1,116 @@
+"""A target, not the host, picks the code path: programs lowered for TPU and GPU on this CPU host hold the kernels.
+
+Plain jax lowers for other platforms (``lower(lowering_platforms=...)``) without their compilers, so these tests
+run in seconds on any machine. Each counts the Pallas kernel calls in the lowered program: Mosaic
+(``tpu_custom_call``) for a TPU chip, Triton (``__gpu$xla.gpu.triton``) for a GPU one. A forward holds one kernel
+per attention sublayer, a gradient three (forward, dk/dv, dq), so a silent fallback to XLA attention fails here.
+"""
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from jaxformers.blocks import BLOCKS
+from jaxformers.config import EncoderConfig
+from jaxformers.kernels.attention import default_block_sizes
+from jaxformers.kernels.attention.dispatch import reset_logged_reasons
+from jaxformers.models import Encoder
+from jaxformers.targets import CHIPS, Target, as_target, current_target, host_target, use_target
+
+KERNEL_CALL = {"tpu": "tpu_custom_call", "gpu": "@__gpu$xla.gpu.triton"}
+LENGTH = 256
+
+
+def lowered(layout: str, target: str, grad: bool, **overrides) -> str:
+  """The lowered text of an encoder's forward (or its gradient) traced and lowered for ``target``."""
+  cfg = EncoderConfig(**dict(dict(vocab_size=64, hidden_size=64, num_heads=2, intermediate_size=128, layout=layout,
+                                  max_position_embeddings=LENGTH, hidden_dropout=0.0, attention_dropout=0.0,
+                                  sparse_window=32), **overrides))
+  model = Encoder(cfg, rngs=nnx.Rngs(0))
+  model.eval()
+  gd, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def forward(params, ids, mask):   # a fresh function per call: jit keeps what a function was traced for
+    return nnx.merge(gd, params, rest)(ids, mask).last_hidden_state.astype(jnp.float32).sum()
+
+  ids = jax.ShapeDtypeStruct((2, LENGTH), jnp.int32)
+  t = as_target(target)
+  with use_target(t):
+    traced = jax.jit(jax.grad(forward) if grad else forward).trace(params, ids, ids)
+  return traced.lower(lowering_platforms=(t.lowering_platform,)).as_text()
+
+
+def attention_sublayers(layout: str) -> int:
+  blocks = EncoderConfig(layout=layout, max_position_embeddings=LENGTH).blocks
+  return sum(BLOCKS.get(b).mixer in ("attention", "sparse") for b in blocks)
+
+
+@pytest.mark.parametrize("chip", ["v5e", "h100"])
+@pytest.mark.parametrize("block", sorted(BLOCKS.names()))
+def test_every_block_lowered_for_a_chip_holds_its_kernels(block, chip):
+  layout = f"{block}*2"
+  n = attention_sublayers(layout)
+  call = KERNEL_CALL[CHIPS[chip].platform]
+  assert lowered(layout, chip, grad=False).count(call) == n
+  assert lowered(layout, chip, grad=True).count(call) == 3 * n
+
+
+def test_the_host_target_is_the_cpu_and_its_program_holds_no_kernel():
+  assert current_target() == host_target() == Target("cpu")
+  text = lowered("serial*2", "cpu", grad=True)
+  assert KERNEL_CALL["tpu"] not in text and KERNEL_CALL["gpu"] not in text
+
+
+def test_the_target_is_restored_after_use_target():
+  with use_target("v6e") as t:
+    assert current_target() == t == Target("tpu", "v6e")
+    with use_target("a100"):
+      assert current_target().chip == "a100"
+    assert current_target().chip == "v6e"
+  assert current_target() == host_target()
+
+
+def test_a_chip_the_kernels_do_not_serve_falls_back_to_xla_with_one_log_line(caplog):
+  reset_logged_reasons()
+  with caplog.at_level(logging.INFO, logger="jaxformers.kernels.attention"):
+    text = lowered("serial*2", "t4", grad=True)
+    lowered("parallel*2", "t4", grad=False)
+  assert KERNEL_CALL["gpu"] not in text and "mosaic_gpu" not in text
+  lines = [r.getMessage() for r in caplog.records if "NVIDIA T4" in r.getMessage()]
+  assert lines == ["attention: using the XLA reference on NVIDIA T4: the Pallas kernels have no lowering for this chip"]
+
+
+def test_attention_dropout_in_training_takes_xla_attention_on_a_tpu():
+  """The kernels have no dropout: a training forward with attention dropout holds no kernel (logged)."""
+  cfg = EncoderConfig(vocab_size=64, hidden_size=64, num_heads=2, intermediate_size=128, layout="serial*2",
+                      max_position_embeddings=LENGTH, attention_dropout=0.1)
+  model = Encoder(cfg, rngs=nnx.Rngs(0))
+  model.train()
+  gd, state = nnx.split(model)
+  ids = jax.ShapeDtypeStruct((2, LENGTH), jnp.int32)
+
+  def forward(state, ids):
+    return nnx.merge(gd, state)(ids, ids).last_hidden_state.sum()
+
+  with use_target("v5e"):
+    text = jax.jit(forward).trace(state, ids).lower(lowering_platforms=("tpu",)).as_text()
+  assert KERNEL_CALL["tpu"] not in text
+
+
+def test_block_sizes_follow_the_target():
+  assert default_block_sizes(Target("cpu"), 64) == default_block_sizes("cpu", 64)
+  tpu, gpu = default_block_sizes("tpu", 64), default_block_sizes("gpu", 64)
+  assert tpu.block_k % 128 == 0 and gpu.block_k & (gpu.block_k - 1) == 0
+  with use_target("v5e"):
+    assert default_block_sizes(head_dim=64) == tpu
+
+
+def test_unknown_targets_are_refused_by_name():
+  with pytest.raises(ValueError, match="unknown target 'v9z'.*v5e"):
+    as_target("v9z")
+  with pytest.raises(ValueError, match="chip 'h100' is a gpu chip, not tpu"):
+    Target("tpu", "h100")
