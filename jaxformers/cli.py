@@ -44,6 +44,20 @@ def _export(args) -> int:
   return 0
 
 
+def read_lines(path: Path) -> list[str]:
+  """The lines of a UTF-8 text file, split at ``\\n`` only (a ``\\r`` before it is dropped; U+2028, form feeds and
+  other characters ``str.splitlines`` would split at stay inside their line); a final newline ends the last line."""
+  try:
+    text = path.read_bytes().decode("utf-8")   # not read_text: its universal newlines would split at a lone \r
+  except UnicodeDecodeError as e:
+    from jaxformers.convert.io import CheckpointError
+    raise CheckpointError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
+  lines = text.split("\n")
+  if lines[-1] == "":
+    lines.pop()
+  return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def _encode(args) -> int:
   import numpy as np
   import jaxformers
@@ -51,19 +65,23 @@ def _encode(args) -> int:
   src = Path(args.texts)
   if not src.is_file():
     raise CheckpointError(f"{src}: no such file (expected a UTF-8 text file, one text per line)")
-  try:
-    texts = src.read_text(encoding="utf-8").splitlines()
-  except UnicodeDecodeError as e:
-    raise CheckpointError(f"{src}: not UTF-8 text (byte offset {e.start})") from None
+  texts = read_lines(src)
   out = Path(args.out)
+  if out.is_dir():
+    raise CheckpointError(f"{out} is a directory: nothing was written; name a .npy file to write the vectors to")
   if out.exists() and not args.overwrite:
     raise CheckpointError(f"{out} exists: nothing was written; use --overwrite to replace it")
+  if not out.parent.is_dir():
+    raise CheckpointError(f"{out.parent}: no such directory to write {out.name} into; nothing was computed")
   t0 = time.perf_counter()
   vectors = jaxformers.encode(args.src, texts, pooling=args.pooling, normalize=args.normalize,
                               max_length=args.max_length, dtype=args.dtype, progress=True)
   tmp = out.with_name(f".{out.name}.partial.npy")
-  np.save(tmp, vectors)
-  tmp.replace(out)
+  try:
+    np.save(tmp, vectors)
+    tmp.replace(out)
+  finally:
+    tmp.unlink(missing_ok=True)
   print(f"wrote {out}: {vectors.shape[0]} vectors of {vectors.shape[1]} in {time.perf_counter() - t0:.1f}s")
   return 0
 

@@ -85,11 +85,12 @@ def with_dtype(encoder, dtype: str):
   return out
 
 
-def encode(model_or_path, texts: Sequence[str], *, pooling: str | None = None, normalize: bool | None = None,
+def encode(model_or_path, texts: str | Sequence[str], *, pooling: str | None = None, normalize: bool | None = None,
            max_length: int | None = None, batch_tokens: int = 8192, tokenizer=None, max_segments: int = 16,
            dtype: str | None = None, progress: bool | None = None, tokenize_block: int = 512,
            **overrides) -> np.ndarray:
-  """Vectors ``[len(texts), hidden]`` for ``texts``, in input order (see the module docstring).
+  """Vectors ``[len(texts), hidden]`` for ``texts``, in input order (see the module docstring); a single string is
+  one text and gives one vector ``[hidden]``, as ``SentenceTransformer.encode`` does.
 
   ``model_or_path``: a model (then pass ``tokenizer``, a ``tokenizers.Tokenizer``) or anything
   ``from_pretrained`` takes (its tokenizer is used; ``overrides`` go to ``from_pretrained``). Defaults: the
@@ -107,6 +108,12 @@ def encode(model_or_path, texts: Sequence[str], *, pooling: str | None = None, n
     raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
   if tokenize_block < 1:
     raise ValueError(f"tokenize_block={tokenize_block}: expected a positive number of texts")
+  if max_length is not None and max_length < 2:
+    raise ValueError(f"max_length={max_length}: expected at least 2 tokens a text (its special tokens included)")
+  if isinstance(texts, str):   # one text, not a sequence of one-character texts
+    return encode(model_or_path, [texts], pooling=pooling, normalize=normalize, max_length=max_length,
+                  batch_tokens=batch_tokens, tokenizer=tokenizer, max_segments=max_segments, dtype=dtype,
+                  progress=progress, tokenize_block=tokenize_block, **overrides)[0]
   st = {}
   if isinstance(model_or_path, (str, Path)):
     from jaxformers.hub import resolve
