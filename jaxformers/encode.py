@@ -9,7 +9,8 @@ The result is a numpy array ``[len(texts), hidden]`` in input order. Texts are t
 the device runs the previous block's calls (JAX dispatches them asynchronously); ``dtype="bfloat16"`` computes in
 bfloat16 with the float32 parameters (softmax and LayerNorm statistics stay float32). Given a sentence-transformers
 directory (``modules.json``, ``1_Pooling/config.json``, ``sentence_bert_config.json``), its pooling,
-normalisation and ``max_seq_length`` are the defaults, so the call gives sentence-transformers' vectors.
+normalisation and ``max_seq_length`` are the defaults, so the call gives sentence-transformers' vectors; a native
+checkpoint saved from such a directory (converted, pruned or quantized) keeps them in ``jaxformers.json``.
 """
 from __future__ import annotations
 
@@ -24,10 +25,16 @@ POOLINGS = ("cls", "mean", "max")
 
 
 def sentence_transformers_config(path: str | Path) -> dict:
-  """``{"pooling", "normalize", "max_length"}`` from a sentence-transformers directory ({} if it is not one)."""
+  """``{"pooling", "normalize", "max_length"}`` from a sentence-transformers directory, or the ``"encode"`` entry
+  of a native checkpoint saved from one (``save_pretrained(..., tokenizer=that directory)`` carries them: convert,
+  prune and quantize keep them); {} otherwise."""
   path = Path(path)
   if not (path / "modules.json").is_file():
-    return {}
+    try:
+      saved = json.loads((path / "jaxformers.json").read_text()).get("encode") if path.is_dir() else None
+    except (OSError, ValueError, AttributeError):   # no or a broken jaxformers.json: from_pretrained says which
+      saved = None
+    return dict(saved) if isinstance(saved, dict) else {}
   modules = json.loads((path / "modules.json").read_text())
   out = {"normalize": any(m.get("type", "").endswith("Normalize") for m in modules)}
   for m in modules:
