@@ -441,3 +441,28 @@ def test_a_finished_search_rerun_with_then_train_says_summary_json_gains_the_der
   assert main(load_config("tiny", "steps=4", search__then_train=True, **kw), str(wd)) == 0
   assert "its summary.json is kept as it was" in capsys.readouterr().err
   assert (wd / "summary.json").read_text() == text
+
+
+def test_a_search_workdir_given_as_a_model_points_to_its_derived_model(tmp_path, capsys):
+  """export / quantize / prune / from_pretrained of a search's workdir used to report parameters that 'do not fit'
+  (the states hold the supernet): they now name DIR/derived."""
+  import jaxformers
+  from jaxformers.cli import main
+  from jaxformers.convert import CheckpointError
+  wd = tmp_path / "search"
+  run(load_config("tiny", "steps=2", train__stop_after=1, **SEARCH), wd)      # unfinished: no derived model yet
+  msg = f"{wd}: an architecture search's run, whose states hold the supernet, not a model: use its derived model, " \
+        f"{wd / 'derived'}"
+  with pytest.raises(CheckpointError, match=f"^{msg} \\(written when the search finishes\\)$".replace(".", r"\.")):
+    jaxformers.from_pretrained(wd)
+  run(load_config("tiny", "steps=2", **SEARCH), wd)
+  for where in (wd, wd / "checkpoints", wd / "checkpoints" / "2"):
+    with pytest.raises(CheckpointError, match=f"^{msg}$".replace(".", r"\.")):
+      jaxformers.from_pretrained(where)
+  for cmd in (["export", str(wd), str(tmp_path / "hf")], ["quantize", str(wd), str(tmp_path / "q")],
+              ["prune", str(wd), str(tmp_path / "p"), "--heads", "0.5"]):
+    assert main(cmd) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"jaxformers {cmd[0]}: error: {msg}"], err
+  assert jaxformers.from_pretrained(wd / "derived").config.layout == json.loads(
+      (wd / "summary.json").read_text())["search"]["layout"]
