@@ -308,9 +308,10 @@ def main(argv: list[str] | None = None) -> int:
   args = p.parse_args(argv)
   from jaxformers.convert.io import CheckpointError
   from jaxformers.layout import LayoutError
+  from jaxformers.workdir import WorkdirLocked
   try:
     return args.fn(args)
-  except (CheckpointError, LayoutError, KeyError, ValueError) as e:
+  except (CheckpointError, LayoutError, KeyError, ValueError, WorkdirLocked) as e:
     msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
     print(f"jaxformers {args.command}: error: {msg}", file=sys.stderr)
     return 2

@@ -55,12 +55,13 @@ def main(config, workdir: str) -> int:
   from jaxformers.data.sources import DataError
   from jaxformers.train import ConfigError, Interrupted, NonFiniteLoss, run
   from jaxformers.train.checkpoint import CheckpointMismatch
+  from jaxformers.workdir import WorkdirLocked
   try:
     out = run(config, workdir)
   except Interrupted as e:
     print(f"train.py: {e}", file=sys.stderr)
     return 128 + int(e.signum)
-  except (ConfigError, DataError, CheckpointMismatch, CheckpointError, NonFiniteLoss, OSError) as e:
+  except (ConfigError, DataError, CheckpointMismatch, CheckpointError, NonFiniteLoss, OSError, WorkdirLocked) as e:
     print(f"train.py: error: {e}", file=sys.stderr)
     return EXIT_ERROR
   if out.get("already_done"):

@@ -512,10 +512,18 @@ def predict(r: Run) -> dict:
 
 def run(config, workdir: str | Path) -> dict:
   """Train (resuming from ``workdir`` when it holds checkpoints), evaluate, or predict, as ``config.mode`` says.
+  Training holds ``workdir``'s lock (:class:`jaxformers.workdir.Lock`): a second process training there is refused.
   A run that fails leaves no workdir behind that it created and wrote nothing into."""
+  from jaxformers.workdir import LOCK, Lock
   workdir = Path(workdir)
   existed = workdir.exists()
+  lock = None
   try:
+    if config.mode == "train" and jax.process_index() == 0:
+      lock = Lock(workdir).acquire()
+      if lock.stale:
+        log.warning("%s: took over the lock of pid %s on host %s (since %s), which ended without releasing it",
+                    workdir, lock.stale.get("pid"), lock.stale.get("host"), lock.stale.get("started"))
     r = Run(config, workdir)
     if config.mode == "train":
       return r.task.after_training(r, train(r), run)
@@ -523,7 +531,13 @@ def run(config, workdir: str | Path) -> dict:
       return evaluate_checkpoint(r)
     return predict(r)
   except BaseException:
-    if not existed and workdir.is_dir() and not any(p.is_file() for p in workdir.rglob("*")):
+    if lock is not None:
+      lock.release()
+      lock = None
+    if not existed and workdir.is_dir() and not any(p.is_file() and p != workdir / LOCK for p in workdir.rglob("*")):
       import shutil
       shutil.rmtree(workdir, ignore_errors=True)
     raise
+  finally:
+    if lock is not None:
+      lock.release()
