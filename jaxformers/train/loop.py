@@ -519,12 +519,12 @@ def run(config, workdir: str | Path) -> dict:
   existed = workdir.exists()
   lock = None
   try:
+    r = Run(config, workdir)     # checks the config and writes nothing
     if config.mode == "train" and jax.process_index() == 0:
       lock = Lock(workdir).acquire()
       if lock.stale:
         log.warning("%s: took over the lock of pid %s on host %s (since %s), which ended without releasing it",
                     workdir, lock.stale.get("pid"), lock.stale.get("host"), lock.stale.get("started"))
-    r = Run(config, workdir)
     if config.mode == "train":
       return r.task.after_training(r, train(r), run)
     if config.mode == "eval":
