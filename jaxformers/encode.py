@@ -15,40 +15,12 @@ checkpoint saved from such a directory (converted, pruned or quantized) keeps th
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-POOLINGS = ("cls", "mean", "max")
-
-
-def sentence_transformers_config(path: str | Path) -> dict:
-  """``{"pooling", "normalize", "max_length"}`` from a sentence-transformers directory, or the ``"encode"`` entry
-  of a native checkpoint saved from one (``save_pretrained(..., tokenizer=that directory)`` carries them: convert,
-  prune and quantize keep them); {} otherwise."""
-  path = Path(path)
-  if not (path / "modules.json").is_file():
-    try:
-      saved = json.loads((path / "jaxformers.json").read_text()).get("encode") if path.is_dir() else None
-    except (OSError, ValueError, AttributeError):   # no or a broken jaxformers.json: from_pretrained says which
-      saved = None
-    return dict(saved) if isinstance(saved, dict) else {}
-  modules = json.loads((path / "modules.json").read_text())
-  out = {"normalize": any(m.get("type", "").endswith("Normalize") for m in modules)}
-  for m in modules:
-    if m.get("type", "").endswith("Pooling"):
-      cfg = json.loads((path / m["path"] / "config.json").read_text())
-      modes = [p for p, key in (("cls", "pooling_mode_cls_token"), ("mean", "pooling_mode_mean_tokens"),
-                                ("max", "pooling_mode_max_tokens")) if cfg.get(key)]
-      if len(modes) != 1:
-        raise ValueError(f"{path / m['path'] / 'config.json'}: pooling modes {modes or 'none'}; jaxformers.encode "
-                         f"supports exactly one of {', '.join(POOLINGS)}")
-      out["pooling"] = modes[0]
-  if (path / "sentence_bert_config.json").is_file():
-    out["max_length"] = int(json.loads((path / "sentence_bert_config.json").read_text())["max_seq_length"])
-  return out
+from jaxformers.convert.tokenizer import POOLINGS, sentence_transformers_config  # noqa: F401 (read here)
 
 
 @dataclasses.dataclass(frozen=True)

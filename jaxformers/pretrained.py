@@ -47,7 +47,7 @@ def save_pretrained(model, path: str | Path, overwrite: bool = False, tokenizer:
           "head": model.classifier.style if hasattr(model, "classifier") else None,
           "label_names": list(getattr(model, "label_names", None) or []) or None}
   if tokenizer is not None:    # a sentence-transformers source's pooling, normalisation and length go with the model
-    from jaxformers.encode import sentence_transformers_config
+    from jaxformers.convert.tokenizer import sentence_transformers_config
     from jaxformers.workdir import tokenizer_dir
     try:
       settings = sentence_transformers_config(tokenizer_dir(tokenizer))

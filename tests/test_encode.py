@@ -110,9 +110,10 @@ def test_encode_cli_refuses_bad_outputs_and_lengths_in_one_line_before_computing
   (tmp_path / "dir").mkdir()
   computed = []
   monkeypatch.setattr(jaxformers, "encode", lambda *a, **k: computed.append(a))
+  d = tmp_path / "dir"
   for out, extra, msg in ((tmp_path / "missing" / "v.npy", [], f"{tmp_path / 'missing'}: no such directory"),
-                          (tmp_path / "dir", ["--overwrite"], f"{tmp_path / 'dir'} is a directory: nothing was written"),
-                          (tmp_path / "dir", [], f"{tmp_path / 'dir'} is a directory")):
+                          (d, ["--overwrite"], f"{d} is a directory: nothing was written"),
+                          (d, [], f"{d} is a directory")):
     assert main(["encode", str(minilm_dir), str(tmp_path / "t.txt"), str(out), *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and msg in err[0], err
