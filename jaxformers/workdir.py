@@ -1,6 +1,6 @@
-"""Where a ``train.py`` work directory keeps things: ``tokenizer.json``, orbax trainer states in ``best/<step>`` and
-``checkpoints/<step>``, and ``train.lock``, which the one process training there holds (:class:`Lock`). Paths and
-the lock only; nothing here reads a checkpoint."""
+"""Where a ``train.py`` work directory keeps things: ``tokenizer.json`` and orbax trainer states in ``best/<step>``
+and ``checkpoints/<step>``; beside it, ``.DIR.lock``, which the one process training in ``DIR`` holds
+(:class:`Lock`). Paths and the lock only; nothing here reads a checkpoint."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -45,7 +45,10 @@ def tokenizer_dir(path: str | Path) -> Path:
   return root if root is not None else Path(path)
 
 
-LOCK = "train.lock"
+def lock_path(workdir: str | Path) -> Path:
+  """``.DIR.lock`` beside ``DIR`` (outside it, so that nothing in the workdir changes when a lock is taken over)."""
+  p = Path(workdir).resolve()
+  return p.parent / f".{p.name}.lock"
 
 
 class WorkdirLocked(RuntimeError):
@@ -53,13 +56,14 @@ class WorkdirLocked(RuntimeError):
 
 
 class Lock:
-  """``DIR/train.lock``: held (an exclusive ``flock``) by the one process training in ``DIR``, which writes its pid,
-  host and start time into it. A second process is refused with :class:`WorkdirLocked` naming the holder. The
+  """``.DIR.lock`` beside ``DIR``: held (an exclusive ``flock``) by the one process training in ``DIR``, which writes
+  its pid, host and start time into it. A second process is refused with :class:`WorkdirLocked` naming the holder. The
   kernel releases the lock when its holder ends, however it ends: a lock file still naming a process that is gone
   (killed) is taken over, and :attr:`stale` says whose it was. Released, the file is left empty."""
 
   def __init__(self, workdir: str | Path):
-    self.path = Path(workdir) / LOCK
+    self.workdir = Path(workdir)
+    self.path = lock_path(workdir)
     self.fd = None
     self.stale = None
 
@@ -76,7 +80,7 @@ class Lock:
     except BlockingIOError:
       holder = _read_holder(fd)
       os.close(fd)
-      raise WorkdirLocked(f"{self.path.parent} is in use by another training process ("
+      raise WorkdirLocked(f"{self.workdir} is in use by another training process ("
                           + (f"pid {holder.get('pid')} on host {holder.get('host')}, since {holder.get('started')}"
                              if holder else "that has not written its pid yet") + f", {self.path}): nothing was "
                           f"written; wait for it to end or use another --workdir") from None

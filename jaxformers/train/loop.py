@@ -514,7 +514,7 @@ def run(config, workdir: str | Path) -> dict:
   """Train (resuming from ``workdir`` when it holds checkpoints), evaluate, or predict, as ``config.mode`` says.
   Training holds ``workdir``'s lock (:class:`jaxformers.workdir.Lock`): a second process training there is refused.
   A run that fails leaves no workdir behind that it created and wrote nothing into."""
-  from jaxformers.workdir import LOCK, Lock
+  from jaxformers.workdir import Lock
   workdir = Path(workdir)
   existed = workdir.exists()
   lock = None
@@ -531,12 +531,11 @@ def run(config, workdir: str | Path) -> dict:
       return evaluate_checkpoint(r)
     return predict(r)
   except BaseException:
-    if lock is not None:
-      lock.release()
-      lock = None
-    if not existed and workdir.is_dir() and not any(p.is_file() and p != workdir / LOCK for p in workdir.rglob("*")):
+    if not existed and workdir.is_dir() and not any(p.is_file() for p in workdir.rglob("*")):
       import shutil
       shutil.rmtree(workdir, ignore_errors=True)
+      if lock is not None:
+        lock.path.unlink(missing_ok=True)     # no workdir, no lock beside it
     raise
   finally:
     if lock is not None:
