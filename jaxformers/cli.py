@@ -44,6 +44,20 @@ def _export(args) -> int:
   return 0
 
 
+def read_lines(path: Path) -> list[str]:
+  """The lines of a UTF-8 text file, split at ``\\n`` only (a ``\\r`` before it is dropped; U+2028, form feeds and
+  other characters ``str.splitlines`` would split at stay inside their line); a final newline ends the last line."""
+  try:
+    text = path.read_bytes().decode("utf-8")   # not read_text: its universal newlines would split at a lone \r
+  except UnicodeDecodeError as e:
+    from jaxformers.convert.io import CheckpointError
+    raise CheckpointError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
+  lines = text.split("\n")
+  if lines[-1] == "":
+    lines.pop()
+  return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
 def _encode(args) -> int:
   import numpy as np
   import jaxformers
@@ -51,19 +65,23 @@ def _encode(args) -> int:
   src = Path(args.texts)
   if not src.is_file():
     raise CheckpointError(f"{src}: no such file (expected a UTF-8 text file, one text per line)")
-  try:
-    texts = src.read_text(encoding="utf-8").splitlines()
-  except UnicodeDecodeError as e:
-    raise CheckpointError(f"{src}: not UTF-8 text (byte offset {e.start})") from None
+  texts = read_lines(src)
   out = Path(args.out)
+  if out.is_dir():
+    raise CheckpointError(f"{out} is a directory: nothing was written; name a .npy file to write the vectors to")
   if out.exists() and not args.overwrite:
     raise CheckpointError(f"{out} exists: nothing was written; use --overwrite to replace it")
+  if not out.parent.is_dir():
+    raise CheckpointError(f"{out.parent}: no such directory to write {out.name} into; nothing was computed")
   t0 = time.perf_counter()
   vectors = jaxformers.encode(args.src, texts, pooling=args.pooling, normalize=args.normalize,
                               max_length=args.max_length, dtype=args.dtype, progress=True)
   tmp = out.with_name(f".{out.name}.partial.npy")
-  np.save(tmp, vectors)
-  tmp.replace(out)
+  try:
+    np.save(tmp, vectors)
+    tmp.replace(out)
+  finally:
+    tmp.unlink(missing_ok=True)
   print(f"wrote {out}: {vectors.shape[0]} vectors of {vectors.shape[1]} in {time.perf_counter() - t0:.1f}s")
   return 0
 
@@ -94,8 +112,8 @@ def _prune(args) -> int:
     if args.heads != "0" or args.ffn != "0":
       raise ValueError(f"--flops={args.flops} sets the heads and ffn fractions itself; give either --flops or "
                        f"--heads / --ffn")
-    args.heads, args.ffn = prune.flops_fractions(args.flops)
-  prune.check_targets(model, args.heads, args.ffn)
+    args.heads, args.ffn = prune.flops_fractions(args.flops, model)
+  prune.check_targets(model, args.heads, args.ffn, args.flops)
   if args.rounds < 1 or args.examples < 1:
     raise ValueError(f"--rounds={args.rounds} and --examples={args.examples} must be at least 1")
   c = _train_config(args.config)
@@ -106,13 +124,17 @@ def _prune(args) -> int:
                                  pad_id=model.config.pad_token_id, seed=c.seed)
   before = prune.count_params(model)
   work = Path(args.workdir or f"{args.dst}-rounds")
+  if args.distill:
+    _claim_rounds_dir(work, args)
   for k in range(1, args.rounds + 1):
     frac = lambda t: _round_target(prune.parse_target(t, n, "target"), k, args.rounds)  # noqa: E731
     model, _ = prune.prune_to(model, batches, heads=frac(args.heads), ffn=frac(args.ffn), progress=True)
     print(f"round {k}/{args.rounds}: {prune.count_params(model):,} parameters\n{prune.describe(model)}")
     if args.distill:
       from jaxformers.train import run
-      saved = jaxformers.save_pretrained(model, work / f"round{k}" / "pruned", overwrite=True, tokenizer=args.src)
+      saved = work / f"round{k}" / "pruned"
+      if not (saved / "jaxformers.json").is_file():   # a resumed prune keeps the round's saved model as it is
+        saved = jaxformers.save_pretrained(model, saved, tokenizer=args.src)
       c.init_from, c.distill.teacher, c.model.layout = str(saved), str(args.src), ""
       c.distill.hidden = 1.0
       if models.task_of(model) == "classification" and c.task in ("classification", "regression"):
@@ -129,6 +151,40 @@ def _prune(args) -> int:
   print(f"wrote {out}: {prune.count_params(model):,} parameters ({before:,} before), layout {model.config.layout}, "
         f"blocks' FLOPs/token at length {length}: {prune.block_flops(model, length) / flops_before:.3f} of SRC's")
   return 0
+
+
+ROUNDS_FILE = "prune.json"
+
+
+def _claim_rounds_dir(work: Path, args) -> None:
+  """Make ``work`` the rounds directory of this prune, or refuse before anything is written: ``prune.json`` there
+  names the settings whose rounds it holds; the same command again resumes them, other settings are refused."""
+  import json
+  from jaxformers.convert.io import CheckpointError
+  settings = {"src": str(Path(args.src).absolute()) if Path(args.src).exists() else args.src,
+              "heads": str(args.heads), "ffn": str(args.ffn), "flops": args.flops, "rounds": args.rounds,
+              "examples": args.examples, "steps": args.steps, "config": args.config}
+  mine = work / ROUNDS_FILE
+  if work.exists() and not work.is_dir():
+    raise CheckpointError(f"--workdir {work} is a file: nothing was written; name a directory for the rounds' runs")
+  if mine.is_file():
+    try:
+      theirs = json.loads(mine.read_text())
+    except ValueError:
+      theirs = {}
+    diff = [k for k in settings if theirs.get(k) != settings[k]]
+    if diff:
+      raise CheckpointError(f"--workdir {work} holds the rounds of another prune ({diff[0]} {theirs.get(diff[0])!r} "
+                            f"there, {settings[diff[0]]!r} here): nothing was written; use a fresh --workdir")
+    return
+  rounds = sorted(p.name for p in work.glob("round*")) if work.is_dir() else []
+  if rounds:
+    raise CheckpointError(f"--workdir {work} holds {', '.join(rounds)} but no {ROUNDS_FILE} naming the prune they "
+                          f"belong to: nothing was written; use a fresh --workdir")
+  work.mkdir(parents=True, exist_ok=True)
+  tmp = work / f".{ROUNDS_FILE}.partial"
+  tmp.write_text(json.dumps(settings, indent=2) + "\n")
+  tmp.replace(mine)
 
 
 def _round_target(target, k: int, rounds: int):
@@ -234,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
   pr.add_argument("--distill", action="store_true", help="distil from SRC after each round")
   pr.add_argument("--rounds", type=int, default=1, help="prune in this many equal steps (prune -> distil -> prune)")
   pr.add_argument("--steps", type=int, default=0, help="distillation steps per round (default: the config's)")
-  pr.add_argument("--workdir", help="where the rounds' runs go (default DST-rounds)")
+  pr.add_argument("--workdir", help="where the rounds' runs go (default DST-rounds); the same command again resumes "
+                                    "them, a prune with other settings is refused there")
   pr.add_argument("--overwrite", action="store_true", help="replace the jaxformers checkpoint in a non-empty DST")
   pr.set_defaults(fn=_prune)
   q = sub.add_parser("quantize", help="int8 post-training quantization of every dense layer",
@@ -251,9 +308,10 @@ def main(argv: list[str] | None = None) -> int:
   args = p.parse_args(argv)
   from jaxformers.convert.io import CheckpointError
   from jaxformers.layout import LayoutError
+  from jaxformers.workdir import WorkdirLocked
   try:
     return args.fn(args)
-  except (CheckpointError, LayoutError, KeyError, ValueError) as e:
+  except (CheckpointError, LayoutError, KeyError, ValueError, WorkdirLocked) as e:
     msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
     print(f"jaxformers {args.command}: error: {msg}", file=sys.stderr)
     return 2

@@ -9,39 +9,18 @@ The result is a numpy array ``[len(texts), hidden]`` in input order. Texts are t
 the device runs the previous block's calls (JAX dispatches them asynchronously); ``dtype="bfloat16"`` computes in
 bfloat16 with the float32 parameters (softmax and LayerNorm statistics stay float32). Given a sentence-transformers
 directory (``modules.json``, ``1_Pooling/config.json``, ``sentence_bert_config.json``), its pooling,
-normalisation and ``max_seq_length`` are the defaults, so the call gives sentence-transformers' vectors.
+normalisation and ``max_seq_length`` are the defaults, so the call gives sentence-transformers' vectors; a native
+checkpoint saved from such a directory (converted, pruned or quantized) keeps them in ``jaxformers.json``.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-POOLINGS = ("cls", "mean", "max")
-
-
-def sentence_transformers_config(path: str | Path) -> dict:
-  """``{"pooling", "normalize", "max_length"}`` from a sentence-transformers directory ({} if it is not one)."""
-  path = Path(path)
-  if not (path / "modules.json").is_file():
-    return {}
-  modules = json.loads((path / "modules.json").read_text())
-  out = {"normalize": any(m.get("type", "").endswith("Normalize") for m in modules)}
-  for m in modules:
-    if m.get("type", "").endswith("Pooling"):
-      cfg = json.loads((path / m["path"] / "config.json").read_text())
-      modes = [p for p, key in (("cls", "pooling_mode_cls_token"), ("mean", "pooling_mode_mean_tokens"),
-                                ("max", "pooling_mode_max_tokens")) if cfg.get(key)]
-      if len(modes) != 1:
-        raise ValueError(f"{path / m['path'] / 'config.json'}: pooling modes {modes or 'none'}; jaxformers.encode "
-                         f"supports exactly one of {', '.join(POOLINGS)}")
-      out["pooling"] = modes[0]
-  if (path / "sentence_bert_config.json").is_file():
-    out["max_length"] = int(json.loads((path / "sentence_bert_config.json").read_text())["max_seq_length"])
-  return out
+from jaxformers.convert.tokenizer import POOLINGS, sentence_transformers_config  # noqa: F401 (read here)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,11 +64,12 @@ def with_dtype(encoder, dtype: str):
   return out
 
 
-def encode(model_or_path, texts: Sequence[str], *, pooling: str | None = None, normalize: bool | None = None,
+def encode(model_or_path, texts: str | Sequence[str], *, pooling: str | None = None, normalize: bool | None = None,
            max_length: int | None = None, batch_tokens: int = 8192, tokenizer=None, max_segments: int = 16,
            dtype: str | None = None, progress: bool | None = None, tokenize_block: int = 512,
            **overrides) -> np.ndarray:
-  """Vectors ``[len(texts), hidden]`` for ``texts``, in input order (see the module docstring).
+  """Vectors ``[len(texts), hidden]`` for ``texts``, in input order (see the module docstring); a single string is
+  one text and gives one vector ``[hidden]``, as ``SentenceTransformer.encode`` does.
 
   ``model_or_path``: a model (then pass ``tokenizer``, a ``tokenizers.Tokenizer``) or anything
   ``from_pretrained`` takes (its tokenizer is used; ``overrides`` go to ``from_pretrained``). Defaults: the
@@ -107,6 +87,12 @@ def encode(model_or_path, texts: Sequence[str], *, pooling: str | None = None, n
     raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
   if tokenize_block < 1:
     raise ValueError(f"tokenize_block={tokenize_block}: expected a positive number of texts")
+  if max_length is not None and max_length < 2:
+    raise ValueError(f"max_length={max_length}: expected at least 2 tokens a text (its special tokens included)")
+  if isinstance(texts, str):   # one text, not a sequence of one-character texts
+    return encode(model_or_path, [texts], pooling=pooling, normalize=normalize, max_length=max_length,
+                  batch_tokens=batch_tokens, tokenizer=tokenizer, max_segments=max_segments, dtype=dtype,
+                  progress=progress, tokenize_block=tokenize_block, **overrides)[0]
   st = {}
   if isinstance(model_or_path, (str, Path)):
     from jaxformers.hub import resolve

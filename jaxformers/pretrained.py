@@ -33,7 +33,8 @@ def check_save_destination(path: str | Path, overwrite: bool = False) -> Path:
 
 def save_pretrained(model, path: str | Path, overwrite: bool = False, tokenizer: str | Path | None = None) -> Path:
   """Save a model as a native checkpoint directory: ``jaxformers.json`` and orbax ``params/`` (and with
-  ``tokenizer``, a checkpoint or run directory, its tokenizer files).
+  ``tokenizer``, a checkpoint or run directory, its tokenizer files; a sentence-transformers directory's pooling,
+  normalisation and maximum length are kept in ``jaxformers.json["encode"]`` for :func:`jaxformers.encode`).
 
   ``path`` must be new or empty; with ``overwrite`` a non-empty one keeps its other files and only
   ``jaxformers.json`` and ``params/`` are replaced (refused if its ``params/`` is not an orbax checkpoint,
@@ -45,6 +46,15 @@ def save_pretrained(model, path: str | Path, overwrite: bool = False, tokenizer:
           "num_labels": getattr(model, "num_labels", None),
           "head": model.classifier.style if hasattr(model, "classifier") else None,
           "label_names": list(getattr(model, "label_names", None) or []) or None}
+  if tokenizer is not None:    # a sentence-transformers source's pooling, normalisation and length go with the model
+    from jaxformers.convert.tokenizer import sentence_transformers_config
+    from jaxformers.workdir import tokenizer_dir
+    try:
+      settings = sentence_transformers_config(tokenizer_dir(tokenizer))
+    except ValueError:        # pooling modes encode cannot run: nothing to keep (encode on the source says why)
+      settings = {}
+    if settings:
+      meta["encode"] = settings
 
   def write(tmp: Path):
     with ocp.StandardCheckpointer() as ckpt:

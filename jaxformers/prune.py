@@ -275,14 +275,17 @@ def prune(model, keep_heads: dict[int, np.ndarray] | None = None, keep_ffn: dict
   return new
 
 
-def check_targets(model, heads=0.0, ffn=0.0) -> None:
+def check_targets(model, heads=0.0, ffn=0.0, flops=None) -> None:
   """Raise :class:`PruneError` for targets :func:`plan` would refuse, before any scoring: fractions outside [0, 1),
-  unknown layers, or a global fraction that leaves no head (neuron) at all."""
+  unknown layers, a global fraction that leaves no head (neuron) at all, or one of a kind the model does not have
+  (``heads`` on a model without attention). With ``flops`` (the budget ``heads`` and ``ffn`` were derived from,
+  :func:`flops_fractions`) the messages name the budget, not fractions the user never gave."""
   n = model.config.num_layers
   blocks = models.encoder_of(model).blocks
   for what, t in (("heads", parse_target(heads, n, "heads")), ("ffn", parse_target(ffn, n, "ffn"))):
     units = [b.mixer.num_heads if what == "heads" and b.has_attention else
              (b.mlp.down.kernel.shape[0] if what == "ffn" and b.mlp is not None else 0) for b in blocks]
+    kind = "attention heads" if what == "heads" else "feed-forward neurons"
     if isinstance(t, dict):
       bad = [i for i in t if units[i] == 0]
       if bad:
@@ -293,7 +296,13 @@ def check_targets(model, heads=0.0, ffn=0.0) -> None:
       left = sum(units) - int(round(t * sum(units)))
     else:
       left = sum(u - int(round(t * u)) for u in units)
+    if not sum(units) and t and flops is None:
+      raise PruneError(f"{what}={t}: the model has no {kind} to remove (layout {model.config.layout}); leave "
+                       f"{what} at 0")
     if sum(units) and left == 0:
+      if flops is not None:
+        raise PruneError(f"flops={flops}: keeping that fraction of the blocks' FLOPs removes {t:g} of the {kind}, "
+                         f"which leaves 0 of them in the whole model; raise flops")
       raise PruneError(f"{what}={t}: 0 {'heads' if what == 'heads' else 'neurons'} left in the whole model; lower "
                        f"the fraction")
 
@@ -312,18 +321,22 @@ def block_flops(model, length: int) -> float:
   return total
 
 
-def flops_fractions(flops) -> tuple[float, float]:
+def flops_fractions(flops, model=None) -> tuple[float, float]:
   """``(heads, ffn)`` fractions that bring the blocks' FLOPs per token to ``flops`` (in (0, 1]) of what they are:
   every head of a model costs the same, and every neuron, so removing the fraction ``1 - flops`` of all heads
   (global ranking) and of every block's neurons scales :func:`block_flops` by ``flops``, up to rounding to whole
-  heads and neurons."""
+  heads and neurons. Given ``model``, a kind it does not have (heads of an attention-free model) gets 0."""
   try:
     r = float(flops)
   except (TypeError, ValueError):
     raise PruneError(f"flops={flops!r}: expected the fraction of the blocks' FLOPs per token to keep, in (0, 1]") from None
   if not 0.0 < r <= 1.0:
     raise PruneError(f"flops={flops!r}: the fraction of the blocks' FLOPs per token to keep must be in (0, 1]")
-  return 1.0 - r, 1.0 - r
+  if model is None:
+    return 1.0 - r, 1.0 - r
+  blocks = models.encoder_of(model).blocks
+  return (1.0 - r if any(b.has_attention for b in blocks) else 0.0,
+          1.0 - r if any(b.mlp is not None for b in blocks) else 0.0)
 
 
 def prune_to(model, batches, heads=0.0, ffn=0.0, flops=None, progress: bool = False):
@@ -333,8 +346,8 @@ def prune_to(model, batches, heads=0.0, ffn=0.0, flops=None, progress: bool = Fa
   if flops is not None:
     if heads or ffn:
       raise PruneError(f"flops={flops} sets the heads and ffn fractions itself; give either flops or heads / ffn")
-    heads, ffn = flops_fractions(flops)
-  check_targets(model, heads, ffn)   # bad targets fail before the scoring pass
+    heads, ffn = flops_fractions(flops, model)
+  check_targets(model, heads, ffn, flops)   # bad targets fail before the scoring pass
   scores = importance(model, batches, progress=progress)
   keep_h, keep_f = plan(model, scores, heads, ffn)
   return prune(model, keep_h, keep_f), scores

@@ -59,6 +59,12 @@ def restore(step: Path, rngs: nnx.Rngs | None = None, **runtime):
   from jaxformers.train.checkpoint import param_shapes
   meta = read_meta(step)
   where = str(step)
+  if ((meta.get("config") or {}).get("search") or {}).get("enabled"):
+    root = step.parent.parent
+    derived = root / "derived"
+    raise CheckpointError(f"{root}: an architecture search's run, whose states hold the supernet, not a model: use its "
+                          f"derived model, {derived}" + ("" if (derived / "jaxformers.json").is_file() else
+                                                        " (written when the search finishes)"))
   abstract = nnx.eval_shape(lambda: build(meta, where, **runtime))
   params = nnx.split(abstract, nnx.Param, ...)[1]
   saved, now = meta.get("param_shapes", {}), param_shapes(params)

@@ -1,5 +1,6 @@
-"""Where a ``train.py`` work directory keeps things: ``tokenizer.json``, and orbax trainer states in
-``best/<step>`` and ``checkpoints/<step>``. Paths only; nothing here reads a checkpoint."""
+"""Where a ``train.py`` work directory keeps things: ``tokenizer.json`` and orbax trainer states in ``best/<step>``
+and ``checkpoints/<step>``; beside it, ``.DIR.lock``, which the one process training in ``DIR`` holds
+(:class:`Lock`). Paths and the lock only; nothing here reads a checkpoint."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,3 +43,74 @@ def tokenizer_dir(path: str | Path) -> Path:
   """Where the tokenizer of ``path`` lives: the run directory for a run or one of its states, else ``path``."""
   root = workdir_of(path)
   return root if root is not None else Path(path)
+
+
+def lock_path(workdir: str | Path) -> Path:
+  """``.DIR.lock`` beside ``DIR`` (outside it, so that nothing in the workdir changes when a lock is taken over)."""
+  p = Path(workdir).resolve()
+  return p.parent / f".{p.name}.lock"
+
+
+class WorkdirLocked(RuntimeError):
+  """Another live process trains in this workdir (the message names its pid and host)."""
+
+
+class Lock:
+  """``.DIR.lock`` beside ``DIR``: held (an exclusive ``flock``) by the one process training in ``DIR``, which writes
+  its pid, host and start time into it. A second process is refused with :class:`WorkdirLocked` naming the holder. The
+  kernel releases the lock when its holder ends, however it ends: a lock file still naming a process that is gone
+  (killed) is taken over, and :attr:`stale` says whose it was. Released, the file is left empty."""
+
+  def __init__(self, workdir: str | Path):
+    self.workdir = Path(workdir)
+    self.path = lock_path(workdir)
+    self.fd = None
+    self.stale = None
+
+  def acquire(self) -> "Lock":
+    import fcntl
+    import json
+    import os
+    import socket
+    import time
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = _read_holder(fd)
+      os.close(fd)
+      raise WorkdirLocked(f"{self.workdir} is in use by another training process ("
+                          + (f"pid {holder.get('pid')} on host {holder.get('host')}, since {holder.get('started')}"
+                             if holder else "that has not written its pid yet") + f", {self.path}): nothing was "
+                          f"written; wait for it to end or use another --workdir") from None
+    self.stale = _read_holder(fd) or None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                               "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}) + "\n").encode(), 0)
+    os.fsync(fd)
+    self.fd = fd
+    return self
+
+  def release(self) -> None:
+    import os
+    if self.fd is not None:
+      os.ftruncate(self.fd, 0)   # the file stays (unlinking it would let a waiting opener lock a removed file)
+      os.close(self.fd)          # closing releases the flock
+      self.fd = None
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
+
+
+def _read_holder(fd: int) -> dict:
+  import json
+  import os
+  try:
+    text = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+    return json.loads(text) if text else {}
+  except ValueError:
+    return {"pid": "?", "host": "?", "started": "?"}

@@ -213,3 +213,23 @@ def test_healing_on_four_devices_equals_one(teacher, tmp_path):
   for name in ("dp", "fsdp"):
     got = {int(k): v for k, v in res[name].items()}
     np.testing.assert_allclose([got[k] for k in sorted(ref)], [ref[k] for k in sorted(ref)], rtol=2e-5, err_msg=name)
+
+
+def test_a_teacher_with_another_vocabulary_is_refused_up_front(teacher, tmp_path):
+  """A teacher whose tokenizer is not the student's used to be checked only for masked-LM logits: the run read the
+  student's ids as the teacher's tokens (ids past its table: NaN, with advice to lower the learning rate)."""
+  other = tmp_path / "other"           # the same data and model, a 300-token WordPiece instead of 400
+  run(load_config("tiny", "steps=1", data__vocab_size=300), other)
+  student = dict(distill__hidden=1.0)
+  with pytest.raises(ConfigError, match=rf"^config.distill.teacher={other}: its tokenizer \(300 tokens, embeddings "
+                                        rf"for 300\) is not the student's \(400 tokens, from the training texts\), so "
+                                        rf"it would read the student's token ids as other tokens; train the student "
+                                        rf"with the teacher's tokenizer \(config.data.tokenizer={other}\)$"):
+    Run(load_config("tiny", "steps=1", distill__teacher=str(other), **student), tmp_path / "a")
+  bare = tmp_path / "bare"             # no tokenizer beside the teacher: its embedding rows must cover the ids
+  jaxformers.save_pretrained(jaxformers.from_pretrained(other), bare)
+  with pytest.raises(ConfigError, match=rf"^config.distill.teacher={bare}: its embeddings have 300 tokens, fewer "
+                                        rf"than the student's tokenizer \(400 tokens, from the training texts\)"):
+    Run(load_config("tiny", "steps=1", distill__teacher=str(bare), **student), tmp_path / "b")
+  assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+  Run(load_config("tiny", "steps=1", distill__teacher=teacher, **student), tmp_path / "c")   # the same tokenizer

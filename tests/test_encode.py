@@ -81,3 +81,47 @@ def test_cli_writes_vectors_in_line_order(minilm_dir, reference, tmp_path, capsy
   assert cosine(np.load(tmp_path / "v.npy"), reference(texts)).min() >= 0.9999
   assert main(["encode", str(minilm_dir), str(tmp_path / "t.txt"), str(tmp_path / "v.npy")]) == 2
   assert "exists: nothing was written; use --overwrite" in capsys.readouterr().err
+
+
+def test_encode_cli_splits_lines_at_newline_only(minilm_dir, tmp_path):
+  """U+2028, U+2029, form feed, vertical tab and a lone carriage return stay inside their line (str.splitlines would
+  split there); CRLF ends a line like LF; one vector per line of the file, in order."""
+  lines = ["first line\u2028still the first", "second\x0cwith a form feed", "third\rwith a lone CR",
+           "fourth\x0bvertical tab \u2029 paragraph", "", "last, after an empty one"]
+  (tmp_path / "t.txt").write_bytes(("\r\n".join(lines[:3]) + "\n" + "\n".join(lines[3:]) + "\n").encode())
+  assert main(["encode", str(minilm_dir), str(tmp_path / "t.txt"), str(tmp_path / "v.npy")]) == 0
+  got = np.load(tmp_path / "v.npy")
+  assert got.shape == (len(lines), 384)
+  np.testing.assert_allclose(got, jaxformers.encode(minilm_dir, lines), atol=2e-6)
+
+
+def test_encode_of_a_single_string_gives_one_vector(minilm_dir, reference):
+  """A str is one text (sentence-transformers gives a 1-D vector for it), not one text per character."""
+  one = jaxformers.encode(minilm_dir, "hello world")
+  ref = reference("hello world")
+  assert one.shape == ref.shape == (384,)
+  assert cosine(one, ref) >= 0.9999
+  np.testing.assert_array_equal(one, jaxformers.encode(minilm_dir, ["hello world"])[0])
+
+
+def test_encode_cli_refuses_bad_outputs_and_lengths_in_one_line_before_computing(minilm_dir, tmp_path, capsys,
+                                                                                  monkeypatch):
+  (tmp_path / "t.txt").write_text("a text\nanother\n")
+  (tmp_path / "dir").mkdir()
+  computed = []
+  monkeypatch.setattr(jaxformers, "encode", lambda *a, **k: computed.append(a))
+  d = tmp_path / "dir"
+  for out, extra, msg in ((tmp_path / "missing" / "v.npy", [], f"{tmp_path / 'missing'}: no such directory"),
+                          (d, ["--overwrite"], f"{d} is a directory: nothing was written"),
+                          (d, [], f"{d} is a directory")):
+    assert main(["encode", str(minilm_dir), str(tmp_path / "t.txt"), str(out), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0], err
+  assert computed == [] and sorted(p.name for p in tmp_path.iterdir()) == ["dir", "t.txt"]
+  assert list((tmp_path / "dir").iterdir()) == []
+  monkeypatch.undo()
+  for n in ("-5", "0", "1"):
+    assert main(["encode", str(minilm_dir), str(tmp_path / "t.txt"), str(tmp_path / "v.npy"), "--max-length", n]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"max_length={n}: expected at least 2 tokens" in err[0], err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "t.txt"]

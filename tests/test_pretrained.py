@@ -230,3 +230,22 @@ def test_a_tensor_missing_from_a_layer_is_still_an_error(hf_factory, tmp_path):
   for layout in (None, "serial*5"):
     with pytest.raises(CheckpointError, match="encoder.blocks.1.mlp.down.kernel: no tensor in the checkpoint fills"):
       jaxformers.from_pretrained(tmp_path / "c", layout=layout)
+
+
+def test_relaying_out_an_int8_model_is_one_line(tmp_path, capsys):
+  """An int8 model given another layout or head used to fail with one 'unknown tensor' line per int8 kernel."""
+  from flax import nnx
+  from jaxformers.cli import main
+  from jaxformers.convert import CheckpointError
+  cfg = jaxformers.EncoderConfig(vocab_size=50, hidden_size=16, num_heads=2, intermediate_size=32, layout="serial*2",
+                                 max_position_embeddings=16)
+  q = jaxformers.quantize(jaxformers.build("classification", cfg, num_labels=3, rngs=nnx.Rngs(0)))
+  jaxformers.save_pretrained(q, tmp_path / "q")
+  for kw in (dict(layout="parallel*2"), dict(task="base"), dict(num_labels=5)):
+    with pytest.raises(CheckpointError, match=r"^[^\n]*: an int8 model cannot be re-laid out or given another head "
+                                              r"or config; do that to the float model, then quantize it$"):
+      jaxformers.from_pretrained(tmp_path / "q", **kw)
+  assert main(["convert", str(tmp_path / "q"), str(tmp_path / "p"), "--layout", "parallel*2"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "an int8 model cannot be re-laid out" in err[0], err
+  assert jaxformers.from_pretrained(tmp_path / "q").config.quantization == "int8"     # as saved: loads

@@ -300,3 +300,54 @@ def test_block_flops_match_xla_and_a_flops_target_scales_them():
       prune.flops_fractions(bad)
   with pytest.raises(prune.PruneError, match="either flops or heads"):
     prune.prune_to(m, [], heads=0.5, flops=0.5)
+
+
+def test_prune_with_distillation_rounds_never_replaces_an_earlier_prunes_rounds(tmp_path, capsys):
+  """A --workdir holding the rounds of a prune with other targets is refused before anything is written (it used
+  to replace round1/pruned and then fail); the same command again resumes the rounds and changes none of them."""
+  from jaxformers.cli import main
+  from jaxformers.train import run
+  from tests.test_train_rerun import hashes
+  from tests.train_helpers import ROOT, load_config
+  src, work = tmp_path / "src", tmp_path / "rounds"
+  run(load_config("tiny", "steps=2"), src)
+  args = ["--distill", "--rounds", "2", "--steps", "1", "--examples", "8", "--config",
+          f"{ROOT / 'configs' / 'tiny.py'}:steps=1", "--workdir", str(work)]
+  assert main(["prune", str(src), str(tmp_path / "a"), "--ffn", "0.5", *args]) == 0
+  capsys.readouterr()
+  before = hashes(work)
+  for other in (["--ffn", "0.25"], ["--heads", "0.5", "--ffn", "0.5"], ["--flops", "0.5"]):
+    assert main(["prune", str(src), str(tmp_path / "b"), *other, *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--workdir {work} holds the rounds of another prune" in err[0], err
+    assert "nothing was written" in err[0] and hashes(work) == before and not (tmp_path / "b").exists()
+  assert main(["prune", str(src), str(tmp_path / "a"), "--ffn", "0.5", "--overwrite", *args]) == 0
+  assert hashes(work) == before
+
+
+def test_a_too_small_flops_budget_is_named_as_the_budget_not_as_heads(tmp_path, capsys):
+  """--flops 0.001 used to report 'heads=0.999', a value the user never typed."""
+  from jaxformers.cli import main
+  jaxformers.save_pretrained(tiny(), tmp_path / "tiny")
+  assert main(["prune", str(tmp_path / "tiny"), str(tmp_path / "out"), "--flops", "0.001"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "flops=0.001: keeping that fraction of the blocks' FLOPs removes 0.999 of the attention " \
+                            "heads, which leaves 0 of them in the whole model; raise flops" in err[0], err
+  assert "heads=" not in err[0] and not (tmp_path / "out").exists()
+  with pytest.raises(prune.PruneError, match=r"^flops=0.001: .*raise flops$"):
+    prune.prune_to(tiny(), [], flops=0.001)
+
+
+def test_heads_on_a_model_without_attention_is_refused(tmp_path, capsys):
+  """--heads on an attention-free model used to be ignored without a word; --flops prunes its neurons alone."""
+  from jaxformers.cli import main
+  m = tiny(cfg=CFG.replace(layout="fourier,ffn*2"))
+  jaxformers.save_pretrained(m, tmp_path / "fnet")
+  assert main(["prune", str(tmp_path / "fnet"), str(tmp_path / "out"), "--heads", "0.5"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "heads=0.5: the model has no attention heads to remove (layout fourier,ffn*2)" in err[0]
+  assert not (tmp_path / "out").exists()
+  assert prune.flops_fractions(0.5, m) == (0.0, 0.5) and prune.flops_fractions(0.5, tiny()) == (0.5, 0.5)
+  ids, mask = batch()
+  small, _ = prune.prune_to(m, [{"input_ids": ids, "attention_mask": mask}], flops=0.5)
+  assert prune.block_flops(small, 32) == pytest.approx(0.5 * prune.block_flops(m, 32))

@@ -418,3 +418,51 @@ def test_search_from_a_converted_bert_starts_each_candidate_from_its_source_subl
   leaves = jax.tree.leaves(params)
   assert len({x.unsafe_buffer_pointer() for x in leaves}) == len(leaves)
   np.testing.assert_array_equal(got["encoder.embeddings.word.embedding"], want["encoder.embeddings.word.embedding"])
+
+
+def test_a_finished_search_rerun_with_then_train_says_summary_json_gains_the_derived_training(tmp_path, capsys):
+  """Such a rerun trains the derived model and adds search.derived_train to summary.json; it used to say the file
+  'is kept as it was'. A further rerun has nothing to add and keeps the file byte for byte."""
+  from jaxformers.train.cli import main
+  wd = tmp_path / "search"
+  kw = dict(SEARCH, search__then_train_steps=1)
+  run(load_config("tiny", "steps=4", **kw), wd)
+  before = json.loads((wd / "summary.json").read_text())
+  assert "derived_train" not in before["search"]
+  capsys.readouterr()
+  assert main(load_config("tiny", "steps=4", search__then_train=True, **kw), str(wd)) == 0
+  err = capsys.readouterr().err
+  assert f"the run in {wd} is already finished; summary.json gains search.derived_train (what this run added), the " \
+         f"rest is kept as it was." in err and "its summary.json is kept as it was" not in err
+  after = json.loads((wd / "summary.json").read_text())
+  assert after["search"].pop("derived_train")["workdir"] == str(wd / "derived_train")
+  assert after == before and (wd / "derived_train" / "summary.json").is_file()
+  text = (wd / "summary.json").read_text()
+  assert main(load_config("tiny", "steps=4", search__then_train=True, **kw), str(wd)) == 0
+  assert "its summary.json is kept as it was" in capsys.readouterr().err
+  assert (wd / "summary.json").read_text() == text
+
+
+def test_a_search_workdir_given_as_a_model_points_to_its_derived_model(tmp_path, capsys):
+  """export / quantize / prune / from_pretrained of a search's workdir used to report parameters that 'do not fit'
+  (the states hold the supernet): they now name DIR/derived."""
+  import jaxformers
+  from jaxformers.cli import main
+  from jaxformers.convert import CheckpointError
+  wd = tmp_path / "search"
+  run(load_config("tiny", "steps=2", train__stop_after=1, **SEARCH), wd)      # unfinished: no derived model yet
+  msg = f"{wd}: an architecture search's run, whose states hold the supernet, not a model: use its derived model, " \
+        f"{wd / 'derived'}"
+  with pytest.raises(CheckpointError, match=f"^{msg} \\(written when the search finishes\\)$".replace(".", r"\.")):
+    jaxformers.from_pretrained(wd)
+  run(load_config("tiny", "steps=2", **SEARCH), wd)
+  for where in (wd, wd / "checkpoints", wd / "checkpoints" / "2"):
+    with pytest.raises(CheckpointError, match=f"^{msg}$".replace(".", r"\.")):
+      jaxformers.from_pretrained(where)
+  for cmd in (["export", str(wd), str(tmp_path / "hf")], ["quantize", str(wd), str(tmp_path / "q")],
+              ["prune", str(wd), str(tmp_path / "p"), "--heads", "0.5"]):
+    assert main(cmd) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"jaxformers {cmd[0]}: error: {msg}"], err
+  assert jaxformers.from_pretrained(wd / "derived").config.layout == json.loads(
+      (wd / "summary.json").read_text())["search"]["layout"]

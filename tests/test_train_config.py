@@ -137,3 +137,23 @@ def test_classification_predictions_use_label_names(tmp_path):
   task = _task()
   task.write_predictions(np.array([[0.0, 1.0] + [0.0] * 7, [2.0] + [0.0] * 8]), tmp_path / "p.tsv")
   assert (tmp_path / "p.tsv").read_text() == "index\tprediction\n0\temail\n1\tasyncio\n"
+
+
+@pytest.mark.parametrize("value", [1.0, 1.5, -0.1])
+def test_sparsity_outside_zero_to_one_is_refused_up_front(value):
+  """optim.sparsity=1 or 1.5 ended in a traceback from inside the optimiser's init; a negative one was accepted."""
+  c = load_config("tiny", optim__sparsity=value)
+  with pytest.raises(ConfigError, match=rf"^config.optim.sparsity={value}: the fraction of the blocks' weights to "
+                                        rf"prune must be in \[0, 1\) \(1 would prune every weight\)$"):
+    check_values(c)
+
+
+def test_sparsity_of_one_on_the_command_line_is_one_line(tmp_path):
+  wd = tmp_path / "run"
+  p = subprocess.run([sys.executable, "train.py", "--config=configs/tiny.py", "--config.optim.sparsity=1",
+                      f"--workdir={wd}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert p.returncode == 1
+  assert p.stderr.strip().splitlines() == [
+      "train.py: error: config.optim.sparsity=1.0: the fraction of the blocks' weights to prune must be in [0, 1) "
+      "(1 would prune every weight)"]
+  assert not wd.exists()

@@ -66,3 +66,47 @@ def test_a_failed_run_leaves_no_empty_workdir(tmp_path):
   with pytest.raises(ConfigError):
     run(load_config("tiny", "layout=bogus"), existing)
   assert existing.is_dir()          # a directory the user made is never removed
+
+
+def test_a_second_process_training_in_the_same_workdir_is_refused_in_one_line(tmp_path):
+  """Two train.py processes on one fresh workdir used to end in an orbax error and duplicated metrics lines."""
+  import os
+  import socket
+  from jaxformers.workdir import Lock
+  wd, lock = tmp_path / "run", tmp_path / ".run.lock"
+  with Lock(wd):                    # this process trains there (as far as the lock goes)
+    holder = json.loads(lock.read_text())
+    assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
+    p = subprocess.run([sys.executable, "train.py", "--config=configs/tiny.py:steps=1", f"--workdir={wd}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1
+    assert "Traceback" not in p.stderr
+    assert [x for x in p.stderr.splitlines() if x.startswith("train.py")] == [   # (jax's backend notes aside)
+        f"train.py: error: {wd} is in use by another training process (pid {os.getpid()} on host "
+        f"{socket.gethostname()}, since {holder['started']}, {lock}): nothing was written; wait for it to end or use "
+        f"another --workdir"]
+    assert not wd.exists()
+  assert lock.read_text() == ""          # released
+  out = run(load_config("tiny", "steps=1"), wd)
+  assert out["steps"] == 1 and lock.read_text() == "" and "lock" not in " ".join(x.name for x in wd.iterdir())
+
+
+def test_the_stale_lock_of_a_killed_process_is_taken_over_in_one_line(tmp_path, caplog):
+  import os
+  import signal
+  wd, lock = tmp_path / "run", tmp_path / ".run.lock"
+  code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from jaxformers.workdir import Lock; "
+          "Lock(sys.argv[2]).acquire(); print('locked', flush=True); time.sleep(300)")
+  p = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(wd)], stdout=subprocess.PIPE, text=True)
+  assert p.stdout.readline().strip() == "locked"
+  holder = json.loads(lock.read_text())
+  os.kill(p.pid, signal.SIGKILL)     # ends without releasing: the file still names it
+  p.wait()
+  assert json.loads(lock.read_text()) == holder
+  with caplog.at_level("WARNING", logger="jaxformers.train"):
+    out = run(load_config("tiny", "steps=1"), wd)
+  assert out["steps"] == 1
+  said = [r.getMessage() for r in caplog.records if "took over the lock" in r.getMessage()]
+  assert said == [f"{wd}: took over the lock of pid {p.pid} on host {holder['host']} (since {holder['started']}), "
+                  f"which ended without releasing it"]
+  assert lock.read_text() == ""

@@ -44,9 +44,13 @@ def rearrange(model, *, layout: str | None = None, task: str | None = None, num_
 
   ``overrides`` set other :class:`EncoderConfig` fields (e.g. ``max_position_embeddings``, which
   extends the position table). Tensors the new layout has no place for are reported as dropped,
-  parameters nothing fills (new attention where the source had Fourier mixing, a new head) as new.
+  parameters nothing fills (new attention where the source had Fourier mixing, a new head) as new. An int8 model
+  is refused (:class:`CheckpointError`).
   """
   cfg: EncoderConfig = model.config
+  if cfg.quantization != "none":     # its int8 kernels and scales have no conversion rules
+    raise CheckpointError(f"{where}: an {cfg.quantization} model cannot be re-laid out or given another head or "
+                          f"config; do that to the float model, then quantize it")
   source_task = models.task_of(model)
   task = task or source_task
   source_labels = getattr(model, "num_labels", None) if source_task in LABELLED else None

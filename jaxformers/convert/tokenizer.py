@@ -6,7 +6,8 @@ and the vocabulary) passes them on unchanged. A training run (or native director
 vocabulary, or BERT's own) becomes ``BertTokenizer`` (``tokenizer_config.json`` with the
 normaliser's lower-casing, accent and CJK options, ``vocab.txt`` in id order), anything else
 ``PreTrainedTokenizerFast`` over the same ``tokenizer.json``. Padding and truncation stored in
-``tokenizer.json`` are dropped: transformers pads and truncates per call.
+``tokenizer.json`` are dropped: transformers pads and truncates per call. A sentence-transformers directory's
+encoding settings (pooling, normalisation, maximum length) are read by :func:`sentence_transformers_config`.
 """
 from __future__ import annotations
 
@@ -106,3 +107,33 @@ def bert_options(spec: dict, specials: dict) -> dict | None:
     return None
   return {"do_lower_case": bool(norm.get("lowercase")), "strip_accents": norm.get("strip_accents"),
           "tokenize_chinese_chars": bool(norm.get("handle_chinese_chars"))}
+
+
+POOLINGS = ("cls", "mean", "max")
+
+
+def sentence_transformers_config(path: str | Path) -> dict:
+  """``{"pooling", "normalize", "max_length"}`` from a sentence-transformers directory, or the ``"encode"`` entry
+  of a native checkpoint saved from one (``save_pretrained(..., tokenizer=that directory)`` carries them: convert,
+  prune and quantize keep them); {} otherwise."""
+  path = Path(path)
+  if not (path / "modules.json").is_file():
+    try:
+      saved = json.loads((path / "jaxformers.json").read_text()).get("encode") if path.is_dir() else None
+    except (OSError, ValueError, AttributeError):   # no or a broken jaxformers.json: from_pretrained says which
+      saved = None
+    return dict(saved) if isinstance(saved, dict) else {}
+  modules = json.loads((path / "modules.json").read_text())
+  out = {"normalize": any(m.get("type", "").endswith("Normalize") for m in modules)}
+  for m in modules:
+    if m.get("type", "").endswith("Pooling"):
+      cfg = json.loads((path / m["path"] / "config.json").read_text())
+      modes = [p for p, key in (("cls", "pooling_mode_cls_token"), ("mean", "pooling_mode_mean_tokens"),
+                                ("max", "pooling_mode_max_tokens")) if cfg.get(key)]
+      if len(modes) != 1:
+        raise ValueError(f"{path / m['path'] / 'config.json'}: pooling modes {modes or 'none'}; jaxformers.encode "
+                         f"supports exactly one of {', '.join(POOLINGS)}")
+      out["pooling"] = modes[0]
+  if (path / "sentence_bert_config.json").is_file():
+    out["max_length"] = int(json.loads((path / "sentence_bert_config.json").read_text())["max_seq_length"])
+  return out

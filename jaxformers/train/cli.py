@@ -55,18 +55,23 @@ def main(config, workdir: str) -> int:
   from jaxformers.data.sources import DataError
   from jaxformers.train import ConfigError, Interrupted, NonFiniteLoss, run
   from jaxformers.train.checkpoint import CheckpointMismatch
+  from jaxformers.workdir import WorkdirLocked
   try:
     out = run(config, workdir)
   except Interrupted as e:
     print(f"train.py: {e}", file=sys.stderr)
     return 128 + int(e.signum)
-  except (ConfigError, DataError, CheckpointMismatch, CheckpointError, NonFiniteLoss, OSError) as e:
+  except (ConfigError, DataError, CheckpointMismatch, CheckpointError, NonFiniteLoss, OSError, WorkdirLocked) as e:
     print(f"train.py: error: {e}", file=sys.stderr)
     return EXIT_ERROR
   if out.get("already_done"):
     state = "finished" if out.get("finished") else f"stopped at train.stop_after (step {out['steps']})"
-    print(f"train.py: the run in {workdir} is already {state}; its summary.json is kept as it was. Use a fresh "
-          f"--workdir, or raise train.num_steps / train.stop_after to train further.", file=sys.stderr)
+    if out.get("updated"):
+      print(f"train.py: the run in {workdir} is already {state}; summary.json gains {', '.join(out['updated'])} "
+            f"(what this run added), the rest is kept as it was.", file=sys.stderr)
+    else:
+      print(f"train.py: the run in {workdir} is already {state}; its summary.json is kept as it was. Use a fresh "
+            f"--workdir, or raise train.num_steps / train.stop_after to train further.", file=sys.stderr)
   if out.get("mode") == "train":
     ev = out["eval"]
     print("final eval: " + " ".join(f"{k}={v:.4f}" for k, v in ev.items()))

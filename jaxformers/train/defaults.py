@@ -204,6 +204,9 @@ def check_values(c) -> None:
   if not c.optim.lr > 0:
     raise ConfigError(f"config.optim.lr={c.optim.lr}: must be a positive learning rate (a negative one would "
                       f"train by gradient ascent)")
+  if not 0.0 <= c.optim.sparsity < 1.0:
+    raise ConfigError(f"config.optim.sparsity={c.optim.sparsity}: the fraction of the blocks' weights to prune must be "
+                      f"in [0, 1) (1 would prune every weight)")
   if c.optim.end_lr < 0:
     raise ConfigError(f"config.optim.end_lr={c.optim.end_lr}: must be at least 0")
   if c.train.num_epochs <= 0 and c.train.num_steps < 1:

@@ -512,11 +512,19 @@ def predict(r: Run) -> dict:
 
 def run(config, workdir: str | Path) -> dict:
   """Train (resuming from ``workdir`` when it holds checkpoints), evaluate, or predict, as ``config.mode`` says.
+  Training holds ``workdir``'s lock (:class:`jaxformers.workdir.Lock`): a second process training there is refused.
   A run that fails leaves no workdir behind that it created and wrote nothing into."""
+  from jaxformers.workdir import Lock
   workdir = Path(workdir)
   existed = workdir.exists()
+  lock = None
   try:
-    r = Run(config, workdir)
+    r = Run(config, workdir)     # checks the config and writes nothing
+    if config.mode == "train" and jax.process_index() == 0:
+      lock = Lock(workdir).acquire()
+      if lock.stale:
+        log.warning("%s: took over the lock of pid %s on host %s (since %s), which ended without releasing it",
+                    workdir, lock.stale.get("pid"), lock.stale.get("host"), lock.stale.get("started"))
     if config.mode == "train":
       return r.task.after_training(r, train(r), run)
     if config.mode == "eval":
@@ -526,4 +534,9 @@ def run(config, workdir: str | Path) -> dict:
     if not existed and workdir.is_dir() and not any(p.is_file() for p in workdir.rglob("*")):
       import shutil
       shutil.rmtree(workdir, ignore_errors=True)
+      if lock is not None:
+        lock.path.unlink(missing_ok=True)     # no workdir, no lock beside it
     raise
+  finally:
+    if lock is not None:
+      lock.release()

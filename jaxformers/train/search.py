@@ -190,12 +190,15 @@ class Searched:
 
   def after_training(self, run, summary: dict, run_fn) -> dict:
     """With ``search.then_train``, train the derived model once the search has finished (also when a finished
-    search is run again and its derived model has not been trained yet)."""
+    search is run again and its derived model has not been trained yet: then ``summary.json`` gains
+    ``search.derived_train``, the rest kept as it was, and the returned summary's ``updated`` names that key)."""
     search = summary.get("search")
     if self.s.then_train and search and "derived_train" not in search and jax.process_index() == 0:
       search["derived_train"] = then_train(self.c, run.workdir, run_fn)
-      saved = {k: v for k, v in summary.items() if k != "already_done"}
+      saved = {k: v for k, v in summary.items() if k not in ("already_done", "updated")}
       (run.workdir / "summary.json").write_text(json.dumps(saved, indent=2) + "\n")
+      if summary.get("already_done"):    # a finished search run again: say what its summary.json gained
+        summary["updated"] = ["search.derived_train"]
     return summary
 
   def log_metrics(self, m: dict) -> dict:

@@ -271,6 +271,7 @@ class Distillation:
     teacher = jaxformers.from_pretrained(c.teacher, **overrides)
     s_cfg, t_cfg = run.cfg, teacher.config
     where = f"config.distill (teacher {c.teacher}, layout {t_cfg.layout}; student layout {s_cfg.layout})"
+    self.check_vocabulary(run, teacher)
     if self.weights["logits"]:
       t_task = models.task_of(teacher)
       if t_task != student_task:
@@ -306,6 +307,31 @@ class Distillation:
     self.params = jax.device_put(params, sharding.param_shardings(params, run.mesh))
     self.rest = jax.device_put(rest, jax.tree.map(lambda _: sharding.replicated(run.mesh), rest))
     self.student_task = student_task
+
+  def check_vocabulary(self, run, teacher) -> None:
+    """The teacher reads the student's token ids: refuse a teacher whose tokenizer is another than the run's (or,
+    without a tokenizer, whose embeddings have fewer rows than the run's tokenizer has tokens)."""
+    from jaxformers import hub
+    from jaxformers.convert.io import CheckpointError
+    from jaxformers.data import tokenize
+    from jaxformers.workdir import tokenizer_dir
+    c, tok = self.c, run.tok
+    mine = f"{tok.get_vocab_size()} tokens, from {run.c.data.tokenizer or run.c.init_from or 'the training texts'}"
+    try:
+      where = tokenizer_dir(hub.resolve(c.teacher))
+    except CheckpointError:
+      where = None
+    if where is not None and tokenize.has_tokenizer(where):
+      theirs = tokenize.load_tokenizer(str(where))
+      if theirs.get_vocab() != tok.get_vocab():
+        raise ConfigError(f"config.distill.teacher={c.teacher}: its tokenizer ({theirs.get_vocab_size()} tokens, "
+                          f"embeddings for {teacher.config.vocab_size}) is not the student's ({mine}), so it would "
+                          f"read the student's token ids as other tokens; train the student with the teacher's "
+                          f"tokenizer (config.data.tokenizer={c.teacher})")
+    elif tok.get_vocab_size() > teacher.config.vocab_size:
+      raise ConfigError(f"config.distill.teacher={c.teacher}: its embeddings have {teacher.config.vocab_size} "
+                        f"tokens, fewer than the student's tokenizer ({mine}); train the student with the teacher's "
+                        f"tokenizer")
 
   def inputs(self):
     return {"teacher_params": self.params, "teacher_rest": self.rest}
