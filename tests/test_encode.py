@@ -83,7 +83,8 @@ def st_parts(minilm_dir):
 
 
 @pytest.mark.parametrize("given", [dict(normalize=False), dict(pooling="cls"), dict(max_length=16),
-                                   dict(pooling="max", normalize=False, max_length=20)])
+                                   dict(pooling="max", normalize=False, max_length=20)],
+                         ids=["normalize_off", "pooling_cls", "max_length_16", "pooling_max_normalize_off_max_length_20"])
 def test_explicit_options_override_the_sentence_transformers_directory(minilm_dir, st_parts, given):
   """The directory says mean pooling, normalised, 256 tokens; each option given explicitly wins. Reference:
   sentence-transformers with the same modules but that pooling / no Normalize / that max_seq_length."""
