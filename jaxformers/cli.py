@@ -112,7 +112,9 @@ def _prune(args) -> int:
     print(f"round {k}/{args.rounds}: {prune.count_params(model):,} parameters\n{prune.describe(model)}")
     if args.distill:
       from jaxformers.train import run
-      saved = jaxformers.save_pretrained(model, work / f"round{k}" / "pruned", overwrite=True, tokenizer=args.src)
+      saved = work / f"round{k}" / "pruned"
+      if not (saved / "jaxformers.json").is_file():   # a resumed prune keeps the round's saved model as it is
+        saved = jaxformers.save_pretrained(model, saved, tokenizer=args.src)
       c.init_from, c.distill.teacher, c.model.layout = str(saved), str(args.src), ""
       c.distill.hidden = 1.0
       if models.task_of(model) == "classification" and c.task in ("classification", "regression"):
