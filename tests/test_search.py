@@ -279,7 +279,7 @@ def test_flops_penalty_value_and_direction_above_and_below_target():
     want, want_ratio = numpy_pen(logits)
     assert float(ratio) == pytest.approx(want_ratio, rel=1e-5)
     assert float(pen) == pytest.approx(want, rel=1e-5, abs=1e-7)
-  f = lambda l, w=s: search_penalties(l, jnp.asarray(costs, jnp.float32), source, w, None)  # noqa: E731
+  f = lambda l: search_penalties(l, jnp.asarray(costs, jnp.float32), source, s, None)  # noqa: E731
   hi = jnp.asarray(high, jnp.float32)
   assert float(f(hi)[1]) > 0.8 and float(f(hi)[0]) == pytest.approx(2.0 * (float(f(hi)[1]) - 0.5), rel=1e-5)
   g = jax.grad(lambda l: f(l)[0])(hi)
