@@ -216,8 +216,29 @@ def write_json(path: Path, obj) -> None:
   os.replace(tmp, path)
 
 
-def run_cell(a, data: dict, root: Path, layout: str, recipe: str) -> dict:
+def run_again_if_unreadable(c, workdir: Path) -> dict:
+  """``run(c, workdir)``; when none of the run's checkpoints restores (a cell keeps only its final state, so a
+  damaged one leaves nothing to fall back to), the directory is kept as ``NAME.unreadable`` and the run starts again,
+  as an interrupted cell's run does."""
+  from jaxformers.convert import CheckpointError
   from jaxformers.train import run
+  try:
+    return run(c, workdir)
+  except CheckpointError as e:
+    if not str(e).startswith("no checkpoint in "):
+      raise
+    aside = workdir.with_name(workdir.name + ".unreadable")
+    n = 1
+    while aside.exists():
+      n += 1
+      aside = workdir.with_name(f"{workdir.name}.unreadable{n}")
+    workdir.rename(aside)
+    print(f"{workdir}: {e}; kept as {aside.name}, running it again", file=sys.stderr, flush=True)
+    return run(c, workdir)
+
+
+def run_cell(a, data: dict, root: Path, layout: str, recipe: str) -> dict:
+  run = run_again_if_unreadable
   d = cell_dir(root, layout, recipe)
   rec = {"layout": layout, "recipe": recipe, "dir": str(d)}
   t0 = time.time()

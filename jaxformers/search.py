@@ -27,7 +27,8 @@ Cost: :func:`candidate_flops` counts forward FLOPs per token (a multiply-add is 
 the model's shapes at the run's sequence length ``L`` (``d`` hidden, ``F`` intermediate size):
 attention ``8 d^2 + 4 L d`` (four projections, scores and weighted sum), ffn ``4 d F``, fourier
 ``4 d^2 + 4 L d`` (the DFT matmuls over hidden and sequence), sparse ``8 d^2 + 4 K d`` with
-``K = min(L, 2 * sparse_window + 1 + globals)``, identity 0. The search's training objective adds
+``K = min(L, 2 * (sparse_window // 2) + 1 + globals)`` (a query's keys: those with ``|i - j| <= sparse_window // 2``
+and the global ones), identity 0. The search's training objective adds
 ``cost_weight * max(0, E[cost] / serial_cost - target_flops_ratio)`` (the expected cost under
 ``softmax(logits)`` relative to the source layout's cost) and, against the known collapse of
 differentiable search onto parameter-free skips, ``identity_weight * max(0, mean P(identity) -
@@ -204,7 +205,7 @@ def candidate_flops(cfg: EncoderConfig, length: int, name: str) -> float:
   if name == "fourier":
     return 4.0 * d * d + 4.0 * n * d
   if name == "sparse":
-    k = min(n, 2 * cfg.sparse_window + 1 + len(cfg.sparse_global_tokens))
+    k = min(n, 2 * (cfg.sparse_window // 2) + 1 + len(cfg.sparse_global_tokens))
     return 8.0 * d * d + 4.0 * k * d
   if name == "identity":
     return 0.0

@@ -123,6 +123,40 @@ def test_paf_checkpoint_matches_reference(hf_factory):
   assert max_diff_valid(model(ids, mask), ref_logits.numpy(), mask) <= TOL
 
 
+def test_twelve_labels_keep_their_numeric_order_through_conversion_export_and_reload(tmp_path):
+  """Twelve classes named "0".."11": transformers writes id2label with sorted keys ("0", "1", "10", "11", "2", ...),
+  and a string sort of ids or names puts "10" before "2". Conversion, the native checkpoint and the HF export keep
+  class k at logit k with name str(k), as transformers reads them."""
+  import json
+  names = [str(i) for i in range(12)]
+  make_hf(tmp_path / "hf", "BertForSequenceClassification", num_labels=12)
+  cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+  cfg["id2label"] = {str(i): n for i, n in enumerate(names)}
+  cfg["label2id"] = {n: i for i, n in enumerate(names)}
+  (tmp_path / "hf" / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+  assert list(json.loads((tmp_path / "hf" / "config.json").read_text())["id2label"])[2] == "10"
+  ref_model = T.BertForSequenceClassification.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+  assert [ref_model.config.id2label[i] for i in range(12)] == names
+  ids, mask = padded_batch(120, lengths=(9, 5, 7))
+  want = torch_outputs(ref_model, ids, mask).logits.numpy()
+  assert want.shape == (3, 12)
+
+  def check(model, where):
+    assert model.label_names == tuple(names), where
+    got = np.asarray(model(ids, mask))
+    np.testing.assert_allclose(got, want, atol=TOL, err_msg=where)   # class k is logit k
+  m = jaxformers.from_pretrained(tmp_path / "hf")
+  check(m, "converted")
+  jaxformers.save_pretrained(m, tmp_path / "native")
+  check(jaxformers.from_pretrained(tmp_path / "native"), "native")
+  jaxformers.export_hf(jaxformers.from_pretrained(tmp_path / "native"), tmp_path / "export")
+  exported = T.AutoModelForSequenceClassification.from_pretrained(tmp_path / "export", attn_implementation="eager")
+  assert [exported.config.id2label[i] for i in range(12)] == names
+  assert all(exported.config.label2id[n] == i for i, n in enumerate(names))
+  np.testing.assert_allclose(torch_outputs(exported.eval(), ids, mask).logits.numpy(), want, atol=TOL)
+  check(jaxformers.from_pretrained(tmp_path / "export"), "re-imported export")
+
+
 @pytest.mark.parametrize("arch", ["BertForPreTraining", "RobertaForSequenceClassification", "BertForTokenClassification"])
 def test_round_trip_reproduces_every_tensor(hf_factory, tmp_path, arch):
   path, ref_model = hf_factory(arch, "safetensors")

@@ -135,6 +135,62 @@ def test_a_student_equal_to_its_teacher_has_zero_loss_and_gradient(teacher, tmp_
   assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grads)) < 1e-5
 
 
+def test_relation_losses_use_the_deepest_mapped_pair_with_attention_on_both_sides(teacher, tmp_path):
+  """Layer map 1:2,2:1 (student layer 1 <- teacher layer 2, student layer 2 <- teacher layer 1): the attention and
+  value relations compare the queries, keys and values that student block 2 and teacher block 1 compute from their
+  inputs (hidden_states[1] and hidden_states[0]). Against numpy (projections, softmax, KL) at that pair; every other
+  pair gives another value."""
+  from flax import nnx
+  from jaxformers.convert.params import get_params
+  r = Run(heal_config(teacher, "serial*2", init_from="", data__tokenizer=teacher, distill__hidden=0.0,
+                      distill__layer_map="1:2,2:1"), tmp_path / "run")      # a student of its own (new weights)
+  assert r.task.distillation.relation == (2, 1)
+  batch = a_batch(r)
+  loss, _ = loss_and_grad(r, batch)
+  params, rest = r.init_params()
+  student = nnx.merge(r.gd_eval, params, rest, copy=True)
+  t_model = jaxformers.from_pretrained(teacher)
+  mask = np.asarray(batch["attention_mask"])
+  heads = r.cfg.num_heads
+
+  def hidden(model):
+    from jaxformers import models
+    out = models.encoder_of(model)(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"),
+                                   output_hidden_states=True)
+    return [np.asarray(h, np.float64) for h in out.hidden_states]
+
+  def qkv(model, block, x):
+    p = {k: np.asarray(v, np.float64) for k, v in get_params(model).items()}
+    pre = ("encoder." if any(k.startswith("encoder.") for k in p) else "") + f"blocks.{block}.mixer."
+    return [x @ p[pre + n + ".kernel"] + p[pre + n + ".bias"] for n in ("query", "key", "value")]
+
+  def logrel(a, b):
+    bsz, l, d = a.shape
+    dr = d // heads
+    sc = np.einsum("bqrd,bkrd->brqk", a.reshape(bsz, l, heads, dr), b.reshape(bsz, l, heads, dr)) / np.sqrt(dr)
+    sc = np.where(mask[:, None, None, :] > 0, sc, -np.inf)
+    m = sc.max(-1, keepdims=True)
+    return sc - m - np.log(np.exp(sc - m).sum(-1, keepdims=True))
+
+  def kl(s_pair, t_pair):
+    ls, lt = logrel(*s_pair), logrel(*t_pair)
+    keys = mask[:, None, None, :] > 0
+    per = np.where(keys, np.exp(lt) * (lt - np.where(keys, ls, 0.0)), 0.0).sum(-1).mean(1)   # [B, L]
+    return (per * mask).sum()
+
+  hs, ht = hidden(student), hidden(t_model)
+  n_tok = mask.sum()
+
+  def reference(i, j):
+    sq, sk, sv = qkv(student, i - 1, hs[i - 1])
+    tq, tk, tv = qkv(t_model, j - 1, ht[j - 1])
+    return (kl((sq, sk), (tq, tk)) + kl((sv, sv), (tv, tv))) / n_tok
+  want = reference(2, 1)
+  assert float(loss) == pytest.approx(want, rel=1e-4), (float(loss), want)   # measured rel 2e-5
+  for pair in ((1, 2), (2, 2), (1, 1)):
+    assert abs(reference(*pair) - want) > 1e-2 * want, pair
+
+
 def test_packed_and_padded_batches_give_the_same_distillation_loss(teacher, tmp_path):
   r = Run(heal_config(teacher, "parallel*2", model__fourier_impl="matmul"), tmp_path / "run")
   padded = a_batch(r)

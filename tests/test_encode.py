@@ -74,6 +74,43 @@ def test_pooling_modes_match_numpy(minilm_dir):
       np.testing.assert_allclose(got, v, atol=2e-5, err_msg=pooling)
 
 
+@pytest.fixture(scope="module")
+def st_parts(minilm_dir):
+  from sentence_transformers import SentenceTransformer
+  st = SentenceTransformer(str(minilm_dir), device="cpu")
+  assert [type(m).__name__ for m in st] == ["Transformer", "Pooling", "Normalize"]
+  return st, jaxformers.encode(minilm_dir, ragged_texts(9)[2:])     # and the directory's own vectors
+
+
+@pytest.mark.parametrize("given", [dict(normalize=False), dict(pooling="cls"), dict(max_length=16),
+                                   dict(pooling="max", normalize=False, max_length=20)],
+                         ids=["normalize_off", "pooling_cls", "max_length_16", "pooling_max_normalize_off_max_length_20"])
+def test_explicit_options_override_the_sentence_transformers_directory(minilm_dir, st_parts, given):
+  """The directory says mean pooling, normalised, 256 tokens; each option given explicitly wins. Reference:
+  sentence-transformers with the same modules but that pooling / no Normalize / that max_seq_length."""
+  from sentence_transformers import SentenceTransformer, models as st_models
+  texts = ragged_texts(9)[2:]
+  st_parts, default = st_parts
+  transformer = st_parts[0]
+  pooling = st_models.Pooling(384, pooling_mode=given.get("pooling", "mean"))
+  modules = [transformer, pooling] + ([st_parts[2]] if given.get("normalize", True) else [])
+  ref_model = SentenceTransformer(modules=modules, device="cpu")
+  ref_model.max_seq_length = given.get("max_length", 256)
+  try:
+    ref = ref_model.encode(texts, batch_size=8, convert_to_numpy=True)
+  finally:
+    transformer.max_seq_length = 256
+  ours = jaxformers.encode(minilm_dir, texts, **given)
+  assert ours.shape == ref.shape == (7, 384)
+  assert cosine(ours, ref).min() >= 0.99999, cosine(ours, ref).min()     # measured 0.9999999
+  np.testing.assert_allclose(np.linalg.norm(ours, axis=-1), np.linalg.norm(ref, axis=-1), rtol=1e-5)   # 2.4e-7
+  assert np.abs(ours - default).max() > 1e-2                             # the option changed the vectors
+  if given.get("normalize", True):
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=-1), 1.0, rtol=1e-5)
+  else:
+    assert np.abs(np.linalg.norm(ours, axis=-1) - 1.0).min() > 0.1
+
+
 def test_cli_writes_vectors_in_line_order(minilm_dir, reference, tmp_path, capsys):
   texts = ragged_texts(5)[1:]
   (tmp_path / "t.txt").write_text("\n".join(texts) + "\n")

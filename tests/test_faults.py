@@ -2,10 +2,15 @@
 order on one run. After each, re-running the same command ends exactly where an uninterrupted run ends (metrics,
 losses and parameters bit for bit) and no file that existed before is lost or changed.
 
+The same seeded loop runs ``jaxformers prune --distill --rounds 2`` and one cell of the layout study
+(``benchmarks/study.py``, healed recipe) through kill -9, a full disk and a truncated checkpoint.
+
 ``JAXFORMERS_FAULT_SEED=N`` picks another order, fault steps and damaged files. Run as a script
 (``python tests/test_faults.py FAULT STEP train.py-flags...``) it is the fault driver: ``train.py`` with FAULT
 injected right after step STEP is logged (``kill``: SIGKILL itself; ``term``: SIGTERM itself; ``full``: from then
-on every file write past 32 KiB fails, as on a full disk)."""
+on every file write past 32 KiB fails, as on a full disk). ``python tests/test_faults.py FAULT N prune|study
+flags...`` runs ``jaxformers prune`` or the study instead, FAULT striking after the N-th train log line of the
+process (``damage``: truncate a checkpoint, see :func:`_damage_now`, then SIGKILL)."""
 from __future__ import annotations
 
 import hashlib
@@ -37,20 +42,56 @@ def _drive(fault: str, at: int, flags: list[str]) -> None:
   import runpy
   from jaxformers.train import metrics
   write = metrics.Writer.write
+  program = flags[0] if flags and flags[0] in ("prune", "study") else "train.py"
+  lines = [0]
 
   def faulty(self, step, kind, values):
     write(self, step, kind, values)
-    if kind == "train" and step == at:
-      if fault == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-      elif fault == "term":
-        os.kill(os.getpid(), signal.SIGTERM)
-      elif fault == "full":
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit then fails with EFBIG
-        resource.setrlimit(resource.RLIMIT_FSIZE, (32768, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    if kind != "train":
+      return
+    lines[0] += 1
+    if (step if program == "train.py" else lines[0]) < at:
+      return
+    if fault == "damage" and _damage_now(self.path.parent, program):
+      os.kill(os.getpid(), signal.SIGKILL)
+    if (step if program == "train.py" else lines[0]) != at:
+      return
+    if fault == "kill":
+      os.kill(os.getpid(), signal.SIGKILL)
+    elif fault == "term":
+      os.kill(os.getpid(), signal.SIGTERM)
+    elif fault == "full":
+      signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # a write past the limit then fails with EFBIG
+      resource.setrlimit(resource.RLIMIT_FSIZE, (32768, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
   metrics.Writer.write = faulty
+  if program == "prune":
+    from jaxformers.cli import main
+    sys.exit(main(flags))
+  if program == "study":
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import study
+    study.main(flags[1:])
+    return
   sys.argv = [str(ROOT / "train.py")] + flags
   runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+
+
+def _damage_now(run_dir: Path, program: str) -> bool:
+  """``damage`` in a prune or study process, once there is something to damage: truncate the newest checkpoint of
+  the run being trained when it has an older one to fall back to (prune's rounds), or (study) the final checkpoint of
+  the cell's finished healing run while its fine-tuning runs. The damaged step directory is written to the file
+  ``$JAXFORMERS_FAULT_NOTE``."""
+  if program == "study":
+    if run_dir.name != "finetune":
+      return False
+    run_dir = run_dir.parent / "heal"
+  steps = complete_steps(run_dir)
+  if len(steps) < (1 if program == "study" else 2):
+    return False
+  victim = run_dir / "checkpoints" / str(steps[-1]) / "state" / "manifest.ocdbt"
+  victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+  Path(os.environ["JAXFORMERS_FAULT_NOTE"]).write_text(str(victim.parents[1]))
+  return True
 
 
 def _env() -> dict:
@@ -74,12 +115,17 @@ def hashes(root: Path) -> dict[str, str]:
 
 def results(wd: Path) -> dict[str, str]:
   """The files a later run must keep as they are: everything but the rotating step directories (deleted by
-  ``train.keep`` as the run advances), orbax's temporary directories and the append-only metrics.jsonl."""
+  ``train.keep`` as the run advances), orbax's temporary directories and the append-only metrics.jsonl (of the run
+  and of the runs nested in it: prune's rounds, the study's cells)."""
   def rotating(rel: str) -> bool:
     parts = rel.split("/")
-    return (len(parts) > 1 and parts[0] in ("checkpoints", "best") and
-            (parts[1].isdigit() or ".orbax-checkpoint-tmp" in parts[1])) or rel == "metrics.jsonl"
+    return parts[-1] == "metrics.jsonl" or any(
+        a in ("checkpoints", "best") and (b.isdigit() or ".orbax-checkpoint-tmp" in b) for a, b in zip(parts, parts[1:]))
   return {k: v for k, v in hashes(wd).items() if not rotating(k)}
+
+
+def metric_logs(wd: Path) -> dict[Path, str]:
+  return {p: p.read_text() for p in sorted(wd.rglob("metrics.jsonl"))}
 
 
 def complete_steps(wd: Path) -> list[int]:
@@ -176,6 +222,124 @@ def test_random_faults_never_lose_a_run(tmp_path, reference):
           f"kept as {step}.unreadable, resuming from step" in p.stderr, where
       damaged = None
   assert_same_run(wd, reference / "full")
+
+
+# --- prune with distillation rounds, and a study cell -------------------------------------------------------------
+PRUNE_CONFIG = """from configs.tiny import get_config as tiny
+
+
+def get_config(arg=None):
+  c = tiny(arg)
+  c.unlock()
+  c.train.checkpoint_every = 1
+  return c
+"""
+
+
+def _prune_args(base: Path, root: Path) -> list[str]:
+  """Two rounds of 4 distillation steps (a checkpoint every step, the last two kept): train log lines 1-4, 5-8."""
+  return ["prune", str(base / "source"), str(root / "out"), "--heads", "0.5", "--ffn", "0.25", "--distill",
+          "--rounds", "2", "--examples", "8", "--config", f"{base / 'prune_config.py'}:steps=4",
+          "--workdir", str(root / "rounds")]
+
+
+def _study_args(base: Path, root: Path) -> list[str]:
+  """One healed cell: 2 healing steps, then 2 fine-tuning steps (one train log line each, at their last step)."""
+  return ["study", "--init_from", str(base / "source"), "--layouts", "parallel*2", "--recipes", "healed",
+          "--data", "embedded", "--workdir", str(root), "--heal_steps", "2", "--finetune_steps", "2",
+          "--max_length", "32", "--batch_size", "8", "--max_train_examples", "16", "--infer_batch", "2",
+          "--repeats", "1"]
+
+
+def _run_tool(args: list[str], fault: str | None, at: int, note: Path) -> subprocess.CompletedProcess:
+  cmd = [sys.executable, str(Path(__file__)), fault or "none", str(at)] + args
+  return subprocess.run(cmd, cwd=ROOT, env=dict(_env(), JAXFORMERS_FAULT_NOTE=str(note)), capture_output=True,
+                        text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tool_reference(tmp_path_factory):
+  """The source classifier (a few steps of the tiny config), and uninterrupted prune and study runs from it."""
+  from jaxformers.cli import main
+  from jaxformers.train import run
+  from tests.train_helpers import load_config
+  base = tmp_path_factory.mktemp("tools")
+  run(load_config("tiny", "steps=4"), base / "source")
+  (base / "prune_config.py").write_text(PRUNE_CONFIG)
+  assert main(_prune_args(base, base / "prune")[0:]) == 0
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import study
+  study.main(_study_args(base, base / "study")[1:])
+  return base
+
+
+def _final(tool: str, root: Path) -> dict:
+  """What a finished run of ``tool`` produced, timings left out: the output model's parameters and every trained
+  run's losses, evaluation and final parameters."""
+  import jaxformers
+  from jaxformers.convert.params import get_params
+  from tests.train_helpers import train_losses
+  out = {}
+  runs = sorted(root.glob("rounds/round*/run")) if tool == "prune" else \
+      [d for d in sorted(root.glob("cells/*/*")) if d.name in ("heal", "finetune")]
+  assert len(runs) == 2, runs
+  for r in runs:
+    summary = json.loads((r / "summary.json").read_text())
+    out[str(r.relative_to(root))] = (train_losses(r), summary["eval"], summary["steps"],
+                                     {k: v.tobytes() for k, v in get_params(jaxformers.from_pretrained(r)).items()})
+  if tool == "prune":
+    out["out"] = {k: v.tobytes() for k, v in get_params(jaxformers.from_pretrained(root / "out")).items()}
+  else:
+    cells = json.loads((root / "study.json").read_text())["cells"]
+    out["cells"] = {k: (c["metric"], c["eval"], c["num_params"], c["flops_per_token"]) for k, c in cells.items()}
+  return out
+
+
+@pytest.mark.parametrize("tool", ["prune", "study"])
+def test_random_faults_never_lose_a_prune_or_a_study_cell(tmp_path, tool_reference, tool):
+  """kill -9, a full disk and a truncated checkpoint in a seeded order, each striking after a seeded number of
+  train log lines of the process; after each, the same command is run again. Nothing written before a fault changes
+  (a damaged checkpoint is set aside, intact) and the last run ends where an uninterrupted one ends."""
+  rng = random.Random(SEED)
+  faults = ["kill", "full", "damage"]
+  rng.shuffle(faults)
+  root = tmp_path / tool
+  root.mkdir()
+  (root / "notes.txt").write_text("a file of the user's in the workdir\n")
+  args = (_prune_args if tool == "prune" else _study_args)(tool_reference, root)
+  note = tmp_path / "damaged"
+  damaged, log = None, []
+  for fault in faults + ["none"]:
+    kept, logs = results(root), metric_logs(root)
+    at = rng.randint(1, 3) if tool == "prune" else rng.randint(1, 2)
+    log.append(f"{fault} after train line {at}")
+    p = _run_tool(args, None if fault == "none" else fault, at, note)
+    where = f"{tool}, seed {SEED}: {'; '.join(log)}\n{p.stderr[-3000:]}"
+    if fault in ("kill", "damage") and p.returncode == -signal.SIGKILL:
+      pass
+    elif fault == "full" and p.returncode != 0:
+      assert "File too large" in p.stderr, where
+    else:
+      assert p.returncode == 0 and fault == "none", where      # every fault strikes before the work is done
+    if damaged is not None:
+      step_dir, before = damaged
+      aside = step_dir.with_name(step_dir.name + ".unreadable")     # the trainer fell back to an older checkpoint
+      if tool == "study":        # nothing older in a cell's run: the study keeps the whole run aside and reruns it
+        run_dir = step_dir.parents[1]
+        old, new = f"{run_dir.relative_to(root)}/", f"{run_dir.relative_to(root)}.unreadable/"
+        aside = root / new / step_dir.relative_to(run_dir)
+        kept = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in kept.items()}
+        logs = {(root / new / p.relative_to(run_dir) if p.is_relative_to(run_dir) else p): t for p, t in logs.items()}
+      assert hashes(aside) == before, where                                     # set aside, intact
+      damaged = None
+    assert results(root).items() >= kept.items(), where                      # nothing lost or changed
+    for path, text in logs.items():
+      assert path.read_text().startswith(text), where
+    if fault == "damage":
+      step_dir = Path(note.read_text())
+      damaged = (step_dir, hashes(step_dir))
+  assert damaged is None
+  assert _final(tool, root) == _final(tool, tool_reference / tool)
 
 
 @pytest.mark.parametrize("victim,how", [("state/manifest.ocdbt", "truncate"), ("state/_METADATA", "delete")])

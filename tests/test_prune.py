@@ -152,6 +152,31 @@ def test_targets_and_bad_targets():
     prune.prune(prune.prune(m, {}, {2: np.array([], np.int64)}), {}, {2: np.array([0])})
 
 
+def test_head_ranking_is_the_l2_normalised_global_ranking_of_numpy():
+  """``plan``'s heads against a numpy reference of Michel et al.'s rule: each layer's scores divided by their L2
+  norm, all heads ranked together, the round(fraction * heads) lowest removed; per-layer fractions rank inside
+  their block (highest kept) and neurons are ranked inside each block, without normalisation."""
+  m = tiny()
+  rng = np.random.default_rng(7)
+  for trial in range(5):
+    scales = (100.0, 0.01, 1.0)             # raw magnitudes far apart: without the normalisation one layer goes
+    heads = {i: scales[(i + trial) % 3] * rng.gamma(2.0, size=4) for i in range(3)}
+    ffn = {i: scales[i] * rng.gamma(2.0, size=64) for i in range(3)}
+    s = prune.Importance(heads=heads, ffn=ffn)
+    for frac in (0.25, 0.46, 0.7):
+      norm = np.concatenate([heads[i] / np.sqrt((heads[i] ** 2).sum()) for i in range(3)])
+      gone = set(np.argsort(norm, kind="stable")[:int(np.floor(frac * 12 + 0.5))].tolist())
+      want = {i: [j for j in range(4) if 4 * i + j not in gone] for i in range(3)}
+      kh, kf = prune.plan(m, s, heads=frac, ffn=frac)
+      assert {i: list(v) for i, v in kh.items()} == want, (trial, frac)
+      drop = int(np.floor(frac * 64 + 0.5))
+      for i in range(3):
+        assert list(kf[i]) == sorted(np.argsort(-ffn[i], kind="stable")[:64 - drop].tolist()), (trial, frac, i)
+    kh, _ = prune.plan(m, s, heads="0:0.5,2:0.75")
+    assert list(kh[0]) == sorted(np.argsort(-heads[0])[:2].tolist()) and list(kh[1]) == [0, 1, 2, 3]
+    assert list(kh[2]) == [int(np.argmax(heads[2]))]
+
+
 @pytest.mark.torch
 def test_per_layer_heads_survive_save_load_and_hf_export(tmp_path):
   import torch

@@ -53,6 +53,32 @@ def test_fake_quant_forward_is_the_int8_forward_and_passes_gradients():
   assert np.all(np.isfinite(np.asarray(gq))) and np.corrcoef(np.ravel(g), np.ravel(gq))[0, 1] > 0.99
 
 
+def test_quantize_keeps_the_class_names_and_leaves_the_float_model_alone(tmp_path):
+  """A twelve-class classifier: the int8 copy has every dense kernel (task head included) int8, the class names in
+  id order in memory and after save/load, logits near the float model's; the float model is not touched."""
+  from flax import nnx
+  from jaxformers import EncoderConfig, build
+  from jaxformers.convert.params import get_params
+  from conftest import padded_batch
+  cfg = EncoderConfig(vocab_size=60, hidden_size=32, num_heads=4, intermediate_size=64, layout="serial*2",
+                      max_position_embeddings=16, hidden_dropout=0.0, attention_dropout=0.0)
+  m = build("classification", cfg, num_labels=12, rngs=nnx.Rngs(0))
+  m.label_names = tuple(str(i) for i in range(12))
+  m.eval()
+  before = {k: v.copy() for k, v in get_params(m).items()}
+  ids, mask = padded_batch(60, lengths=(9, 4))
+  want = np.asarray(m(ids, mask))
+  q = quantize(m)
+  assert all(np.array_equal(v, before[k]) for k, v in get_params(m).items())      # the source is untouched
+  kernels = {k: v for k, v in get_params(q).items() if k.endswith(".kernel")}
+  assert kernels and all(v.dtype == np.int8 for v in kernels.values()) and "classifier.out.kernel" in str(list(kernels))
+  jaxformers.save_pretrained(q, tmp_path / "q")
+  for model in (q, jaxformers.from_pretrained(tmp_path / "q")):
+    assert model.label_names == tuple(str(i) for i in range(12)) and model.num_labels == 12
+    got = np.asarray(model(ids, mask))
+    assert np.abs(got - want).max() < 0.025 * np.abs(want).max(), np.abs(got - want).max()   # measured 1.2%
+
+
 def test_int8_ptq_on_real_minilm(minilm_dir, tmp_path, capsys):
   """`jaxformers quantize` on all-MiniLM-L6-v2: outputs near fp32, one dense layer equal to the numpy reference,
   int8 sizes, native reload bit-equal to quantizing in memory, encode, HF export refused."""

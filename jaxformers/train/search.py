@@ -278,6 +278,19 @@ def then_train(c, workdir, run) -> dict:
           "wall_time_s": out.get("wall_time_s")}
 
 
+def search_penalties(logits_PC, costs_C, source_cost: float, s, ident: int | None):
+  """``(penalty, expected FLOPs ratio, probabilities)`` of the architecture logits ``[positions, candidates]``:
+  ``cost_weight * max(0, E[cost] / source_cost - target_flops_ratio)`` with ``E[cost]`` the sum over positions of
+  ``softmax(logits) @ costs_C``, plus (``ident``: the identity candidate's index) ``identity_weight * max(0,
+  mean P(identity) - max_identity)``."""
+  probs = S.probabilities(logits_PC)
+  ratio = jnp.sum(probs * costs_C) / source_cost
+  pen = s.cost_weight * jax.nn.relu(ratio - s.target_flops_ratio)
+  if ident is not None:
+    pen = pen + s.identity_weight * jax.nn.relu(jnp.mean(probs[:, ident]) - s.max_identity)
+  return pen, ratio, probs
+
+
 def _set_temperature(rngs, tau):
   return jax.tree.map(lambda v: v.replace(jnp.asarray(tau, jnp.float32)) if isinstance(v, S.Temperature) else v,
                       rngs, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -294,12 +307,7 @@ def make_search_step(graphdef, tx: BiLevel, lr_fn, task, accum_steps: int, max_s
   warmup, every = int(s.warmup_steps), int(s.arch_every)
 
   def penalties(arch):
-    probs = S.probabilities(S.arch_logits(arch))
-    ratio = jnp.sum(probs * costs) / source_cost
-    pen = s.cost_weight * jax.nn.relu(ratio - s.target_flops_ratio)
-    if ident is not None:
-      pen = pen + s.identity_weight * jax.nn.relu(jnp.mean(probs[:, ident]) - s.max_identity)
-    return pen, ratio, probs
+    return search_penalties(S.arch_logits(arch), costs, source_cost, s, ident)
 
   def arch_grads(arch, weights, rngs, held, inputs):
     def f(a):
