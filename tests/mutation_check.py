@@ -248,6 +248,16 @@ MUTANTS = [
            "names = list(label_names) if label_names and len(label_names) == num_labels else",
            "names = sorted(label_names) if label_names and len(label_names) == num_labels else",
            "tests/test_convert.py::twelve_labels"),
+    Mutant("attention reads the host's backend, not the target", "jaxformers/kernels/attention/api.py",
+           "  target = current_target() if target is None else as_target(target)",
+           "  target = __import__('jaxformers.targets').targets.host_target() if target is None else as_target(target)",
+           "tests/test_targets.py::holds_its_kernels"),
+    Mutant("a chip without a kernel lowering still takes the kernels", "jaxformers/kernels/attention/dispatch.py",
+           "  if target.kernel_backend is None:\n    log_once", "  if False:\n    log_once",
+           "tests/test_targets.py::falls_back_to_xla"),
+    Mutant("sparse attention asks the host whether the kernel runs", "jaxformers/layers/attention.py",
+           "    target = current_target()\n    leading", "    target = __import__('jaxformers.targets').targets.host_target()\n    leading",
+           "tests/test_targets.py::holds_its_kernels"),
 ]
 
 
