@@ -6,7 +6,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformers.config import EncoderConfig
-from jaxformers.kernels.attention import attention, default_block_sizes, local_global_mask
+from jaxformers.kernels.attention import (attention, choose_impl, default_block_sizes, local_global_mask,
+                                          sharded_attention)
 from jaxformers.layers.common import MIXERS, Sequences, linear
 from jaxformers.layers.sparse import sparse_attention_xla
 from jaxformers.targets import current_target
@@ -53,10 +54,30 @@ class SelfAttention(nnx.Module):
       q_seg = jnp.take_along_axis(kv_seg, select_BS, axis=1)
     else:
       kv_seg = None
-    return attention(
-        q_BLNH, k_BLNH, v_BLNH, segment_ids=q_seg, kv_segment_ids=kv_seg, impl=self.impl,
-        dropout_rate=self.dropout_rate if train_dropout else 0.0,
-        dropout_rng=self.rngs.dropout() if train_dropout else None, dropout_impl=self.dropout_impl)
+    dropout_rate = self.dropout_rate if train_dropout else 0.0
+    kw = dict(segment_ids=q_seg, kv_segment_ids=kv_seg, impl=self.impl, dropout_rate=dropout_rate,
+              dropout_rng=self.rngs.dropout() if train_dropout else None, dropout_impl=self.dropout_impl)
+    mesh = kernel_mesh(q_BLNH, k_BLNH, v_BLNH, kw)
+    if mesh is not None:   # a Pallas kernel cannot be partitioned by XLA: run it per shard of the batch
+      axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
+      return sharded_attention(q_BLNH, k_BLNH, v_BLNH, mesh=mesh, batch_axes=axes, **kw)
+    return attention(q_BLNH, k_BLNH, v_BLNH, **kw)
+
+
+BATCH_AXES = ("data", "fsdp")   # the mesh axes a batch is split over (jaxformers.train.sharding)
+
+
+def kernel_mesh(q, k, v, kw):
+  """The mesh set by ``jax.set_mesh`` when this call runs a Pallas kernel over a batch split across devices
+  (XLA cannot partition a kernel), else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not any(mesh.shape.get(a, 1) > 1 for a in BATCH_AXES):
+    return None
+  impl = kw["impl"]
+  if impl == "auto":
+    impl = choose_impl(q, k, v, segment_ids=kw["segment_ids"], kv_segment_ids=kw["kv_segment_ids"],
+                       dropout_rate=kw["dropout_rate"])
+  return mesh if impl == "pallas" else None
 
 
 @MIXERS.register("sparse")
@@ -87,7 +108,12 @@ class SparseSelfAttention(SelfAttention):
       bs = default_block_sizes(head_dim=self.head_dim, length=length)
       block_mask = local_global_mask(length, window=self.window // 2, num_global=len(self.global_positions),
                                      block_q=bs.block_q, block_k=bs.block_k)
-      return attention(q_BLNH, k_BLNH, v_BLNH, segment_ids=seq.segment_ids, block_mask=block_mask, impl="pallas")
+      kw = dict(segment_ids=seq.segment_ids, block_mask=block_mask, impl="pallas")
+      mesh = jax.sharding.get_abstract_mesh()
+      axes = () if mesh.empty else tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
+      if axes:
+        return sharded_attention(q_BLNH, k_BLNH, v_BLNH, mesh=mesh, batch_axes=axes, **kw)
+      return attention(q_BLNH, k_BLNH, v_BLNH, **kw)
     return sparse_attention_xla(
         q_BLNH, k_BLNH, v_BLNH, segment_ids=seq.segment_ids, positions=seq.positions, window=self.window,
         global_positions=self.global_positions, max_global=len(self.global_positions) * seq.max_segments)

@@ -1,0 +1,217 @@
+"""Ahead-of-time compilation of a ``train.py`` config for chips this host does not have.
+
+For each target chip (:data:`jaxformers.targets.CHIPS`) the model of a config is traced under
+:func:`~jaxformers.targets.use_target` and compiled by that chip's own compiler: the forward (eval mode) and a
+train step (the task's loss, its gradient and an AdamW update), sharded over a data-parallel mesh of the chip's
+topology. TPU chips need ``libtpu`` (``pip install "jax[tpu]"``, the ``aot-tpu`` extra); NVIDIA chips need the
+``jax-cuda12-plugin`` wheels and ``ptxas`` / ``libdevice`` from ``nvidia-cuda-nvcc-cu12`` (the ``aot-gpu`` extra),
+run with ``JAX_PLATFORMS=cpu``. Without them, ``lower_only=True`` still traces and lowers with plain jax and counts
+the kernels. Per target it reports: compiled or the compiler's one-line reason, the number of Pallas kernel calls,
+HBM per chip (arguments + outputs + temporaries) against the chip's, FLOPs and bytes per step, and a roofline step
+time (``max(FLOPs / peak, bytes / bandwidth)`` per chip) with the tokens/s and the MFU ceiling it implies.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxformers import models
+from jaxformers.targets import CHIPS, Chip, Target, use_target
+from jaxformers.train import sharding
+
+KERNEL_CALLS = ("tpu_custom_call", "@__gpu$xla.gpu.triton", "mosaic_gpu")
+
+
+@dataclasses.dataclass
+class Report:
+  """One program compiled for one chip."""
+  chip: str
+  program: str
+  ok: bool
+  reason: str = ""
+  kernels: int = 0
+  hbm_bytes: int | None = None       # per chip: arguments + outputs + temporaries
+  flops: float | None = None         # per chip
+  bytes_accessed: float | None = None
+  tokens: int = 0                    # tokens per step over all chips
+
+  def roofline_s(self, chip: Chip) -> float | None:
+    if self.flops is None or self.bytes_accessed is None:
+      return None
+    return max(self.flops / chip.peak_flops, self.bytes_accessed / chip.hbm_bandwidth)
+
+
+def count_kernels(text: str) -> int:
+  return sum(text.count(c) for c in KERNEL_CALLS)
+
+
+def one_line(e: BaseException) -> str:
+  """The compiler's reason in one line (the first line that says something)."""
+  msg = str(e)
+  for pattern in (r"Ran out of memory in memory space (\w+)[^\n]*", r"Shared memory size limit exceeded[^\n]*",
+                  r"RESOURCE_EXHAUSTED:[^\n]*", r"INTERNAL:[^\n]*"):
+    m = re.search(pattern, msg)
+    if m:
+      return m.group(0)[:300]
+  return next((line.strip() for line in msg.splitlines() if line.strip()), type(e).__name__)[:300]
+
+
+def gpu_target_config(chip: Chip) -> str:
+  """An XLA ``GpuTargetConfigProto`` (text) describing ``chip`` from :data:`CHIPS`'s facts."""
+  major, minor = chip.compute_capability
+  return f"""gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: {chip.smem_per_sm}
+  threads_per_core_limit: {chip.threads_per_sm}
+  core_count: {chip.sm_count}
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {int(chip.hbm_bandwidth)}
+  l2_cache_size: {chip.l2_bytes}
+  clock_rate_ghz: {chip.clock_ghz}
+  device_memory_size: {chip.hbm_bytes}
+  shared_memory_per_block_optin: {chip.onchip_bytes}
+  cuda_compute_capability {{ major: {major} minor: {minor} }}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 patch: 0 }}
+device_description_str: "{chip.label}"
+"""
+
+
+def chip_devices(chip: Chip, topology: str | None = None) -> list:
+  """Compile-only devices of ``chip`` (its default topology unless ``topology`` names another)."""
+  from jax.experimental import topologies
+  if chip.platform == "tpu":
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    return list(topologies.get_topology_desc(topology or chip.topology, "tpu").devices)
+  return list(topologies.get_topology_desc(platform="cuda", topology=topology or "1x1x1",
+                                           target_config=gpu_target_config(chip)).devices)
+
+
+def _loss(model_task: str):
+  def loss(model, batch):
+    if model_task == "masked_lm":
+      logits = model(batch["input_ids"], batch["attention_mask"])
+      per = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["labels"])
+      return jnp.sum(per * batch["weights"]) / jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+    logits = model(batch["input_ids"], batch["attention_mask"]).astype(jnp.float32)
+    if model_task == "regression":
+      return jnp.mean(jnp.square(logits[..., 0] - batch["labels"]))
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]))
+  return loss
+
+
+def programs(cfg, model_task: str, num_labels: int | None, batch: int, length: int, mesh: Mesh, lr: float = 1e-4):
+  """``{name: (jitted function, abstract arguments)}`` for the forward and the train step on ``mesh``.
+
+  The functions are made anew on every call, so each is traced for the target current when it is lowered."""
+  abstract = nnx.eval_shape(lambda: models.build(model_task, cfg, num_labels=num_labels,
+                                                 rngs=nnx.Rngs(params=0, dropout=1)))
+  abstract.train()
+  gd_train, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
+  abstract.eval()
+  gd_eval = nnx.split(abstract, nnx.Param, ...)[0]
+  param_sh = sharding.param_shardings(abs_params, mesh)
+  rep = NamedSharding(mesh, P())
+  with_sh = lambda tree, sh: jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
+  params = with_sh(abs_params, param_sh)
+  rest = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), abs_rest)
+  rows = NamedSharding(mesh, P(sharding.BATCH_AXES, None))
+  ids = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=rows)
+  per_token = model_task == "masked_lm"
+  label_sh = rows if per_token else NamedSharding(mesh, P(sharding.BATCH_AXES))
+  label_shape = (batch, length) if per_token else (batch,)
+  batch_abs = {"input_ids": ids, "attention_mask": ids,
+               "labels": jax.ShapeDtypeStruct(label_shape, jnp.float32 if model_task == "regression" else jnp.int32,
+                                              sharding=label_sh),
+               "weights": jax.ShapeDtypeStruct(label_shape, jnp.float32, sharding=label_sh)}
+  tx = optax.adamw(lr)
+  opt_state = jax.eval_shape(tx.init, abs_params)
+  opt_sh = sharding.state_shardings({"params": abs_params, "opt_state": opt_state}, param_sh, mesh)["opt_state"]
+  loss = _loss(model_task)
+
+  def forward(params, rest, ids, mask):
+    out = nnx.merge(gd_eval, params, rest)(ids, mask)
+    return out if isinstance(out, jax.Array) else out.last_hidden_state
+
+  def train_step(params, opt_state, rest, batch):
+    def f(p):
+      model = nnx.merge(gd_train, p, rest, copy=True)
+      return loss(model, batch), nnx.split(model, nnx.Param, ...)[2]
+    (value, rest), grads = jax.value_and_grad(f, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, rest, value
+
+  return {
+      "forward": (jax.jit(forward), (params, rest, ids, ids)),
+      "train_step": (jax.jit(train_step, out_shardings=(param_sh, opt_sh, jax.tree.map(lambda _: rep, abs_rest), rep),
+                             donate_argnums=(0, 1)),
+                     (params, with_sh(opt_state, opt_sh), rest, batch_abs)),
+  }
+
+
+def compile_for(chip_name: str, cfg, model_task: str, num_labels: int | None, batch: int, length: int, *,
+                lower_only: bool = False, devices: list | None = None) -> list[Report]:
+  """Lower (and, unless ``lower_only``, compile) the forward and the train step for ``chip_name``.
+
+  ``batch`` is the global batch, split over every device of the chip's topology (``devices``: the host's
+  CPU devices with ``lower_only``, standing in for the chips' count)."""
+  chip = CHIPS[chip_name]
+  target = Target(chip.platform, chip.name)
+  if devices is None:
+    devices = jax.devices("cpu")[:1] if lower_only else chip_devices(chip)
+  mesh = Mesh(np.asarray(devices).reshape(len(devices), 1), ("data", "fsdp"))
+  reports = []
+  with use_target(target), jax.set_mesh(mesh):
+    progs = programs(cfg, model_task, num_labels, batch, length, mesh)
+    for name, (fn, args) in progs.items():
+      r = Report(chip_name, name, ok=False, tokens=batch * length)
+      try:
+        lowered = fn.trace(*args).lower(lowering_platforms=(target.lowering_platform,))
+        r.kernels = count_kernels(lowered.as_text())
+        if lower_only:
+          r.ok = True
+        else:
+          compiled = lowered.compile()
+          r.ok = True
+          m = compiled.memory_analysis()
+          if m is not None:
+            r.hbm_bytes = int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                              + m.temp_size_in_bytes)
+          cost = compiled.cost_analysis()
+          cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+          if cost:
+            r.flops, r.bytes_accessed = cost.get("flops"), cost.get("bytes accessed")
+      except Exception as e:  # the compiler's verdict is the result here
+        r.reason = one_line(e)
+      reports.append(r)
+  return reports
+
+
+def format_row(r: Report, cfg_name: str) -> str:
+  chip = CHIPS[r.chip]
+  if not r.ok:
+    return f"| {cfg_name} | {chip.label} | {r.program} | fails: {r.reason} | | | | |"
+  hbm = "n/a" if r.hbm_bytes is None else f"{r.hbm_bytes / 2**30:.2f} / {chip.hbm_bytes / 2**30:.0f} GiB"
+  t = r.roofline_s(chip)
+  n_chips = chip.num_chips
+  tok = "n/a" if not t else f"{r.tokens / t / n_chips:,.0f}"
+  mfu = "n/a" if not t else f"{r.flops / chip.peak_flops / t:.0%}"
+  flops = "n/a" if r.flops is None else f"{r.flops / 1e9:.1f} G"
+  return f"| {cfg_name} | {chip.label} | {r.program} | compiles | {r.kernels} | {hbm} | {flops} | {tok} | {mfu} |"
