@@ -28,6 +28,7 @@ def get_config(arg=None):
   c.optim.warmup_ratio = 0.1
   c.optim.weight_decay = 0.01
   c.train.num_epochs = 8.0
+  c.train.num_steps = 0
   c.train.eval_every = 200
   c.train.checkpoint_every = 200
   c.train.log_every = 20
