@@ -96,21 +96,9 @@ def _run_config(src: str | None):
   from jaxformers.workdir import is_run_dir
   if not is_run_dir(src):
     return None
-  from jaxformers.train.defaults import base_config
-  saved, c = runs.read_meta(runs.step_dir(src)).get("config"), base_config()
-  if not saved:
-    return None
-
-  def fill(node, values):
-    for k, v in values.items():
-      if k not in node:
-        continue
-      if isinstance(v, dict):
-        fill(node[k], v)
-      elif v is not None or node[k] is None:
-        node[k] = tuple(v) if isinstance(v, list) else v
-  fill(c, saved)
-  return c
+  from jaxformers.train.defaults import base_config, fill_from
+  saved = runs.read_meta(runs.step_dir(src)).get("config")
+  return fill_from(base_config(), saved) if saved else None
 
 
 def check_scoring_labels(model, task, where: str, src: str) -> None:

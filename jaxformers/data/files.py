@@ -112,10 +112,11 @@ def read_table(path: str | Path, text_a: str, text_b: str | None, label: str | N
   return finish(str(path), a, b, labels, regression)
 
 
-def infer_labels(path: str | Path, column: str) -> tuple[int, tuple[str, ...] | None]:
-  """``(num_labels, names)`` from the values of ``column`` in a training file: integer values 0..k-1 are class ids
-  (names None), other integers and strings are class names, sorted (integers by value, strings as text)."""
-  records, _ = read_records(path, [column])
+def infer_labels(path: str | Path, column: str, others: tuple[str, ...] = ()) -> tuple[int, tuple[str, ...] | None]:
+  """``(num_labels, names)`` from the values of ``column`` in a training file (whose ``others`` columns must exist
+  too): integer values 0..k-1 are class ids (names None), other integers and strings are class names, sorted
+  (integers by value, strings as text)."""
+  records, _ = read_records(path, [c for c in (*others, column) if c])
   values = sorted({str(r[column]).strip() for _, r in records})
   if not values:
     raise DataError(f"{path}: no records to infer the labels of column {column!r} from")
@@ -188,7 +189,7 @@ class Files(Source):
     p = Path(path)
     key = (str(p.absolute()), data_cfg.label_column, p.stat().st_mtime_ns if p.is_file() else None)
     if key not in Files._inferred:
-      n, names = infer_labels(p, data_cfg.label_column)
+      n, names = infer_labels(p, data_cfg.label_column, (data_cfg.text_a_column, data_cfg.text_b_column))
       log.info("%s: %d classes inferred from column %r: %s (set config.data.label_names to fix the order, "
                "config.data.num_labels=1 for a regression target)", p, n, data_cfg.label_column,
                ", ".join(f"{i}={v}" for i, v in enumerate(names)) if names else f"ids 0..{n - 1}")

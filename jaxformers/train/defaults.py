@@ -172,6 +172,19 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def fill_from(c: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
+  """Set ``c``'s keys from a nested dict (a saved ``config.to_json()``); keys ``c`` lacks are skipped, ``None`` leaves
+  a placeholder unset."""
+  for k, v in values.items():
+    if k not in c:
+      continue
+    if isinstance(v, dict):
+      fill_from(c[k], v)
+    elif v is not None:
+      c[k] = tuple(v) if isinstance(v, list) else v
+  return c
+
+
 def check_keys(config, reference=None, prefix="") -> None:
   """Every key of ``config`` must exist in ``reference``; the error names the closest valid keys."""
   reference = base_config() if reference is None else reference
