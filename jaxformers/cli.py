@@ -112,8 +112,9 @@ def check_scoring_labels(model, task, where: str, src: str) -> None:
   if task.num_labels != n or (names and task.label_names and tuple(names) != tuple(task.label_names)):
     raise ValueError(f"{where} has {fmt(task.num_labels, task.label_names)} but {src}'s classifier has "
                      f"{fmt(n, names)}: score a classifier on its own task, e.g. --config configs/finetune.py:"
-                     f"train=YOUR.csv,text=COLUMN,label=COLUMN (or prune the train.py run directory, whose config "
-                     f"is used)")
+                     f"train=YOUR.csv,text=COLUMN,label=COLUMN" + ("" if where.endswith("training config") else
+                                                                   " (a train.py run directory is scored on its own "
+                                                                   "config's data when --config is left out)"))
 
 
 def _prune(args) -> int:
