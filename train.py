@@ -48,7 +48,7 @@ def main(argv):
         num_processes=_NUM_PROCESSES.value if _NUM_PROCESSES.value is not None else env_int("JAX_NUM_PROCESSES"),
         process_id=_PROCESS_ID.value if _PROCESS_ID.value is not None else env_int("JAX_PROCESS_ID"))
   from jaxformers.train.cli import main as run_main
-  sys.exit(run_main(_CONFIG.value, _WORKDIR.value))
+  sys.exit(run_main(_CONFIG.value, _WORKDIR.value, sys.argv))
 
 
 if __name__ == "__main__":

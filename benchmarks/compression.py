@@ -278,6 +278,8 @@ def main(argv=None):
         f"Wall time {out['wall_s'] / 60:.1f} min.\n\n" + table(header, rows) + "\n")
   (root / "compression.md").write_text(md)
   print(md)
+  print(f"wrote {root / 'compression.json'} (every row's numbers) and {root / 'compression.md'} (the table above); "
+        f"models and runs in {root}")
   return out
 
 

@@ -173,6 +173,8 @@ def main(argv=None) -> int:
           f"{100 * r['acc_baseline']:.1f}% | {100 * r['acc_found']:.1f}% | "
           f"{r['search_wall_s']:.0f}s / {r['baseline_train_wall_s']:.0f}s = "
           f"{r['search_wall_s'] / r['baseline_train_wall_s']:.2f} |")
+  print(f"\nwrote {out / 'results.json'} (every seed's row); runs in {out}"
+        + (f"; heat-map {args.heatmap}" if args.heatmap else ""))
   return 0
 
 

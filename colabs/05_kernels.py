@@ -32,28 +32,65 @@
 # %% tags=["parameters"]
 PRESET = "auto"          # auto | tpu | gpu | cpu_tiny
 WORKDIR = "runs/colabs"  # where the notebook writes its files
-JAXFORMERS_REPO = ""     # git URL to clone jaxformers from when it is not installed (a fresh Colab runtime)
+JAXFORMERS_SOURCE = ""   # git URL of this repository, or an uploaded wheel; "": an uploaded jaxformers_encoders-*.whl
 
 # %% [markdown]
 # ## Install
 #
-# On a fresh Colab runtime this cell clones jaxformers and installs it; where `jaxformers` is already importable
-# (a local checkout, CI) it does nothing.
+# On a fresh Colab runtime (TPU or GPU) this cell installs jaxformers from `JAXFORMERS_SOURCE`: a git URL of this
+# repository (cloned into `jaxformers-src/`, installed editable, the notebook then runs from it), or a wheel built
+# with `python -m build` and uploaded to the runtime's files (found without setting anything; it holds the package,
+# not the checkout's `benchmarks/`). The runtime's jax, jaxlib, libtpu and CUDA libraries are pinned to the versions
+# it came with, so the install cannot break the accelerator. An unrelated package also called `jaxformers` on the
+# package index (this project's distribution is `jaxformers-encoders`) is recognised and replaced. Where this
+# project is already importable (a local checkout, CI) the cell does nothing.
 
 # %%
+import glob
+import importlib
+import importlib.metadata
 import importlib.util
 import os
 import subprocess
 import sys
 
-if importlib.util.find_spec("jaxformers") is None:
-  if not JAXFORMERS_REPO:
-    raise RuntimeError("jaxformers is not installed: set JAXFORMERS_REPO in the first cell to the repository's git URL")
-  if not os.path.isdir("jaxformers"):
-    subprocess.run(["git", "clone", "--depth", "1", JAXFORMERS_REPO, "jaxformers"], check=True)
-  subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "./jaxformers[torch,tfds,study]"], check=True)
-  os.chdir("jaxformers")
-  sys.path.insert(0, os.getcwd())
+MARKER = '__project__ = "jaxformers-encoders"'   # jaxformers/__init__.py of this project
+
+
+def this_jaxformers() -> bool:
+  """Whether the importable jaxformers is this project (not the unrelated "jaxformers" of the package index)."""
+  spec = importlib.util.find_spec("jaxformers")
+  return bool(spec and spec.origin) and MARKER in open(spec.origin, encoding="utf-8").read()
+
+
+if importlib.util.find_spec("jaxformers") is not None and not this_jaxformers():
+  print("the importable jaxformers is an unrelated package of the same name: uninstalling it")
+  subprocess.run([sys.executable, "-m", "pip", "uninstall", "-q", "-y", "jaxformers"], check=True)
+  importlib.invalidate_caches()
+if not this_jaxformers():
+  wheels = sorted(glob.glob("jaxformers_encoders-*.whl") + glob.glob("/content/jaxformers_encoders-*.whl"))
+  source = JAXFORMERS_SOURCE or (wheels[-1] if wheels else "")
+  if not source:
+    raise RuntimeError("jaxformers is not installed: set JAXFORMERS_SOURCE in the first cell to this repository's "
+                       "git URL, or upload a wheel built from it (python -m build: dist/jaxformers_encoders-*.whl)")
+  # the runtime's jax, jaxlib, libtpu and CUDA libraries stay exactly as they are: pip may not move them
+  keep = sorted(f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()
+                if (d.metadata["Name"] or "").lower().startswith(("jax", "libtpu", "nvidia-"))
+                and not (d.metadata["Name"] or "").lower().startswith("jaxformers"))
+  with open("/tmp/jaxformers-keep.txt", "w") as f:
+    f.write("\n".join(keep) + "\n")
+  pip = [sys.executable, "-m", "pip", "install", "-q", "-c", "/tmp/jaxformers-keep.txt"]
+  if source.endswith(".whl"):    # the package only: notebooks 1, 3, 4 and 5 also need the checkout's benchmarks/
+    subprocess.run(pip + [f"{source}[torch,tfds,study]"], check=True)
+  else:
+    if not os.path.isdir("jaxformers-src"):
+      subprocess.run(["git", "clone", "--depth", "1", source.removeprefix("git+"), "jaxformers-src"], check=True)
+    subprocess.run(pip + ["-e", "./jaxformers-src[torch,tfds,study]"], check=True)
+    os.chdir("jaxformers-src")
+    sys.path.insert(0, os.getcwd())
+  importlib.invalidate_caches()
+  if not this_jaxformers():
+    raise RuntimeError(f"installed jaxformers from {source}, but the importable one is still not this project")
 
 # %% [markdown]
 # ## The preset and the backend

@@ -6,7 +6,8 @@ Data: every documented module, class and function of nine standard-library packa
 (asyncio, email, http, importlib, logging, multiprocessing, unittest, urllib, xml) of
 the Python that runs it; the label is the package (chance = 1/9). A WordPiece
 tokenizer is trained on the training texts; a 2-layer serial encoder is trained from
-scratch. About 5 minutes on 2 CPU cores; held-out accuracy is printed at the end.
+scratch for 8 epochs: 21 s of training on a 2-core AMD EPYC (Zen 5), 1-3 minutes on slower CPUs; held-out
+accuracy (0.8740 there) is printed at the end. ``--config.train.num_steps=N`` on the command line replaces the epochs.
 ``--config.data.packing=True`` packs several examples into each 128-token row (no
 padding to compute; the log and summary.json give the padding removed).
 """
@@ -28,6 +29,7 @@ def get_config(arg=None):
   c.optim.warmup_ratio = 0.1
   c.optim.weight_decay = 0.01
   c.train.num_epochs = 8.0
+  c.train.num_steps = 0
   c.train.eval_every = 200
   c.train.checkpoint_every = 200
   c.train.log_every = 20

@@ -34,6 +34,7 @@ def get_config(arg=None):
   c.optim.eps = 1e-8
   c.optim.weight_decay = 0.01
   c.train.num_epochs = 5.0 if task.name in SMALL else 3.0
+  c.train.num_steps = 0
   c.train.eval_every = 1000
   c.train.checkpoint_every = 1000
   c.train.log_every = 50

@@ -27,6 +27,9 @@ from jaxformers.quant import quantize
 from jaxformers.runs import load_tokenizer
 
 __version__ = "0.1.0"
+# This project's distribution is "jaxformers-encoders" (the index's "jaxformers" is an unrelated package); the
+# notebooks' install cell reads this line to tell the two apart without importing either.
+__project__ = "jaxformers-encoders"
 
 __all__ = ["encode", "EncoderConfig", "CheckpointError", "export_hf", "parse_layout", "Encoder", "EncoderOutput", "MaskedLM",
            "PreTraining", "SequenceClassifier", "TokenClassifier", "build", "from_pretrained", "save_pretrained",

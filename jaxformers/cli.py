@@ -86,18 +86,53 @@ def _encode(args) -> int:
   return 0
 
 
-def _train_config(spec: str | None):
-  """A train.py config (``FILE[:ARG]``), or the defaults (the embedded data) without one."""
+def _train_config(spec: str | None, overrides: list[str] = (), src: str | None = None):
+  """``(config, where)``: a train.py config (``FILE[:ARG]``) with ``--config.KEY=VALUE`` overrides; without a
+  file, the config SRC was trained with when SRC is a train.py run, else the defaults (the embedded data)."""
+  from jaxformers.train.cli import apply_overrides, settle_length
   if spec:
     from jaxformers.train.cli import _load_config_file
     if not Path(spec.partition(":")[0]).is_file():
       raise ValueError(f"--config {spec}: no such config file (expected a train.py config, e.g. "
-                       f"configs/glue.py:task=rte)")
-    c = _load_config_file(spec)
-    c.unlock()
-    return c
-  from jaxformers.train.defaults import base_config
-  return base_config()
+                       f"configs/finetune.py:train=train.csv,eval=dev.csv)")
+    c, where = _load_config_file(spec), f"--config {spec}"
+  else:
+    c, where = _run_config(src), f"{src}'s training config"
+    if c is None:
+      from jaxformers.train.defaults import base_config
+      c, where = base_config(), "the default config (the embedded docstring data, 9 classes)"
+  c.unlock()
+  settle_length(c, apply_overrides(c, list(overrides)))
+  return c, where
+
+
+def _run_config(src: str | None):
+  """The config a train.py run directory was trained with (saved beside its states), else None."""
+  if not src:
+    return None
+  from jaxformers import runs
+  from jaxformers.workdir import is_run_dir
+  if not is_run_dir(src):
+    return None
+  from jaxformers.train.defaults import base_config, fill_from
+  saved = runs.read_meta(runs.step_dir(src)).get("config")
+  return fill_from(base_config(), saved) if saved else None
+
+
+def check_scoring_labels(model, task, where: str, src: str) -> None:
+  """A classifier is scored on data with its own classes: the task's label count (and names, when both have them)
+  must be the model's, else one line naming both and the config that would fit."""
+  from jaxformers import models
+  if models.task_of(model) != "classification" or task.name not in ("classification", "regression"):
+    return
+  n, names = model.num_labels, getattr(model, "label_names", None)
+  fmt = lambda k, v: f"{k} labels" + (f" ({', '.join(v)})" if v else "")  # noqa: E731
+  if task.num_labels != n or (names and task.label_names and tuple(names) != tuple(task.label_names)):
+    raise ValueError(f"{where} has {fmt(task.num_labels, task.label_names)} but {src}'s classifier has "
+                     f"{fmt(n, names)}: score a classifier on its own task, e.g. --config configs/finetune.py:"
+                     f"train=YOUR.csv,text=COLUMN,label=COLUMN" + ("" if where.endswith("training config") else
+                                                                   " (a train.py run directory is scored on its own "
+                                                                   "config's data when --config is left out)"))
 
 
 def _prune(args) -> int:
@@ -106,6 +141,7 @@ def _prune(args) -> int:
   from jaxformers.pretrained import check_save_destination
   from jaxformers.train.tasks import make_task
   check_save_destination(args.dst, args.overwrite)
+  c, where = _train_config(args.config, args.overrides, args.src)
   model = jaxformers.from_pretrained(args.src)
   n = model.config.num_layers
   if args.flops is not None:
@@ -116,11 +152,15 @@ def _prune(args) -> int:
   prune.check_targets(model, args.heads, args.ffn, args.flops)
   if args.rounds < 1 or args.examples < 1:
     raise ValueError(f"--rounds={args.rounds} and --examples={args.examples} must be at least 1")
-  c = _train_config(args.config)
+  task = make_task(c)
+  check_scoring_labels(model, task, where, args.src)
   length = c.data.max_length
   flops_before = prune.block_flops(model, length)
   tok = jaxformers.load_tokenizer(args.src)
-  batches = prune.sample_batches(tok, make_task(c).examples("train"), args.examples, c.data.max_length,
+  examples = task.examples("train")
+  print(f"scoring on {min(args.examples, len(examples))} of {len(examples)} training examples of {examples.origin} "
+        f"({where})")
+  batches = prune.sample_batches(tok, examples, args.examples, c.data.max_length,
                                  pad_id=model.config.pad_token_id, seed=c.seed)
   before = prune.count_params(model)
   work = Path(args.workdir or f"{args.dst}-rounds")
@@ -142,7 +182,7 @@ def _prune(args) -> int:
       else:
         c.task = "heal"
       if args.steps:
-        c.train.num_steps = args.steps
+        c.train.num_steps, c.train.num_epochs = args.steps, 0.0
       summary = run(c, work / f"round{k}" / "run")
       print(f"round {k}/{args.rounds}: distilled {summary['steps']} steps, eval " +
             " ".join(f"{key}={v:.4f}" for key, v in summary["eval"].items()))
@@ -273,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
   n.set_defaults(fn=_encode)
   pr = sub.add_parser("prune", help="structured pruning: remove attention heads and feed-forward neurons",
                       description="Score SRC's heads and feed-forward neurons (Taylor importance on a sample of the "
-                                  "training data of --config, default the embedded data), remove the least important "
+                                  "training data of --config: SRC's own when SRC is a train.py run, else the embedded "
+                                  "data), remove the least important "
                                   "and write the smaller model to DST. With --distill each of --rounds rounds is "
                                   "followed by distillation from SRC (train.py's trainer, settings from --config). "
                                   + SAFE_WRITE.format(names="jaxformers.json, params/ and tokenizer files", extra=""))
@@ -285,7 +326,10 @@ def main(argv: list[str] | None = None) -> int:
                                               "block '0:0.3'; in [0, 1)")
   pr.add_argument("--flops", type=float, help="instead of --heads/--ffn: the fraction of the blocks' FLOPs per token "
                                               "to keep, in (0, 1] (removes 1 - FLOPS of the heads and neurons)")
-  pr.add_argument("--config", help="a train.py config FILE[:ARG] for the scoring data and the distillation runs")
+  pr.add_argument("--config", help="a train.py config FILE[:ARG] for the scoring data and the distillation runs, "
+                                   "e.g. configs/finetune.py:train=my.csv,text=sentence (default: SRC's own when SRC "
+                                   "is a train.py run, else the embedded data); --config.KEY=VALUE overrides its keys "
+                                   "as in train.py")
   pr.add_argument("--examples", type=int, default=256, help="training examples the importance is computed on")
   pr.add_argument("--distill", action="store_true", help="distil from SRC after each round")
   pr.add_argument("--rounds", type=int, default=1, help="prune in this many equal steps (prune -> distil -> prune)")
@@ -305,13 +349,18 @@ def main(argv: list[str] | None = None) -> int:
   q.set_defaults(fn=_quantize)
   l = sub.add_parser("layouts", help="print the layout grammar and the registered blocks")
   l.set_defaults(fn=_layouts)
-  args = p.parse_args(argv)
+  args, extra = p.parse_known_args(argv)
+  args.overrides = [a[len("--config."):] for a in extra if a.startswith("--config.")]
+  if len(args.overrides) != len(extra) or (extra and args.command != "prune"):
+    p.error(f"unrecognized arguments: {' '.join(extra)}" + (" (--config.KEY=VALUE overrides belong to prune)"
+                                                            if args.command != "prune" else ""))
   from jaxformers.convert.io import CheckpointError
+  from jaxformers.data.sources import DataError
   from jaxformers.layout import LayoutError
   from jaxformers.workdir import WorkdirLocked
   try:
     return args.fn(args)
-  except (CheckpointError, LayoutError, KeyError, ValueError, WorkdirLocked) as e:
+  except (CheckpointError, LayoutError, KeyError, ValueError, DataError, WorkdirLocked) as e:
     msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
     print(f"jaxformers {args.command}: error: {msg}", file=sys.stderr)
     return 2

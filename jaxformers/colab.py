@@ -100,10 +100,39 @@ def minilm_path() -> str:
   return MINILM
 
 
+def accelerator_hint() -> str | None:
+  """What says this machine has a TPU or GPU whatever jax found (None: nothing does): a Cloud TPU / Colab TPU
+  variable, TPU device files, or an NVIDIA driver that answers."""
+  for var in ("COLAB_TPU_ADDR", "TPU_NAME", "TPU_ACCELERATOR_TYPE"):
+    if os.environ.get(var):
+      return f"${var} is set"
+  accel = sorted(str(p) for p in Path("/dev").glob("accel*"))
+  if accel:
+    return f"TPU device files exist ({', '.join(accel[:2])})"
+  import shutil
+  import subprocess
+  if shutil.which("nvidia-smi"):
+    try:
+      if subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=20).returncode == 0:
+        return "nvidia-smi lists a GPU"
+    except (OSError, subprocess.TimeoutExpired):
+      pass
+  return None
+
+
 def preset(name: str = "auto") -> Preset:
-  """The settings for ``name`` (``auto``, ``tpu``, ``gpu`` or ``cpu_tiny``); ``auto`` looks at ``jax.devices()``."""
+  """The settings for ``name`` (``auto``, ``tpu``, ``gpu`` or ``cpu_tiny``); ``auto`` looks at ``jax.devices()``,
+  and refuses a CPU backend on a machine with a TPU or GPU (:func:`accelerator_hint`): jax has lost its accelerator
+  (typically a pip install replaced jax, jaxlib or libtpu), and ``cpu_tiny`` would run silently instead."""
   import jax
   backend = jax.default_backend()
+  if name == "auto" and auto_name(backend) == "cpu_tiny":
+    hint = accelerator_hint()
+    if hint:
+      raise RuntimeError(f"PRESET='auto' found only jax's {backend} backend, but this runtime has an accelerator "
+                         f"({hint}): jax {jax.__version__} cannot use it, usually because an install replaced the "
+                         f"runtime's jax / jaxlib / libtpu. Restart the runtime (Runtime > Restart session) and rerun "
+                         f"the install cell, which pins them; or set PRESET='cpu_tiny' to run on the CPU anyway")
   key = auto_name(backend) if name == "auto" else name
   if key not in PRESETS:
     raise ValueError(f"PRESET={name!r}: unknown preset; expected one of auto, {', '.join(PRESETS)}")
@@ -114,6 +143,57 @@ def preset(name: str = "auto") -> Preset:
       s["checkpoint"] = minilm_path()
     settings[notebook] = s
   return Preset(key, backend, settings)
+
+
+PROJECT = "jaxformers-encoders"          # jaxformers.__project__ and this project's distribution name
+# The notebooks' install cell, word for word (tests/test_colabs.py checks every notebook against it). It cannot import
+# jaxformers (it installs it), so it stands alone. JAXFORMERS_SOURCE comes from the notebook's parameters cell.
+INSTALL_CELL = '''import glob
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import subprocess
+import sys
+
+MARKER = '__project__ = "jaxformers-encoders"'   # jaxformers/__init__.py of this project
+
+
+def this_jaxformers() -> bool:
+  """Whether the importable jaxformers is this project (not the unrelated "jaxformers" of the package index)."""
+  spec = importlib.util.find_spec("jaxformers")
+  return bool(spec and spec.origin) and MARKER in open(spec.origin, encoding="utf-8").read()
+
+
+if importlib.util.find_spec("jaxformers") is not None and not this_jaxformers():
+  print("the importable jaxformers is an unrelated package of the same name: uninstalling it")
+  subprocess.run([sys.executable, "-m", "pip", "uninstall", "-q", "-y", "jaxformers"], check=True)
+  importlib.invalidate_caches()
+if not this_jaxformers():
+  wheels = sorted(glob.glob("jaxformers_encoders-*.whl") + glob.glob("/content/jaxformers_encoders-*.whl"))
+  source = JAXFORMERS_SOURCE or (wheels[-1] if wheels else "")
+  if not source:
+    raise RuntimeError("jaxformers is not installed: set JAXFORMERS_SOURCE in the first cell to this repository's "
+                       "git URL, or upload a wheel built from it (python -m build: dist/jaxformers_encoders-*.whl)")
+  # the runtime's jax, jaxlib, libtpu and CUDA libraries stay exactly as they are: pip may not move them
+  keep = sorted(f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions()
+                if (d.metadata["Name"] or "").lower().startswith(("jax", "libtpu", "nvidia-"))
+                and not (d.metadata["Name"] or "").lower().startswith("jaxformers"))
+  with open("/tmp/jaxformers-keep.txt", "w") as f:
+    f.write("\\n".join(keep) + "\\n")
+  pip = [sys.executable, "-m", "pip", "install", "-q", "-c", "/tmp/jaxformers-keep.txt"]
+  if source.endswith(".whl"):    # the package only: notebooks 1, 3, 4 and 5 also need the checkout's benchmarks/
+    subprocess.run(pip + [f"{source}[torch,tfds,study]"], check=True)
+  else:
+    if not os.path.isdir("jaxformers-src"):
+      subprocess.run(["git", "clone", "--depth", "1", source.removeprefix("git+"), "jaxformers-src"], check=True)
+    subprocess.run(pip + ["-e", "./jaxformers-src[torch,tfds,study]"], check=True)
+    os.chdir("jaxformers-src")
+    sys.path.insert(0, os.getcwd())
+  importlib.invalidate_caches()
+  if not this_jaxformers():
+    raise RuntimeError(f"installed jaxformers from {source}, but the importable one is still not this project")
+'''
 
 
 def in_colab() -> bool:
@@ -129,7 +209,8 @@ def repo_root() -> Path:
     if (d / "benchmarks" / "study.py").is_file() and (d / "jaxformers").is_dir():
       return d
   raise FileNotFoundError(f"no jaxformers checkout (a directory with benchmarks/study.py) at or above {here}; run "
-                          f"the notebook from a clone of the repository (the install cell clones it on Colab)")
+                          f"the notebook from a clone of the repository (the install cell clones it when "
+                          f"JAXFORMERS_SOURCE is a git URL; a wheel holds the package only)")
 
 
 def workdir(root: str | os.PathLike, notebook: str, p: Preset) -> Path:

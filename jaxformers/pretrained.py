@@ -136,6 +136,21 @@ def rearrange(model, where: str, *, layout=None, task=None, num_labels=None, hea
   return new, report
 
 
+def saved_layout(path: str | Path, revision: str | None = None) -> tuple[str, ...]:
+  """The blocks of the model that :func:`from_pretrained` would load from ``path`` as saved, read from its metadata
+  only (an HF checkpoint is a stack of serial layers)."""
+  path = hub.resolve(path, revision)
+  from jaxformers import runs
+  from jaxformers.layout import parse_layout
+  from jaxformers.blocks import BLOCKS
+  from jaxformers.workdir import is_run_dir
+  if is_run_dir(path):
+    return parse_layout(runs.read_meta(runs.step_dir(path))["model_config"]["layout"], BLOCKS.names())
+  if is_native(path):
+    return _read_meta(Path(path))[1].blocks
+  return ("serial",)
+
+
 def from_pretrained(path: str | Path, *, revision: str | None = None, layout: str | None = None,
                     task: str | None = None, num_labels: int | None = None, head: str | None = None,
                     rngs: nnx.Rngs | None = None, progress: bool = False, return_report: bool = False, **overrides):

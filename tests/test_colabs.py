@@ -131,3 +131,48 @@ def test_a_failing_cell_fails_with_its_error(tmp_path):
   nbformat.write(nb, path)
   with pytest.raises(CellExecutionError, match=r"PRESET='cpu_tiny_typo': unknown preset"):
     execute(path, tmp_path)
+
+
+@pytest.mark.parametrize("src", SOURCES, ids=[p.stem for p in SOURCES])
+def test_every_notebook_installs_with_the_one_install_cell(src):
+  from jaxformers import colab
+  code = [c for c in jupytext.read(src).cells if c.cell_type == "code"]
+  assert 'JAXFORMERS_SOURCE = ""' in code[0].source, f"{src.name}: the parameters cell sets JAXFORMERS_SOURCE"
+  assert code[1].source.strip() == colab.INSTALL_CELL.strip(), \
+      f"{src.name}: the second code cell must be jaxformers.colab.INSTALL_CELL word for word"
+
+
+def test_install_cell_tells_this_project_from_the_unrelated_jaxformers(tmp_path):
+  """The cell's check reads the marker of whatever ``jaxformers`` is importable: the index's unrelated package
+  (here a stand-in with its version line) is not this project, the checkout is; the installed wheel's
+  distribution name is checked in tests/test_wheel.py."""
+  import subprocess
+  import sys
+  from jaxformers import colab
+  other = tmp_path / "other" / "jaxformers"
+  other.mkdir(parents=True)
+  (other / "__init__.py").write_text('__version__ = "0.0.1.dev1"\n')
+  check = colab.INSTALL_CELL.split("\nif importlib.util.find_spec")[0] + "\nprint(this_jaxformers())\n"
+  for path, want in ((other.parent, "False"), (ROOT, "True")):
+    p = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(path)!r})\n" + check],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                       env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert p.stdout.strip() == want, (path, p.stdout, p.stderr[-2000:])
+  # the jax stack is pinned to what the runtime has: a constraints file of its jax* / libtpu* / nvidia-* versions
+  assert '"-c", "/tmp/jaxformers-keep.txt"' in colab.INSTALL_CELL and '"jax", "libtpu", "nvidia-"' in \
+      colab.INSTALL_CELL
+
+
+def test_auto_preset_refuses_a_cpu_backend_on_an_accelerator_runtime(monkeypatch):
+  from jaxformers import colab
+  for var in ("COLAB_TPU_ADDR", "TPU_NAME", "TPU_ACCELERATOR_TYPE"):
+    monkeypatch.delenv(var, raising=False)
+  import shutil
+  monkeypatch.setattr(shutil, "which", lambda _: None)      # no nvidia-smi
+  assert colab.accelerator_hint() is None or Path("/dev/accel0").exists()
+  monkeypatch.setenv("TPU_NAME", "local")
+  assert colab.accelerator_hint() == "$TPU_NAME is set"
+  with pytest.raises(RuntimeError, match=r"PRESET='auto' found only jax's cpu backend, but this runtime has an "
+                                         r"accelerator \(\$TPU_NAME is set\)"):
+    colab.preset("auto")
+  assert colab.preset("cpu_tiny").name == "cpu_tiny"     # named explicitly, the CPU run is the user's choice

@@ -1,4 +1,4 @@
-"""The extension points the README's "Extending jaxformers" names: a new token mixer and block type, registered
+"""The extension points docs/code.md's "Extending jaxformers" names: a new token mixer and block type, registered
 from outside the package, work in layouts, models and the trainer without any other change."""
 import jax.numpy as jnp
 import numpy as np

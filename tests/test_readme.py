@@ -1,10 +1,10 @@
-"""The README's examples run as written.
+"""The examples of the README and of the pages under docs/ run as written.
 
-Convention: every fenced block in README.md carries a tag on its opening line.
+Convention: every fenced block in README.md and docs/*.md carries a tag on its opening line.
 ``python`` and ``bash`` blocks are run by this test; ``text`` blocks (layout lists, the file
 tree) are not code. A code block that cannot run here says so on its tag line with
 ``no-test: <reason>`` (e.g. ```` ```bash no-test: needs the GLUE data ````), which keeps
-every exclusion visible in the README itself. An untagged fence, an unknown tag or a
+every exclusion visible in the page itself. An untagged fence, an unknown tag or a
 ``no-test`` without a reason fails the test.
 
 Python blocks run one by one, each in a fresh namespace, in a temporary working directory,
@@ -30,13 +30,20 @@ import pytest
 import jaxformers
 from jaxformers.cli import main
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```(.*)$")
 
 
-def readme_blocks() -> list[tuple[int, str, str | None, str]]:
-  """``(line, language, no-test reason or None, code)`` for every fenced block of README.md."""
-  blocks, lines, i = [], README.read_text().splitlines(), 0
+def readme_blocks() -> list[tuple[str, str, str | None, str]]:
+  """``("FILE:line", language, no-test reason or None, code)`` for every fenced block of README.md and docs/*.md."""
+  return [b for page in PAGES for b in page_blocks(page)]
+
+
+def page_blocks(page: Path) -> list[tuple[str, str, str | None, str]]:
+  name = str(page.relative_to(ROOT))
+  blocks, lines, i = [], page.read_text().splitlines(), 0
   while i < len(lines):
     m = FENCE.match(lines[i])
     if not m:
@@ -48,10 +55,10 @@ def readme_blocks() -> list[tuple[int, str, str | None, str]]:
     reason = None
     if rest:
       key, _, reason = rest.partition(":")
-      assert key.strip() == "no-test" and reason.strip(), f"README.md:{start}: tag {info!r}: expected " \
+      assert key.strip() == "no-test" and reason.strip(), f"{name}:{start}: tag {info!r}: expected " \
           f"'<language>' or '<language> no-test: <reason>'"
       reason = reason.strip()
-    blocks.append((start, lang, reason, "\n".join(lines[start:end])))
+    blocks.append((f"{name}:{start}", lang, reason, "\n".join(lines[start:end])))
     i = end + 1
   return blocks
 
@@ -61,10 +68,12 @@ BLOCKS = readme_blocks()
 
 def test_every_block_is_tagged_and_every_exclusion_has_a_reason():
   for line, lang, reason, _ in BLOCKS:
-    assert lang in ("python", "bash", "text"), f"README.md:{line}: fence tag {lang!r}; use python, bash or text"
-    assert lang != "text" or reason is None, f"README.md:{line}: text blocks are not run, no-test is meaningless"
+    assert lang in ("python", "bash", "text"), f"{line}: fence tag {lang!r}; use python, bash or text"
+    assert lang != "text" or reason is None, f"{line}: text blocks are not run, no-test is meaningless"
   run = [b for b in BLOCKS if b[1] in ("python", "bash") and b[2] is None]
   assert len(run) >= 4, "the README's runnable examples went missing"
+  assert any(b[0].startswith("README.md:") for b in run), "the README itself has no runnable example"
+  assert len(README.read_text().splitlines()) < 400, "README.md is the user's guide: keep it under 400 lines"
 
 
 @pytest.fixture(scope="module")
@@ -96,19 +105,19 @@ def shell_commands(code: str) -> list[list[str]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("line,lang,code", [(b[0], b[1], b[3]) for b in BLOCKS if b[1] != "text" and b[2] is None],
-                         ids=[f"{b[1]}-line{b[0]}" for b in BLOCKS if b[1] != "text" and b[2] is None])
+                         ids=[f"{b[0]}-{b[1]}" for b in BLOCKS if b[1] != "text" and b[2] is None])
 def test_readme_example_runs_as_written(line, lang, code, placeholders, hub_cache, tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(tmp_path)
   code = substitute(code, placeholders)
   if lang == "python":
-    exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__readme__"})
+    exec(compile(code, line, "exec"), {"__name__": "__readme__"})
     return
   for argv in shell_commands(code):
     if argv[0] == "python":
       p = subprocess.run([sys.executable, *argv[1:]], capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
-      assert p.returncode == 0, f"README.md:{line}: {shlex.join(argv)} exited {p.returncode}: {p.stderr[-2000:]}"
+      assert p.returncode == 0, f"{line}: {shlex.join(argv)} exited {p.returncode}: {p.stderr[-2000:]}"
       continue
-    assert argv[0] == "jaxformers", f"README.md:{line}: no way to run {argv[0]!r} here; tag the block no-test"
+    assert argv[0] == "jaxformers", f"{line}: no way to run {argv[0]!r} here; tag the block no-test"
     code = main(argv[1:])
-    assert code == 0, f"README.md:{line}: {shlex.join(argv)} exited {code}: {capsys.readouterr().err}"
+    assert code == 0, f"{line}: {shlex.join(argv)} exited {code}: {capsys.readouterr().err}"

@@ -398,6 +398,17 @@ def test_search_run_writes_layout_probabilities_heatmap_and_derived_model(search
   trained = json.loads((wd / "derived_train" / "summary.json").read_text())
   assert trained["steps"] == 2 and "search" not in trained
   assert sorted(checkpoint_params(wd / "derived_train", 2)) == sorted(dotted(d))
+  # the printed "train it" command is complete: its config file holds what then_train ran
+  assert s["train_command"] == (f"python train.py --config {wd / 'derived_config.py'} "
+                                f"--workdir {wd / 'derived_train'}") and "CONFIG" not in s["train_command"]
+  from jaxformers.train.cli import _load_config_file
+  from jaxformers.train.search import derived_config
+  c = _load_config_file(str(wd / "derived_config.py"))
+  assert c.init_from == str(wd / "derived") and not c.search.enabled and c.model.layout == ""
+  assert c.train.num_steps == 2 and c.train.num_epochs == 0.0
+  want = derived_config(load_config("tiny", "steps=8", search__then_train=True, search__then_train_steps=2, **SEARCH),
+                        wd)
+  assert c.to_dict() == want.to_dict()
 
 
 def dotted(module) -> dict:

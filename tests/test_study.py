@@ -59,7 +59,9 @@ def test_study_measures_every_cell_and_resumes(source, tmp_path, capsys):
   assert sorted(saved["cells"]) == sorted(cells)
   stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("summary.json")}
   assert len(stamps) == 6                       # 4 fine-tunings, 2 healing runs
-  capsys.readouterr()
+  last = capsys.readouterr().out.strip().splitlines()[-1]
+  assert last.startswith(f"wrote {tmp_path / 'study.json'} ") and str(tmp_path / "study.png") in last \
+      and str(tmp_path / "study.md") in last                # the run ends by saying where its outputs are
 
   again = study.main(args(source, tmp_path))
   err = capsys.readouterr().err
@@ -79,9 +81,57 @@ def test_study_refuses_another_budget_in_the_same_workdir(source, tmp_path):
 def test_bad_layout_and_data_are_named(source, tmp_path):
   with pytest.raises(SystemExit, match=r"--layouts: 'serial\*2,bogus'"):
     study.main(args(source, tmp_path, "--layouts", "serial*2,bogus"))
-  with pytest.raises(SystemExit, match=r"--data .*nothere: expected 'embedded' or a directory holding data.json"):
+  with pytest.raises(SystemExit, match=r"--data .*nothere: expected 'embedded', a CSV / TSV / JSONL file, or a directory holding data.json"):
     study.main(args(source, tmp_path, "--data", str(tmp_path / "nothere")))
   assert not (tmp_path / "study.json").exists()
+
+
+def test_data_file_with_column_flags_and_help_shows_defaults(tmp_path, capsys):
+  """``--data FILE --eval FILE`` with column flags gives the same data settings a data.json would (classes inferred
+  when --label_names is not given); a bad column is named before anything trains."""
+  for name in ("train", "dev"):
+    (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"claim": f"c{i}", "y": ["no", "yes"][i % 2]}) + "\n"
+                                                    for i in range(6)))
+  a = study.parse_args(["--init_from", "x", "--workdir", str(tmp_path / "w"), "--data", str(tmp_path / "train.jsonl"),
+                        "--eval", str(tmp_path / "dev.jsonl"), "--text", "claim", "--label", "y"])
+  d = study.data_settings(a.data, a)
+  assert d == {"source": "files", "train_file": str(tmp_path / "train.jsonl"), "eval_file": str(tmp_path / "dev.jsonl"),
+               "text_a_column": "claim", "text_b_column": "", "label_column": "y", "label_names": "",
+               "num_labels": 0}
+  c = study.finetune_config(a, d, "x", "serial*2")
+  from jaxformers.train.tasks import make_task
+  assert make_task(c).label_names == ("no", "yes")
+  a.text = "sentence"
+  with pytest.raises(SystemExit, match=r"train.jsonl: missing column 'sentence'"):
+    study.data_settings(a.data, a)
+  a.eval = ""
+  with pytest.raises(SystemExit, match=r"a data file needs --eval FILE"):
+    study.data_settings(a.data, a)
+  with pytest.raises(SystemExit):
+    study.parse_args(["--help"])
+  out = capsys.readouterr().out
+  assert "(default: 200)" in out and "(default: embedded)" in out and "(default: 0.0001)" in out
+
+
+def test_sigterm_ends_the_study_with_one_line(source, tmp_path):
+  import os
+  import signal
+  import subprocess
+  import time
+  p = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "study.py"),
+                        *args(source, tmp_path, "--finetune_steps", "100000", "--recipes", "direct")],
+                       cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))   # no accelerator plugin's start-up log
+  deadline = time.time() + 240
+  while time.time() < deadline and not list(tmp_path.glob("cells/*/finetune/tokenizer.json")):
+    time.sleep(0.5)                              # the first cell's run has started
+  time.sleep(3)
+  p.send_signal(signal.SIGTERM)
+  out, err = p.communicate(timeout=240)
+  lines = [l for l in err.splitlines() if l.startswith("study.py")]
+  assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
+  assert "Traceback" not in err and len(lines) == 1, err[-2000:]
+  assert "stopped by SIGTERM" in lines[0] and f"{tmp_path}/study.json" in lines[0]
 
 
 def test_bigbench_task_converts_to_csv_with_a_grouped_seeded_split(tmp_path, capsys):

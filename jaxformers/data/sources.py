@@ -90,8 +90,9 @@ def load_split(data_cfg, split: str) -> Examples:
   return get_source(data_cfg).examples(data_cfg, split)
 
 
-def label_value(raw, label_names, regression, where):
-  """A label as stored (a class name, an index, a number) -> class id or float target."""
+def label_value(raw, label_names, regression, where, hint: str = ""):
+  """A label as stored (a class name, an index, a number) -> class id or float target; ``hint`` ends the error
+  message for a label outside ``label_names`` (what to set to accept it)."""
   if regression:
     try:
       return float(raw)
@@ -107,7 +108,8 @@ def label_value(raw, label_names, regression, where):
     v = None
   if v is None or not 0 <= v < len(names) or str(v) != s and f"{v}.0" != s:
     raise DataError(f"{where}: label {raw!r} is outside the task's range; expected one of "
-                    f"{', '.join(names)}" + (f" or an index 0..{len(names) - 1}" if not names[0].isdigit() else ""))
+                    f"{', '.join(names)}" + (f" or an index 0..{len(names) - 1}" if not names[0].isdigit() else "")
+                    + hint)
   return v
 
 

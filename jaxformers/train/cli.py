@@ -50,12 +50,70 @@ def explain_override(argv: list[str], err: Exception) -> str:
   return f"bad command line: {msg}"
 
 
-def main(config, workdir: str) -> int:
+def override_keys(argv: list[str]) -> set[str]:
+  """The config keys ``--config.a.b=V`` (or ``--config.a.b V``) arguments set, as ``{"a.b"}``."""
+  return {a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")}
+
+
+def settle_length(config, given: set[str]) -> None:
+  """The command line's choice of the run's length wins over the config file's: with ``train.num_steps`` given (and
+  not ``train.num_epochs``), the file's ``num_epochs`` becomes 0, and the other way round; logged. Both given and
+  both positive is left for the trainer to refuse (config.train.num_steps and num_epochs are both set)."""
+  t = config.train
+  steps, epochs = "train.num_steps" in given, "train.num_epochs" in given
+  if steps and not epochs and t.num_steps > 0 and t.num_epochs > 0:
+    log.info("train.num_steps=%d from the command line rules; the config's train.num_epochs=%g is set to 0",
+             t.num_steps, t.num_epochs)
+    t.num_epochs = 0.0
+  elif epochs and not steps and t.num_epochs > 0 and t.num_steps > 0:
+    log.info("train.num_epochs=%g from the command line rules; the config's train.num_steps=%d is set to 0",
+             t.num_epochs, t.num_steps)
+    t.num_steps = 0
+
+
+def apply_overrides(config, overrides: list[str]) -> set[str]:
+  """``["train.num_steps=10", ...]`` set on ``config`` (values parsed as the key's type: int, float, bool, str), as
+  train.py's ``--config.KEY=VALUE`` flags do; the keys set. An unknown key names the closest valid ones."""
+  from jaxformers.train.errors import ConfigError
+  given = set()
+  for item in overrides:
+    key, eq, raw = item.partition("=")
+    if not eq:
+      raise ConfigError(f"--config.{item}: expected --config.KEY=VALUE")
+    node, parts = config, key.split(".")
+    for i, part in enumerate(parts):
+      keys = list(node.keys()) if hasattr(node, "keys") else []
+      if part not in keys:
+        prefix = "".join(f"{p}." for p in parts[:i])
+        close = difflib.get_close_matches(part, keys, n=3)
+        raise ConfigError(f"unknown config key {key!r} in --config.{item}; closest valid keys: "
+                          + ", ".join(f"{prefix}{c}" for c in (close or keys)))
+      if i < len(parts) - 1:
+        node = node[part]
+    kind = node.get_type(parts[-1])
+    try:
+      if kind is bool:
+        if raw.lower() not in ("true", "false", "1", "0"):
+          raise ValueError(raw)
+        value = raw.lower() in ("true", "1")
+      elif kind in (int, float):
+        value = kind(raw)
+      else:
+        value = raw
+    except ValueError:
+      raise ConfigError(f"--config.{item}: {raw!r} is not a{'n' if kind is int else ''} {kind.__name__}") from None
+    node[parts[-1]] = value
+    given.add(key)
+  return given
+
+
+def main(config, workdir: str, argv: list[str] = ()) -> int:
   from jaxformers.convert import CheckpointError
   from jaxformers.data.sources import DataError
   from jaxformers.train import ConfigError, Interrupted, NonFiniteLoss, run
   from jaxformers.train.checkpoint import CheckpointMismatch
   from jaxformers.workdir import WorkdirLocked
+  settle_length(config, override_keys(list(argv)))
   try:
     out = run(config, workdir)
   except Interrupted as e:

@@ -77,7 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.text_b_column = ""
   d.label_column = "label"
   d.label_names = ""               # files: comma-separated names, in label-id order
-  d.num_labels = 2                 # files: number of classes (1 = regression)
+  d.num_labels = 0                 # files: number of classes (1 = regression); 0: inferred from train_file's labels
   d.tokenizer = ""                 # tokenizer.json or checkpoint dir; "" = from init_from, or train a WordPiece
   d.vocab_size = 8000              # size of a trained WordPiece vocabulary
   d.max_length = 128
@@ -115,8 +115,8 @@ def base_config() -> ml_collections.ConfigDict:
   o.sparsity_scope = "global"      # global | layer
 
   c.train = t = ml_collections.ConfigDict()
-  t.num_steps = 1000
-  t.num_epochs = 0.0               # > 0: overrides num_steps
+  t.num_steps = 1000               # the run's length: num_steps, or num_epochs when that is > 0 (then num_steps
+  t.num_epochs = 0.0               # must be 0; on train.py's command line, setting one sets the other to 0)
   t.stop_after = 0                 # > 0: save and stop after this step (the schedule still spans num_steps)
   t.log_every = 50
   t.eval_every = 0                 # 0: only at the end
@@ -172,6 +172,19 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def fill_from(c: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
+  """Set ``c``'s keys from a nested dict (a saved ``config.to_json()``); keys ``c`` lacks are skipped, ``None`` leaves
+  a placeholder unset."""
+  for k, v in values.items():
+    if k not in c:
+      continue
+    if isinstance(v, dict):
+      fill_from(c[k], v)
+    elif v is not None:
+      c[k] = tuple(v) if isinstance(v, list) else v
+  return c
+
+
 def check_keys(config, reference=None, prefix="") -> None:
   """Every key of ``config`` must exist in ``reference``; the error names the closest valid keys."""
   reference = base_config() if reference is None else reference
@@ -212,6 +225,9 @@ def check_values(c) -> None:
   if c.train.num_epochs <= 0 and c.train.num_steps < 1:
     raise ConfigError(f"config.train.num_steps={c.train.num_steps}: the run has no steps; raise it or set "
                       f"train.num_epochs")
+  if c.train.num_epochs > 0 and c.train.num_steps > 0:
+    raise ConfigError(f"config.train.num_steps={c.train.num_steps} and config.train.num_epochs="
+                      f"{c.train.num_epochs:g} are both set; one decides the run's length: set the other to 0")
   for key in ("task", "logits", "hidden", "first_token", "attention", "value"):
     if c.distill[key] < 0:
       raise ConfigError(f"config.distill.{key}={c.distill[key]}: a loss weight must be at least 0")

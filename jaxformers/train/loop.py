@@ -107,12 +107,19 @@ class Run:
       import jaxformers
       runtime = {k: v for k, v in set_fields(c.model).items() if k in RUNTIME_FIELDS}
       try:
-        self.pretrained = jaxformers.from_pretrained(
+        runtime.update(self._fourier_norm(runtime))
+        self.pretrained, report = jaxformers.from_pretrained(
             c.init_from, layout=c.model.layout or None, task=self.task.model_task, num_labels=self.task.head_labels,
-            rngs=nnx.Rngs(params=c.seed, dropout=c.seed + 1), **runtime)
+            rngs=nnx.Rngs(params=c.seed, dropout=c.seed + 1), return_report=True, **runtime)
       except LayoutError as e:
         raise ConfigError(f"config.model.layout: {e}".replace("\n", " ")) from None
+      if report is not None:
+        log.info("init_from %s -> layout %s, task %s:\n  %s", c.init_from,
+                 self.pretrained.config.layout, self.task.model_task, report.summary().replace("\n", "\n  "))
       self.cfg = self.pretrained.config
+      if c.mode == "train" and c.task != "heal" and not c.search.enabled and c.optim.lr >= 5e-4:
+        log.warning("config.optim.lr=%g is a from-scratch learning rate; fine-tuning a pretrained checkpoint usually "
+                    "takes 2e-5 to 5e-5 (configs/finetune.py uses 3e-5)", c.optim.lr)
     else:
       self.cfg = encoder_config(c.model, vocab_size=self.tok.get_vocab_size(), pad_token_id=self.special["pad"])
     # int8 (config.model.quantization) is applied to the restored float model in eval / predict (see _quantized)
@@ -155,6 +162,28 @@ class Run:
                  "num_labels": self.task.num_labels,
                  "label_names": list(self.task.label_names) if self.task.label_names else None,
                  "param_shapes": ckpt_lib.param_shapes(abs_params)}
+
+  def _fourier_norm(self, runtime: dict) -> dict:
+    """``{"fourier_norm": "ortho"}`` when ``init_from`` has no Fourier blocks, ``model.layout`` re-arranges it into
+    some and the config leaves ``model.fourier_norm`` unset: an unnormalised DFT of a BERT's hidden states is about
+    sqrt(length x width) times larger than what the reused layers were trained on; "ortho" keeps their scale."""
+    c = self.c
+    if not c.model.layout or "fourier_norm" in runtime:
+      return {}
+    from jaxformers.layout import parse_layout
+    from jaxformers.pretrained import saved_layout
+    target = parse_layout(c.model.layout, BLOCKS.names())
+    if not any(BLOCKS.get(b).mixer == "fourier" for b in target):
+      return {}
+    try:
+      source = saved_layout(c.init_from)
+    except Exception:   # unreadable metadata: from_pretrained reports it
+      return {}
+    if any(BLOCKS.get(b).mixer == "fourier" for b in source):
+      return {}
+    log.info("model.fourier_norm='ortho': init_from %s has no Fourier blocks and layout %s adds some (set "
+             "config.model.fourier_norm to choose another)", c.init_from, c.model.layout)
+    return {"fourier_norm": "ortho"}
 
   def _check_packing(self):
     """Packing needs every block to handle packed rows; the only one that may not is Fourier mixing."""
@@ -318,6 +347,12 @@ def train(r: Run) -> dict:
   total = int(math.ceil(c.train.num_epochs * steps_per_epoch)) if c.train.num_epochs > 0 else c.train.num_steps
   if total < 1:
     raise ConfigError("the run has no steps: raise train.num_steps or train.num_epochs")
+  if c.train.num_epochs > 0:
+    log.info("run length: %d steps from train.num_epochs=%g (%d steps an epoch; train.num_steps is not used)", total,
+             c.train.num_epochs, steps_per_epoch)
+  else:
+    log.info("run length: %d steps from train.num_steps (about %.2g epochs of %d steps; train.num_epochs is not "
+             "used)", total, total / max(steps_per_epoch, 1), steps_per_epoch)
   tx, lr_fn = r.task.optimizer(c, total)
 
   abs_state = {"params": r.abs_params, "opt_state": jax.eval_shape(tx.init, r.abs_params), "rngs": r.abs_rest,

@@ -232,8 +232,7 @@ class Searched:
     png = run.workdir / "search_heatmap.png"
     if steps_:
       S.heatmap(steps_, hist, self.candidates, png, title=f"search: {layout}")
-    cmd = (f"python train.py --config CONFIG --config.init_from={out_dir} --config.model.layout='' "
-           f"--config.search.enabled=False --workdir {run.workdir / 'derived_train'}")
+    cmd = write_derived_config(self.c, run.workdir)
     summary["search"] = {
         "layout": layout, "chosen": chosen, "candidates": list(self.candidates), "source_layout": self.cfg.layout,
         "probabilities": probs.round(6).tolist(), "flops_per_token": found, "source_flops_per_token": self.source_cost,
@@ -243,6 +242,8 @@ class Searched:
     log.info("search found layout %s (%.1f%% of the source's FLOPs/token); derived model in %s", layout,
              100 * found / self.source_cost, out_dir)
     print(f"found layout: {layout}  ({100 * found / self.source_cost:.1f}% of {self.cfg.layout}'s FLOPs/token)\n"
+          f"wrote {out_dir} (the derived model), {png if steps_ else '(no heat-map: no logged steps)'}, "
+          f"{run.workdir / 'summary.json'} (summary['search']) and {run.workdir / 'derived_config.py'}\n"
           f"train it: {cmd}", flush=True)
 
 
@@ -261,9 +262,43 @@ def heat_history(path, n_cand: int, n_pos: int, candidates) -> tuple[list[int], 
   return steps_, np.asarray([rows[s] for s in steps_], np.float64).reshape(len(steps_), n_pos, n_cand)
 
 
+DERIVED_CONFIG = '''"""Train the model the architecture search in this directory derived (derived/), with the search's data and
+settings (derived_config.json), as search.then_train does. Written by the search:
+
+  python train.py --config {path} --workdir {workdir}
+"""
+import json
+from pathlib import Path
+
+from jaxformers.train.defaults import base_config, fill_from
+
+
+def get_config(arg=None):
+  c = fill_from(base_config(), json.loads((Path(__file__).parent / "derived_config.json").read_text()))
+  c.lock()
+  return c
+'''
+
+
+def write_derived_config(c, workdir: Path) -> str:
+  """``DIR/derived_config.py`` (and the .json it reads): the train.py config that trains the derived model as
+  :func:`then_train` does; the command that runs it."""
+  path, out = workdir / "derived_config.py", workdir / "derived_train"
+  (workdir / "derived_config.json").write_text(derived_config(c, workdir).to_json(indent=2) + "\n")
+  path.write_text(DERIVED_CONFIG.format(path=path, workdir=out))
+  return f"python train.py --config {path} --workdir {out}"
+
+
 def then_train(c, workdir, run) -> dict:
   """Train the derived model (``DIR/derived``) on the same data in ``DIR/derived_train`` with ``run``
   (:func:`jaxformers.train.run`); its summary."""
+  out = run(derived_config(c, workdir), workdir / "derived_train")
+  return {"workdir": str(workdir / "derived_train"), "eval": out.get("eval", {}),
+          "wall_time_s": out.get("wall_time_s")}
+
+
+def derived_config(c, workdir):
+  """The search's config turned into the one that trains its derived model."""
   c2 = copy.deepcopy(c)
   with c2.unlocked():
     c2.search.enabled = False
@@ -273,9 +308,7 @@ def then_train(c, workdir, run) -> dict:
     if c.search.then_train_steps:
       c2.train.num_steps = c.search.then_train_steps
       c2.train.num_epochs = 0.0
-  out = run(c2, workdir / "derived_train")
-  return {"workdir": str(workdir / "derived_train"), "eval": out.get("eval", {}),
-          "wall_time_s": out.get("wall_time_s")}
+  return c2
 
 
 def search_penalties(logits_PC, costs_C, source_cost: float, s, ident: int | None):

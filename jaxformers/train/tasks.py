@@ -152,7 +152,8 @@ class Classification(Task):
       bad = np.nonzero((ex.label < 0) | (ex.label >= self.num_labels))[0]
       if len(bad):
         raise sources.DataError(f"{ex.origin}: example {bad[0]} has label {ex.label[bad[0]]}, outside the "
-                                f"task's range 0..{self.num_labels - 1}")
+                                f"task's range 0..{self.num_labels - 1} (config.data.num_labels={self.num_labels}; set it and "
+                                f"config.data.label_names to the data's classes)")
     return ex
 
 
