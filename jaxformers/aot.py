@@ -159,8 +159,8 @@ def programs(cfg, model_task: str, num_labels: int | None, batch: int, length: i
     return optax.apply_updates(params, updates), opt_state, rest, value
 
   return {
-      "forward": (jax.jit(forward), (params, rest, ids, ids)),
-      "train_step": (jax.jit(train_step, out_shardings=(param_sh, opt_sh, jax.tree.map(lambda _: rep, abs_rest), rep),
+      "forward": (jax.jit(sharding.traced_in(mesh, forward)), (params, rest, ids, ids)),
+      "train_step": (jax.jit(sharding.traced_in(mesh, train_step), out_shardings=(param_sh, opt_sh, jax.tree.map(lambda _: rep, abs_rest), rep),
                              donate_argnums=(0, 1)),
                      (params, with_sh(opt_state, opt_sh), rest, batch_abs)),
   }
@@ -178,7 +178,7 @@ def compile_for(chip_name: str, cfg, model_task: str, num_labels: int | None, ba
     devices = jax.devices("cpu")[:1] if lower_only else chip_devices(chip)
   mesh = Mesh(np.asarray(devices).reshape(len(devices), 1), ("data", "fsdp"))
   reports = []
-  with use_target(target), jax.set_mesh(mesh):
+  with use_target(target):
     progs = programs(cfg, model_task, num_labels, batch, length, mesh)
     for name, (fn, args) in progs.items():
       r = Report(chip_name, name, ok=False, tokens=batch * length)

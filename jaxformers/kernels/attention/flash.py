@@ -160,7 +160,8 @@ def _launch(kernel, cfg: KernelConfig, grid, in_specs, out_specs, out_shape, arg
             name: str):
   kernel = functools.partial(kernel, cfg=cfg)
   call = functools.partial(pl.pallas_call, kernel, out_shape=out_shape, grid=grid, out_specs=out_specs,
-                           interpret=cfg.backend in ("interpret", "interpret_gpu"), compiler_params=_compiler_params(cfg), name=name)
+                           interpret=cfg.backend in ("interpret", "interpret_gpu"), compiler_params=_compiler_params(cfg),
+                           name=name, cost_estimate=tiles.cost_estimate(cfg, name, args, out_shape))
   if cfg.block_mask is None:
     return call(in_specs=in_specs)(*args)
   idx, cnt = _lists_arrays(cfg, transpose_lists)

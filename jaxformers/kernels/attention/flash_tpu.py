@@ -48,7 +48,8 @@ def _call(kernel, cfg: KernelConfig, *, own_blocks: int, dense_steps: int, trans
   params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
   kernel = functools.partial(kernel, cfg=cfg, steps=steps)
   return pl.pallas_call(kernel, out_shape=out_shape, grid_spec=grid_spec, compiler_params=params,
-                        interpret=_interpret(cfg), name=name)(*lists, *args)
+                        interpret=_interpret(cfg), name=name,
+                        cost_estimate=tiles.cost_estimate(cfg, name, args, out_shape))(*lists, *args)
 
 
 def _split_prefetch(cfg: KernelConfig, refs):

@@ -108,3 +108,21 @@ def dq_tile(cfg: KernelConfig, q_QH, k_KH, v_KH, do_QH, lse_Q1, delta_Q1, qseg_Q
   dp_QK = lax.dot_general(do_QH, v_KH, NT, preferred_element_type=jnp.float32)
   ds_QK = p_QK * (dp_QK - delta_Q1)
   return dq_QH + jnp.dot(ds_QK.astype(k_KH.dtype), k_KH, preferred_element_type=jnp.float32)
+
+
+_MATMUL_FLOPS = {"flash_fwd": 4, "flash_bwd_dkv": 8, "flash_bwd_dq": 6}   # 2 * (matmuls per query-key pair)
+
+
+def cost_estimate(cfg: KernelConfig, name: str, args, out_shape):
+  """What one launch costs, for XLA's cost analysis and scheduler (a kernel is opaque to it otherwise): FLOPs
+  of its matmuls over the visited tiles, one exp per query-key pair, and the bytes of its operands and results."""
+  from jax.experimental import pallas as pl
+  B, N, _, H = args[0].shape
+  pairs = cfg.num_q_blocks * cfg.block_q * cfg.num_kv_blocks * cfg.block_k
+  if cfg.block_mask is not None:
+    visited = int(np.sum(cfg.block_mask.kv_block_lists()[1]))
+    pairs = visited * cfg.block_q * cfg.block_k
+  factor = next(v for k, v in _MATMUL_FLOPS.items() if name.startswith(k))
+  outs = out_shape if isinstance(out_shape, (list, tuple)) else [out_shape]
+  nbytes = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in list(args) + list(outs))
+  return pl.CostEstimate(flops=factor * B * N * pairs * H, transcendentals=B * N * pairs, bytes_accessed=nbytes)
