@@ -42,6 +42,7 @@ class Report:
   flops: float | None = None         # per chip
   bytes_accessed: float | None = None
   tokens: int = 0                    # tokens per step over all chips
+  num_chips: int = 1
 
   def roofline_s(self, chip: Chip) -> float | None:
     if self.flops is None or self.bytes_accessed is None:
@@ -171,17 +172,19 @@ def compile_for(chip_name: str, cfg, model_task: str, num_labels: int | None, ba
   """Lower (and, unless ``lower_only``, compile) the forward and the train step for ``chip_name``.
 
   ``batch`` is the global batch, split over every device of the chip's topology (``devices``: the host's
-  CPU devices with ``lower_only``, standing in for the chips' count)."""
+  CPU devices with ``lower_only``, standing in for the chips' count). A TPU chip may name its topology:
+  ``"v5e:1x1"`` is one v5e chip (a Colab TPU runtime), ``"v5e"`` the chip's default topology."""
+  chip_name, _, topo = chip_name.partition(":")
   chip = CHIPS[chip_name]
   target = Target(chip.platform, chip.name)
   if devices is None:
-    devices = jax.devices("cpu")[:1] if lower_only else chip_devices(chip)
+    devices = jax.devices("cpu")[:1] if lower_only else chip_devices(chip, f"{chip_name}:{topo}" if topo else None)
   mesh = Mesh(np.asarray(devices).reshape(len(devices), 1), ("data", "fsdp"))
   reports = []
   with use_target(target):
     progs = programs(cfg, model_task, num_labels, batch, length, mesh)
     for name, (fn, args) in progs.items():
-      r = Report(chip_name, name, ok=False, tokens=batch * length)
+      r = Report(chip_name, name, ok=False, tokens=batch * length, num_chips=len(devices))
       try:
         lowered = fn.trace(*args).lower(lowering_platforms=(target.lowering_platform,))
         r.kernels = count_kernels(lowered.as_text())
@@ -206,12 +209,12 @@ def compile_for(chip_name: str, cfg, model_task: str, num_labels: int | None, ba
 
 def format_row(r: Report, cfg_name: str) -> str:
   chip = CHIPS[r.chip]
+  n_chips = r.num_chips
   if not r.ok:
-    return f"| {cfg_name} | {chip.label} | {r.program} | fails: {r.reason} | | | | |"
+    return f"| {cfg_name} | {chip.label} x{r.num_chips} | {r.program} | fails: {r.reason} | | | | | |"
   hbm = "n/a" if r.hbm_bytes is None else f"{r.hbm_bytes / 2**30:.2f} / {chip.hbm_bytes / 2**30:.0f} GiB"
   t = r.roofline_s(chip)
-  n_chips = chip.num_chips
   tok = "n/a" if not t else f"{r.tokens / t / n_chips:,.0f}"
   mfu = "n/a" if not t else f"{r.flops / chip.peak_flops / t:.0%}"
   flops = "n/a" if r.flops is None else f"{r.flops / 1e9:.1f} G"
-  return f"| {cfg_name} | {chip.label} | {r.program} | compiles | {r.kernels} | {hbm} | {flops} | {tok} | {mfu} |"
+  return f"| {cfg_name} | {chip.label} x{n_chips} | {r.program} | compiles | {r.kernels} | {hbm} | {flops} | {tok} | {mfu} |"

@@ -23,8 +23,8 @@ PLATFORMS = ("cpu", "gpu", "tpu")
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """One accelerator generation. ``onchip_bytes``: the fast memory one kernel instance may use (TPU: the
-  compiler's default scoped VMEM; GPU: shared memory per block, opt-in maximum)."""
+  """One accelerator generation. ``onchip_bytes``: the fast memory one kernel instance may use (TPU: VMEM per
+  core, as the compiler reports it when a kernel overflows it; GPU: shared memory per block, opt-in maximum)."""
   name: str
   platform: str
   label: str
@@ -44,21 +44,11 @@ class Chip:
   clock_ghz: float = 0.0
   threads_per_sm: int = 0
 
-  @property
-  def num_chips(self) -> int:
-    """Chips in :attr:`topology` (1 for a GPU)."""
-    if self.topology is None:
-      return 1
-    n = 1
-    for d in self.topology.split(":")[1].split("x"):
-      n *= int(d)
-    return n
-
 
 _MiB, _GiB = 1 << 20, 1 << 30
 CHIPS: dict[str, Chip] = {c.name: c for c in (
     Chip("v4", "tpu", "TPU v4", ("TPU v4",), 275e12, 32 * _GiB, 1.2e12, 16 * _MiB, "mosaic", "v4:2x2x1"),
-    Chip("v5e", "tpu", "TPU v5e", ("TPU v5 lite", "TPU v5e"), 197e12, 16 * _GiB, 819e9, 16 * _MiB, "mosaic",
+    Chip("v5e", "tpu", "TPU v5e", ("TPU v5 lite", "TPU v5e"), 197e12, 16 * _GiB, 819e9, 128 * _MiB, "mosaic",
          "v5e:2x2"),
     Chip("v6e", "tpu", "TPU v6e", ("TPU v6 lite", "TPU v6e"), 918e12, 32 * _GiB, 1640e9, 32 * _MiB, "mosaic",
          "v6e:2x4"),
