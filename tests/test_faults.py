@@ -116,10 +116,11 @@ def hashes(root: Path) -> dict[str, str]:
 def results(wd: Path) -> dict[str, str]:
   """The files a later run must keep as they are: everything but the rotating step directories (deleted by
   ``train.keep`` as the run advances), orbax's temporary directories and the append-only metrics.jsonl (of the run
-  and of the runs nested in it: prune's rounds, the study's cells)."""
+  and of the runs nested in it: prune's rounds, the study's cells), and the workdir locks (``.NAME.lock``: a killed
+  run leaves its lock, which the next run takes over)."""
   def rotating(rel: str) -> bool:
     parts = rel.split("/")
-    return parts[-1] == "metrics.jsonl" or any(
+    return parts[-1] == "metrics.jsonl" or (parts[-1].startswith(".") and parts[-1].endswith(".lock")) or any(
         a in ("checkpoints", "best") and (b.isdigit() or ".orbax-checkpoint-tmp" in b) for a, b in zip(parts, parts[1:]))
   return {k: v for k, v in hashes(wd).items() if not rotating(k)}
 

@@ -165,7 +165,8 @@ class Files(Source):
   def check(self, data_cfg) -> None:
     if not data_cfg.train_file and not data_cfg.eval_file and not data_cfg.test_file:
       raise DataError("config.data.source='files' needs config.data.train_file (and eval_file / test_file)")
-    self.labels(data_cfg)
+    if data_cfg.num_labels or data_cfg.label_names:
+      self.labels(data_cfg)      # inferring the classes is left to the supervised tasks: mlm and heal need no labels
 
   def labels(self, data_cfg) -> Labels:
     n = data_cfg.num_labels
@@ -201,9 +202,11 @@ class Files(Source):
     path = data_cfg[key]
     if not path:
       raise DataError(f"data.source='files' needs config.data.{key} for the {split} split")
-    labels = self.labels(data_cfg)
-    names = labels.names or tuple(str(i) for i in range(labels.num_labels))
     has_label = split != "test" and bool(data_cfg.label_column)
+    names, regression = None, False
+    if has_label:
+      labels = self.labels(data_cfg)
+      names, regression = labels.names or tuple(str(i) for i in range(labels.num_labels)), labels.regression
     return read_table(path, data_cfg.text_a_column, data_cfg.text_b_column or None,
-                      data_cfg.label_column if has_label else None, label_names=names, regression=labels.regression,
+                      data_cfg.label_column if has_label else None, label_names=names, regression=regression,
                       hint=LABEL_HINT)
