@@ -43,6 +43,7 @@ class Report:
   bytes_accessed: float | None = None
   tokens: int = 0                    # tokens per step over all chips
   num_chips: int = 1
+  cost_from_host: bool = False       # FLOPs and bytes from host_cost (the chip's compiler reports none)
 
   def roofline_s(self, chip: Chip) -> float | None:
     if self.flops is None or self.bytes_accessed is None:
@@ -118,8 +119,10 @@ def _loss(model_task: str):
   return loss
 
 
-def programs(cfg, model_task: str, num_labels: int | None, batch: int, length: int, mesh: Mesh, lr: float = 1e-4):
-  """``{name: (jitted function, abstract arguments)}`` for the forward and the train step on ``mesh``.
+def programs(cfg, model_task: str, num_labels: int | None, batch: int, length: int, mesh: Mesh, lr: float = 1e-4,
+             encode: bool = False):
+  """``{name: (jitted function, abstract arguments)}`` for the forward and the train step on ``mesh`` (and with
+  ``encode``, :func:`encode_program` with ``batch`` rows on the mesh's first device).
 
   The functions are made anew on every call, so each is traced for the target current when it is lowered."""
   abstract = nnx.eval_shape(lambda: models.build(model_task, cfg, num_labels=num_labels,
@@ -159,56 +162,173 @@ def programs(cfg, model_task: str, num_labels: int | None, batch: int, length: i
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, rest, value
 
-  return {
+  progs = {
       "forward": (jax.jit(sharding.traced_in(mesh, forward)), (params, rest, ids, ids)),
       "train_step": (jax.jit(sharding.traced_in(mesh, train_step), out_shardings=(param_sh, opt_sh, jax.tree.map(lambda _: rep, abs_rest), rep),
                              donate_argnums=(0, 1)),
                      (params, with_sh(opt_state, opt_sh), rest, batch_abs)),
   }
+  if encode:
+    progs["encode"] = encode_program(abstract, batch, length, mesh.devices.flat[0])
+  return progs
+
+
+def encode_program(model, rows: int, length: int, device, pooling: str = "mean", normalize: bool = True,
+                   max_segments: int = 16):
+  """``jaxformers.encode``'s compiled chunk: ``rows`` packed rows of ``length`` tokens on one device, pooled and
+  normalised (the function :func:`jaxformers.packing.chunk_runner` jits, with its static arguments)."""
+  from jaxformers.encode import Pooler
+  from jaxformers.packing import _run_chunk
+  graphdef, state = nnx.split(models.encoder_of(model))
+  one = jax.sharding.SingleDeviceSharding(device)
+  state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), state)
+  ids = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=one)
+  def chunk(graphdef, fn, state, input_ids, segment_ids):    # a new function: jax caches traces per function, and
+    return _run_chunk(graphdef, fn, state, input_ids, segment_ids)  # this one's must belong to the current target
+  fn = jax.jit(chunk, static_argnums=(0, 1))
+  return fn, (graphdef, Pooler(pooling, normalize, max_segments), state, ids, ids)
+
+
+def parse_chip(name: str) -> tuple[Chip, str | None, int | None]:
+  """``"v5e"`` (the chip's default topology), ``"v5e:2x4"`` (a named TPU topology) or ``"v5e-1"`` (the first
+  1 chip of the default topology, as a Colab TPU runtime has): the chip, the topology and a chip count."""
+  base, _, topo = name.partition(":")
+  count = None
+  m = re.fullmatch(r"(.+)-(\d+)", base)
+  if m and m.group(1) in CHIPS:
+    base, count = m.group(1), int(m.group(2))
+  if base not in CHIPS:
+    raise ValueError(f"chip {name!r}: expected one of {', '.join(CHIPS)}, optionally with ':TOPOLOGY' "
+                     f"(v5e:2x4) or '-N' for N chips (v5e-1)")
+  return CHIPS[base], (f"{base}:{topo}" if topo else None), count
+
+
+def _analyse(r: Report, compiled) -> None:
+  m = compiled.memory_analysis()
+  if m is not None:
+    r.hbm_bytes = int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+                      + m.temp_size_in_bytes)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  if cost:
+    r.flops, r.bytes_accessed = cost.get("flops"), cost.get("bytes accessed")
+
+
+def host_cost(cfg, model_task: str, num_labels: int | None, batch: int, length: int, num_chips: int,
+              programs_wanted=("forward", "train_step")) -> dict[str, tuple[float, float]]:
+  """FLOPs and bytes per chip of each program compiled by XLA:CPU with XLA attention (no kernels), for chips whose
+  compiler reports no cost analysis (XLA:GPU): the same step's arithmetic, split evenly over ``num_chips``."""
+  mesh = Mesh(np.asarray(jax.devices("cpu")[:1]).reshape(1, 1), ("data", "fsdp"))
+  out = {}
+  with use_target(Target("cpu")):
+    progs = programs(cfg, model_task, num_labels, batch, length, mesh, encode="encode" in programs_wanted)
+    for name in programs_wanted:
+      fn, args = progs[name]
+      r = Report("host", name, ok=True)
+      _analyse(r, fn.trace(*args).lower().compile())
+      if r.flops is not None:
+        share = 1 if name == "encode" else num_chips
+        out[name] = (r.flops / share, r.bytes_accessed / share)
+  return out
 
 
 def compile_for(chip_name: str, cfg, model_task: str, num_labels: int | None, batch: int, length: int, *,
-                lower_only: bool = False, devices: list | None = None) -> list[Report]:
-  """Lower (and, unless ``lower_only``, compile) the forward and the train step for ``chip_name``.
+                lower_only: bool = False, devices: list | None = None, encode: bool = False,
+                host_costs: bool = True, which: tuple[str, ...] | None = None) -> list[Report]:
+  """Lower (and, unless ``lower_only``, compile) the forward and the train step (and ``encode``'s chunk) for a chip.
 
   ``batch`` is the global batch, split over every device of the chip's topology (``devices``: the host's
-  CPU devices with ``lower_only``, standing in for the chips' count). A TPU chip may name its topology:
-  ``"v5e:1x1"`` is one v5e chip (a Colab TPU runtime), ``"v5e"`` the chip's default topology."""
-  chip_name, _, topo = chip_name.partition(":")
-  chip = CHIPS[chip_name]
+  CPU devices with ``lower_only``, standing in for the chips' count); ``chip_name`` as :func:`parse_chip` reads it.
+  Where the chip's compiler gives no cost analysis (GPUs), FLOPs and bytes come from :func:`host_cost` unless
+  ``host_costs`` is False; ``which`` names the programs to compile (all by default). A program needing more than
+  :func:`usable_hbm` is reported as failing, with the memory it needs."""
+  chip, topo, count = parse_chip(chip_name)
   target = Target(chip.platform, chip.name)
   if devices is None:
-    devices = jax.devices("cpu")[:1] if lower_only else chip_devices(chip, f"{chip_name}:{topo}" if topo else None)
+    devices = jax.devices("cpu")[:1] if lower_only else chip_devices(chip, topo)
+    devices = devices[:count] if count else devices
   mesh = Mesh(np.asarray(devices).reshape(len(devices), 1), ("data", "fsdp"))
   reports = []
   with use_target(target):
-    progs = programs(cfg, model_task, num_labels, batch, length, mesh)
+    progs = programs(cfg, model_task, num_labels, batch, length, mesh, encode=encode)
     for name, (fn, args) in progs.items():
-      r = Report(chip_name, name, ok=False, tokens=batch * length, num_chips=len(devices))
+      if which is not None and name not in which:
+        continue
+      r = Report(chip_name, name, ok=False, tokens=batch * length, num_chips=1 if name == "encode" else len(devices))
       try:
         lowered = fn.trace(*args).lower(lowering_platforms=(target.lowering_platform,))
         r.kernels = count_kernels(lowered.as_text())
-        if lower_only:
-          r.ok = True
-        else:
-          compiled = lowered.compile()
-          r.ok = True
-          m = compiled.memory_analysis()
-          if m is not None:
-            r.hbm_bytes = int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-                              + m.temp_size_in_bytes)
-          cost = compiled.cost_analysis()
-          cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-          if cost:
-            r.flops, r.bytes_accessed = cost.get("flops"), cost.get("bytes accessed")
+        if not lower_only:
+          _analyse(r, lowered.compile())
+        r.ok = True
+        if r.hbm_bytes is not None and r.hbm_bytes > usable_hbm(chip):
+          r.ok, r.reason = False, (f"needs {r.hbm_bytes / 2**30:.2f} GiB of HBM per chip; {chip.label} has "
+                                   f"{usable_hbm(chip) / 2**30:.1f} GiB usable")
       except Exception as e:  # the compiler's verdict is the result here
         r.reason = one_line(e)
       reports.append(r)
+  missing = [r for r in reports if r.ok and r.flops is None and not lower_only]
+  if missing and host_costs:
+    costs = host_cost(cfg, model_task, num_labels, batch, length, len(devices), [r.program for r in missing])
+    for r in missing:
+      r.flops, r.bytes_accessed = costs.get(r.program, (None, None))
+      r.cost_from_host = True
   return reports
 
 
+def usable_hbm(chip: Chip) -> int:
+  """The memory a program may use: a TPU's whole HBM (its compiler refuses more); 75% of a GPU's, what jax
+  preallocates by default (``XLA_PYTHON_CLIENT_MEM_FRACTION``)."""
+  return chip.hbm_bytes if chip.platform == "tpu" else int(0.75 * chip.hbm_bytes)
+
+
+def largest_batch(chip_name: str, cfg, model_task: str, num_labels: int | None, length: int, batch: int,
+                  program: str = "train_step", resolution: float = 1 / 32) -> tuple[int | None, str]:
+  """The largest global batch (a multiple of the chip count) whose ``program`` compiles and fits
+  :func:`usable_hbm`, searched by compiling: a first guess from the memory at ``batch`` and ``2 * batch`` (linear
+  in the batch), then doubling or bisection until the bracket is within ``resolution`` of the answer."""
+  chip = parse_chip(chip_name)[0]
+  limit = usable_hbm(chip)
+  seen = {}
+
+  def measure(b: int):
+    if b not in seen:
+      r = next(r for r in compile_for(chip_name, cfg, model_task, num_labels, b, length, host_costs=False,
+                                      which=(program,)))
+      seen[b] = r
+    return seen[b]
+
+  def fits(b: int) -> bool:
+    r = measure(b)
+    return r.ok and r.hbm_bytes is not None and r.hbm_bytes <= limit
+
+  first = measure(batch)
+  if not fits(batch):
+    return None, first.reason or f"batch {batch} needs {first.hbm_bytes / 2**30:.2f} GiB per chip"
+  n = first.num_chips
+  m1, m2 = first.hbm_bytes, measure(2 * batch).hbm_bytes or first.hbm_bytes
+  per_example = max((m2 - m1) / batch, 1.0)
+  guess = max(batch, int(batch + (limit - m1) / per_example) // n * n)
+  lo, hi = batch, None
+  if fits(guess):
+    lo, hi = guess, guess * 2
+    while fits(hi):
+      lo, hi = hi, hi * 2
+  else:
+    hi = guess
+  while hi - lo > max(n, int(lo * resolution)):
+    mid = (lo + hi) // 2 // n * n
+    if mid <= lo:
+      break
+    lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+  r = seen[lo]
+  return lo, (f"{r.hbm_bytes / 2**30:.2f} of {limit / 2**30:.1f} GiB usable per chip; {hi} does not fit "
+              f"({len(seen)} compiles)")
+
+
 def format_row(r: Report, cfg_name: str) -> str:
-  chip = CHIPS[r.chip]
+  """One markdown row; FLOPs from :func:`host_cost` are marked with a dagger."""
+  chip = parse_chip(r.chip)[0]
   n_chips = r.num_chips
   if not r.ok:
     return f"| {cfg_name} | {chip.label} x{r.num_chips} | {r.program} | fails: {r.reason} | | | | | |"
@@ -216,5 +336,6 @@ def format_row(r: Report, cfg_name: str) -> str:
   t = r.roofline_s(chip)
   tok = "n/a" if not t else f"{r.tokens / t / n_chips:,.0f}"
   mfu = "n/a" if not t else f"{r.flops / chip.peak_flops / t:.0%}"
-  flops = "n/a" if r.flops is None else f"{r.flops / 1e9:.1f} G"
-  return f"| {cfg_name} | {chip.label} x{n_chips} | {r.program} | compiles | {r.kernels} | {hbm} | {flops} | {tok} | {mfu} |"
+  flops = "n/a" if r.flops is None else f"{r.flops / 1e9:.1f} G" + (" †" if r.cost_from_host else "")
+  return (f"| {cfg_name} | {chip.label} x{n_chips} | {r.program} | compiles | {r.kernels} | {hbm} | {flops} | {tok} "
+          f"| {mfu} |")

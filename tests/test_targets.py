@@ -246,13 +246,30 @@ def test_the_default_config_compiles_for_a_chip_with_its_kernels(chip):
     pytest.fail("the aot extra is not installed: pip install -e '.[aot]'")
   cfg = EncoderConfig(vocab_size=6000, hidden_size=128, num_heads=4, intermediate_size=512, layout="serial*2",
                       max_position_embeddings=130, attention_dropout=0.0)
-  forward, step = compile_for(chip, cfg, "classification", 9, batch=32, length=128)
-  for r, kernels in ((forward, 2), (step, 6)):
+  forward, step, encode = compile_for(chip, cfg, "classification", 9, batch=32, length=128, encode=True)
+  for r, kernels in ((forward, 2), (step, 6), (encode, 2)):
     assert r.ok, r.reason
     assert r.kernels == kernels
     assert 0 < r.hbm_bytes < CHIPS[chip].hbm_bytes
-  if chip == "v5e":   # the TPU compiler's cost analysis (the kernels' estimates included) drives the roofline
-    assert step.flops > forward.flops > 0 and step.roofline_s(CHIPS[chip]) > 0
+  # the TPU compiler's cost analysis (the kernels' estimates included) drives the roofline; XLA:GPU has none, and
+  # the same steps compiled by XLA:CPU stand in
+  assert step.flops > forward.flops > 0 and step.roofline_s(CHIPS[chip]) > 0
+  assert step.cost_from_host == forward.cost_from_host == (chip == "h100")
+
+
+@pytest.mark.aot
+@pytest.mark.parametrize("chip", ["v5e-1", "h100"])
+def test_an_oversized_batch_is_refused_in_one_line_naming_hbm(chip):
+  """A Colab-sized chip (one v5e) and an H100: a batch past the chip's memory fails in one line that names HBM
+  (the TPU compiler's own verdict; on a GPU, the compiled program's memory against what jax may allocate)."""
+  from jaxformers.aot import compile_for
+  if not _aot_available(CHIPS[chip.split("-")[0]].platform):
+    pytest.fail("the aot extra is not installed: pip install -e '.[aot]'")
+  cfg = EncoderConfig(vocab_size=1000, hidden_size=256, num_heads=4, intermediate_size=1024, layout="serial*2",
+                      max_position_embeddings=512, hidden_dropout=0.0, attention_dropout=0.0, dtype="bfloat16")
+  (r,) = compile_for(chip, cfg, "classification", 2, batch=32768, length=512, which=("train_step",), host_costs=False)
+  assert not r.ok and "\n" not in r.reason
+  assert ("Ran out of memory on HBM" if chip == "v5e-1" else "GiB of HBM per chip") in r.reason, r.reason
 
 
 @pytest.mark.aot
@@ -268,3 +285,47 @@ def test_an_oversized_block_is_refused_in_one_line_naming_the_memory():
   assert tpu.startswith("Ran out of memory in memory space vmem") and "\n" not in tpu
   gpu = compiles("h100", chip_devices(CHIPS["h100"])[0], 128, 256, 256)
   assert gpu.startswith("Shared memory size limit exceeded") and "\n" not in gpu
+
+
+@pytest.mark.aot
+def test_largest_batch_fits_and_the_next_step_does_not():
+  """largest_batch's answer compiles within the H100's usable memory; the bracket's other end does not."""
+  from jaxformers.aot import compile_for, largest_batch, usable_hbm
+  if not _aot_available("gpu"):
+    pytest.fail("the aot extra is not installed: pip install -e '.[aot]'")
+  cfg = EncoderConfig(vocab_size=1000, hidden_size=256, num_heads=4, intermediate_size=1024, layout="serial*2",
+                      max_position_embeddings=512, hidden_dropout=0.0, attention_dropout=0.0, dtype="bfloat16")
+  best, how = largest_batch("h100", cfg, "classification", 2, 512, 64, resolution=1 / 8)
+  above = int(how.split("; ")[1].split()[0])
+  assert best < above <= best * 9 // 8 + 1
+  (fit,) = compile_for("h100", cfg, "classification", 2, best, 512, which=("train_step",), host_costs=False)
+  (over,) = compile_for("h100", cfg, "classification", 2, above, 512, which=("train_step",), host_costs=False)
+  assert fit.ok and fit.hbm_bytes <= usable_hbm(CHIPS["h100"]) < over.hbm_bytes and not over.ok
+
+
+@pytest.mark.parametrize("chip", ["v5e-1", "v5e", "v5e:2x4", "h100"])
+def test_chip_names_read_a_count_or_a_topology(chip):
+  from jaxformers.aot import parse_chip
+  spec, topo, count = parse_chip(chip)
+  assert spec is CHIPS[chip.split("-")[0].split(":")[0]]
+  assert (topo, count) == {"v5e-1": (None, 1), "v5e": (None, None), "v5e:2x4": ("v5e:2x4", None),
+                           "h100": (None, None)}[chip]
+
+
+def test_an_unknown_chip_names_the_known_ones():
+  from jaxformers.aot import parse_chip
+  with pytest.raises(ValueError, match=r"chip 'v9x-1': expected one of v4, v5e, v6e, h100"):
+    parse_chip("v9x-1")
+
+
+@pytest.mark.parametrize("first", ["v5e", "h100"])
+def test_encode_chunk_is_traced_for_each_target_with_its_kernels(first):
+  """encode's compiled chunk (packed rows, segment ids) holds one kernel call per attention block for each chip
+  in turn: the function is traced anew per target, not taken from jax's trace cache of the chip before."""
+  from jaxformers.aot import compile_for
+  cfg = EncoderConfig(vocab_size=500, hidden_size=64, num_heads=2, intermediate_size=128,
+                      layout="serial,fourier,serial", max_position_embeddings=130, hidden_dropout=0.0,
+                      attention_dropout=0.0)
+  for chip in (first, "h100" if first == "v5e" else "v5e"):
+    (r,) = compile_for(chip, cfg, "classification", 2, 4, 128, lower_only=True, encode=True, which=("encode",))
+    assert r.ok and r.kernels == 2, (chip, r.reason)
