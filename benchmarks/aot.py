@@ -75,7 +75,7 @@ def main(argv):
   if _PRESET.value:
     jobs = preset_jobs(_PRESET.value)
   else:
-    name = sys.argv[sys.argv.index("--config") + 1] if "--config" in sys.argv else "configs/default.py"
+    name = os.path.basename(sys.argv[sys.argv.index("--config") + 1] if "--config" in sys.argv else "default.py")
     jobs = config_jobs(_CONFIG.value, name, _BATCH.value)
   for name, cfg, task, labels, batch, length in jobs:
     print(f"\n{name}: layout {cfg.layout}, hidden {cfg.hidden_size}, {cfg.dtype}, dropout {cfg.hidden_dropout}/"
@@ -85,7 +85,7 @@ def main(argv):
     for chip in tqdm(_CHIPS.value, desc="chips", file=sys.stderr):
       for r in compile_for(chip, cfg, task, labels, batch, length, lower_only=_LOWER_ONLY.value,
                            encode=_ENCODE.value):
-        print(format_row(r, name.split(":")[-1].strip()), flush=True)
+        print(format_row(r, name.split(": ", 1)[-1]), flush=True)
       if _LARGEST.value and not _LOWER_ONLY.value:
         best, how = largest_batch(chip, cfg, task, labels, length, batch)
         notes.append(f"{chip}: largest train-step batch {best if best else 'unknown'} x {length} ({how})")
