@@ -28,7 +28,8 @@ def model_defaults() -> ml_collections.ConfigDict:
   (``vocab_size``, ``pad_token_id``), else with ``init_from`` the checkpoint's, else EncoderConfig's default.
   With ``init_from`` the checkpoint fixes the parameters' shapes; ``layout`` ("" keeps the checkpoint's)
   re-arranges it and the runtime fields (dropout, dtype, attention/Fourier implementation, sparse window...)
-  apply when set."""
+  apply when set; any other field given on train.py's command line with another value than the checkpoint's is
+  refused (the config file's values give way to the checkpoint's)."""
   m = ml_collections.ConfigDict()
   for f in dataclasses.fields(EncoderConfig):
     if f.name in FROM_TOKENIZER or f.name in RUNTIME_FIELDS:
