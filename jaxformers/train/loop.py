@@ -51,6 +51,7 @@ class Run:
     self.workdir = Path(workdir)
     self.task = make_task(c)
     self.mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
+    self.rules = sharding.rules_from(c.mesh.rules)
     n_batch_dev = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     for name, b in (("batch_size", c.data.batch_size // c.optim.accum_steps), ("eval_batch_size", c.data.eval_batch_size)):
       if b % n_batch_dev:
@@ -157,7 +158,7 @@ class Run:
     self.gd_train, abs_params, abs_rest = nnx.split(abstract, self.param_filter, ...)
     abstract.eval()
     self.gd_eval = nnx.split(abstract, self.param_filter, ...)[0]
-    self.param_sh = sharding.param_shardings(abs_params, self.mesh)
+    self.param_sh = sharding.param_shardings(abs_params, self.mesh, self.rules)
     self.rest_sh = jax.tree.map(lambda _: sharding.replicated(self.mesh), abs_rest)
     self.abs_params, self.abs_rest = abs_params, abs_rest
     self.num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(abs_params)))
@@ -537,7 +538,7 @@ def _quantized(r: Run, params, rest):
   from jaxformers.quant import quantize
   model = quantize(nnx.merge(r.gd_eval, params, rest))
   r.gd_eval, params, rest = nnx.split(model, nnx.Param, ...)
-  r.param_sh = sharding.param_shardings(params, r.mesh)
+  r.param_sh = sharding.param_shardings(params, r.mesh, r.rules)
   r.rest_sh = jax.tree.map(lambda _: sharding.replicated(r.mesh), rest)
   r.__dict__.pop("_eval_step", None)
   log.info("evaluating the int8 model (config.model.quantization='int8')")
