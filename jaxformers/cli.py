@@ -87,8 +87,9 @@ def _encode(args) -> int:
 
 
 def _train_config(spec: str | None, overrides: list[str] = (), src: str | None = None):
-  """``(config, where)``: a train.py config (``FILE[:ARG]``) with ``--config.KEY=VALUE`` overrides; without a
-  file, the config SRC was trained with when SRC is a train.py run, else the defaults (the embedded data)."""
+  """``(config, where, given)``: a train.py config (``FILE[:ARG]``) with ``--config.KEY=VALUE`` overrides (``given``: the
+  keys they set); without a file, the config SRC was trained with when SRC is a train.py run, else the defaults (the
+  embedded data)."""
   from jaxformers.train.cli import apply_overrides, settle_length
   if spec:
     from jaxformers.train.cli import _load_config_file
@@ -102,8 +103,9 @@ def _train_config(spec: str | None, overrides: list[str] = (), src: str | None =
       from jaxformers.train.defaults import base_config
       c, where = base_config(), "the default config (the embedded docstring data, 9 classes)"
   c.unlock()
-  settle_length(c, apply_overrides(c, list(overrides)))
-  return c, where
+  given = apply_overrides(c, list(overrides))
+  settle_length(c, given)
+  return c, where, given
 
 
 def _run_config(src: str | None):
@@ -141,7 +143,7 @@ def _prune(args) -> int:
   from jaxformers.pretrained import check_save_destination
   from jaxformers.train.tasks import make_task
   check_save_destination(args.dst, args.overwrite)
-  c, where = _train_config(args.config, args.overrides, args.src)
+  c, where, given = _train_config(args.config, args.overrides, args.src)
   model = jaxformers.from_pretrained(args.src)
   n = model.config.num_layers
   if args.flops is not None:
@@ -183,7 +185,7 @@ def _prune(args) -> int:
         c.task = "heal"
       if args.steps:
         c.train.num_steps, c.train.num_epochs = args.steps, 0.0
-      summary = run(c, work / f"round{k}" / "run")
+      summary = run(c, work / f"round{k}" / "run", given=given)
       print(f"round {k}/{args.rounds}: distilled {summary['steps']} steps, eval " +
             " ".join(f"{key}={v:.4f}" for key, v in summary["eval"].items()))
       model = jaxformers.from_pretrained(work / f"round{k}" / "run")

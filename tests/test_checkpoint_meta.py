@@ -1,6 +1,9 @@
 """A checkpoint is refused for another model or configuration, naming what differs."""
+import dataclasses
+
 import pytest
 
+from jaxformers.config import EncoderConfig
 from jaxformers.train.checkpoint import CheckpointMismatch, compare_meta
 
 META = {"model_config": {"hidden_size": 32, "layout": "serial*2"}, "task": "classification", "num_labels": 9,
@@ -27,6 +30,49 @@ def test_each_difference_is_named(change, message):
 
 
 def test_many_differences_are_counted():
-  many = {f"f{i}": i for i in range(8)}    # 8 entries this run lacks + 2 it has that the checkpoint lacks
-  with pytest.raises(CheckpointMismatch, match=r"\(and 5 more\)"):
-    compare_meta(dict(META, model_config=many), META, "DIR")
+  many = {f"['encoder']['f{i}']": [i] for i in range(8)}    # 8 parameters this run lacks + 1 it has
+  with pytest.raises(CheckpointMismatch, match=r"\(and 4 more\)"):
+    compare_meta(dict(META, param_shapes=many), META, "DIR")
+
+
+def test_runtime_fields_do_not_block_a_restore():
+  changed = {"hidden_size": 32, "layout": "serial*2", "dtype": "bfloat16", "hidden_dropout": 0.3,
+             "attention_impl": "xla", "fourier_impl": "matmul", "fuse_projections": True, "sparse_window": 8,
+             "quant_aware": True, "initializer_range": 0.5}
+  compare_meta(META, dict(META, model_config=changed), "DIR")
+
+
+def test_a_field_older_metadata_lacks_takes_its_default():
+  full = dict(META, model_config=EncoderConfig(hidden_size=32, num_heads=2, layout="serial*2").to_dict())
+  older = dict(full, model_config={k: v for k, v in full["model_config"].items()
+                                   if k not in ("family", "use_pooler", "quantization", "quant_aware")})
+  compare_meta(older, full, "DIR")
+  compare_meta(full, older, "DIR")
+  with pytest.raises(CheckpointMismatch, match=r"model config family: checkpoint has 'bert', this run has 'roberta'"):
+    compare_meta(older, dict(full, model_config=dict(full["model_config"], family="roberta")), "DIR")
+
+
+def test_saved_fields_this_version_does_not_know_are_not_compared():
+  compare_meta(dict(META, model_config=dict(META["model_config"], retired_option=3)), META, "DIR")
+
+
+@dataclasses.dataclass(frozen=True)
+class NewerConfig(EncoderConfig):
+  """EncoderConfig as a later version may have it: one more field, with a default."""
+  rotary_base: float = 0.0
+
+
+def test_a_field_added_after_the_checkpoint_was_saved():
+  saved = dict(META, model_config=EncoderConfig(hidden_size=32, num_heads=2, layout="serial*2").to_dict())
+  now = dict(saved, model_config=NewerConfig(hidden_size=32, num_heads=2, layout="serial*2").to_dict())
+  assert "rotary_base" in now["model_config"] and "rotary_base" not in saved["model_config"]
+  compare_meta(saved, now, "DIR", NewerConfig)
+  other = dict(now, model_config=dict(now["model_config"], rotary_base=1e4))
+  with pytest.raises(CheckpointMismatch, match=r"model config rotary_base: checkpoint has 0.0, this run has 10000.0"):
+    compare_meta(saved, other, "DIR", NewerConfig)
+
+
+def test_the_head_is_compared_when_both_name_it():
+  compare_meta(META, dict(META, model_task="classification"), "DIR")       # older metadata without model_task
+  with pytest.raises(CheckpointMismatch, match=r"model_task: checkpoint has 'classification', this run has 'base'"):
+    compare_meta(dict(META, model_task="classification"), dict(META, model_task="base"), "DIR")

@@ -100,3 +100,44 @@ def test_init_from_without_a_tokenizer_is_refused_not_given_a_new_vocabulary(tmp
   out = run(glue_tiny("rte", data, init_from=str(ckpt), model__layout="", data__tokenizer=str(tmp_path / "tokenizer.json"),
                       train__num_steps=2), tmp_path / "run")
   assert out["steps"] == 2
+
+
+def _native_checkpoint(tmp_path):
+  data = write_rte(tmp_path / "RTE")
+  ckpt = tmp_path / "native"
+  ckpt.mkdir()
+  vocab = _tokenizer_for(data, ckpt)
+  cfg = EncoderConfig(vocab_size=vocab, hidden_size=32, num_heads=2, intermediate_size=64,
+                      max_position_embeddings=64, layout="serial*2")
+  jaxformers.save_pretrained(models.MaskedLM(cfg, rngs=nnx.Rngs(params=3, dropout=4)), ckpt, overwrite=True)
+  return data, ckpt
+
+
+def test_init_from_refuses_an_architecture_override_it_would_drop(tmp_path, capsys):
+  """--config.model.intermediate_size=96 with a checkpoint of width 64: the checkpoint's width would win without a
+  word; the run stops before writing anything, naming the field, both values and what to do."""
+  from jaxformers.train.cli import main
+  data, ckpt = _native_checkpoint(tmp_path)
+  wd = tmp_path / "run"
+  c = glue_tiny("rte", data, init_from=str(ckpt), model__layout="", model__intermediate_size=96)
+  assert main(c, str(wd), ["train.py", "--config.model.intermediate_size=96", f"--workdir={wd}"]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1, err
+  assert err[0].startswith(f"train.py: error: --config.model.intermediate_size=96 is not what config.init_from={ckpt} "
+                           f"has (intermediate_size=64) and the checkpoint fixes it: drop the override")
+  assert "config.model.layout re-arranges its blocks" in err[0]
+  assert not wd.exists()
+
+
+def test_init_from_applies_runtime_overrides_and_the_checkpoints_own_values(tmp_path):
+  """Runtime fields given on the command line apply; an architecture field given with the checkpoint's own value
+  and a layout (a re-arrangement) are no conflict; the config file's model sizes give way to the checkpoint's."""
+  from jaxformers.train.loop import Run
+  data, ckpt = _native_checkpoint(tmp_path)
+  c = glue_tiny("rte", data, init_from=str(ckpt), model__layout="parallel*2", model__hidden_dropout=0.25,
+                model__dtype="bfloat16", model__attention_impl="xla", model__hidden_size=32, model__num_heads=4)
+  given = {"model.hidden_dropout", "model.dtype", "model.attention_impl", "model.hidden_size", "model.layout",
+           "optim.lr"}
+  r = Run(c, tmp_path / "run", given)
+  assert (r.cfg.hidden_dropout, r.cfg.dtype, r.cfg.attention_impl) == (0.25, "bfloat16", "xla")
+  assert (r.cfg.layout, r.cfg.hidden_size, r.cfg.num_heads) == ("parallel*2", 32, 2)

@@ -1,4 +1,5 @@
 """Resume equivalence: interrupted-and-resumed runs equal an uninterrupted run bit for bit on CPU."""
+import json
 import signal
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxformers.train import run
+from jaxformers.train.checkpoint import CheckpointMismatch
 from tests.train_helpers import ROOT, load_config, train_losses
 
 
@@ -44,6 +46,31 @@ def test_resume_is_bit_identical(tmp_path, async_checkpoint):
   out = run(load_config("tiny", "steps=10", **kw), part)     # resumes from step 4
   assert out["steps"] == 10 and out["steps_this_run"] == 6
   assert_same_runs(full, part, 10)
+
+
+def test_a_run_saved_before_a_field_existed_resumes_bit_identically(tmp_path):
+  """The metadata of the saved step lacks model config fields (as a run saved before they existed would) and the
+  resumed run names another attention implementation (a runtime field; on CPU "auto" runs "xla"): it resumes, and
+  ends exactly where a run never stopped does. A change of the parameters' shapes or of the layout is refused."""
+  full, part = tmp_path / "full", tmp_path / "part"
+  run(load_config("tiny", "steps=8"), full)
+  run(load_config("tiny", "steps=8", train__stop_after=3), part)
+  path = part / "checkpoints" / "3" / "meta" / "metadata"
+  meta = json.loads(path.read_text())
+  for k in ("family", "use_pooler", "quantization", "quant_aware", "dropout_impl", "num_heads_per_layer"):
+    del meta["model_config"][k]
+  del meta["model_task"]
+  path.write_text(json.dumps(meta))
+  with pytest.raises(CheckpointMismatch) as e:
+    run(load_config("tiny", "steps=8", model__hidden_size=64), part)
+  assert "model config hidden_size: checkpoint has 32, this run has 64" in str(e.value)
+  assert "\n" not in str(e.value)
+  with pytest.raises(CheckpointMismatch, match=r"model config layout: checkpoint has 'serial\*2', this run has "
+                                               r"'parallel\*2'"):
+    run(load_config("tiny", "layout=parallel*2,steps=8"), part)
+  out = run(load_config("tiny", "steps=8", model__attention_impl="xla"), part)
+  assert out["steps"] == 8 and out["steps_this_run"] == 5
+  assert_same_runs(full, part, 8)
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ restores is used, each newer unreadable step is named in one warning line and mo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxformers.config import RUNTIME_FIELDS, EncoderConfig
 from jaxformers.convert.io import CheckpointError
 
 log = logging.getLogger("jaxformers.train")
@@ -57,14 +59,42 @@ def param_shapes(params) -> dict[str, list[int]]:
   return {jax.tree_util.keystr(p): list(np.shape(x)) for p, x in flat}
 
 
-def compare_meta(saved: dict, current: dict, where: str) -> None:
-  """Raise :class:`CheckpointMismatch` naming the first differing model-config entries and parameters."""
+# Model config fields that a saved state does not depend on: how the model computes (RUNTIME_FIELDS) and how fresh
+# parameters are drawn. A resume, an eval or a predict may change them.
+FREE_ON_RESTORE = RUNTIME_FIELDS | {"initializer_range"}
+
+
+def _field_defaults(config_cls) -> dict:
+  out = {}
+  for f in dataclasses.fields(config_cls):
+    if f.default is not dataclasses.MISSING:
+      out[f.name] = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+      out[f.name] = f.default_factory()
+  return out
+
+
+def _plain(v):
+  return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def compare_meta(saved: dict, current: dict, where: str, config_cls=EncoderConfig) -> None:
+  """Raise :class:`CheckpointMismatch` naming the first differences that make the checkpoint another model's: a model
+  config field a saved state depends on (every ``config_cls`` field but :data:`FREE_ON_RESTORE`), the task, its head
+  and labels, and the tree of parameter names and shapes. A field that either metadata lacks (a run saved before the
+  field existed) takes its ``config_cls`` default; saved fields ``config_cls`` does not know are not compared."""
   problems = []
+  defaults = _field_defaults(config_cls)
   sc, cc = saved.get("model_config", {}), current.get("model_config", {})
-  for k in sorted(set(sc) | set(cc)):
-    if sc.get(k) != cc.get(k):
-      problems.append(f"model config {k}: checkpoint has {sc.get(k)!r}, this run has {cc.get(k)!r}")
-  for k in ("task", "num_labels"):
+  for k, default in defaults.items():
+    if k in FREE_ON_RESTORE:
+      continue
+    s, c = _plain(sc.get(k, default)), _plain(cc.get(k, default))
+    if s != c:
+      problems.append(f"model config {k}: checkpoint has {s!r}, this run has {c!r}")
+  for k in ("task", "model_task", "num_labels"):
+    if k == "model_task" and (k not in saved or k not in current):
+      continue   # runs saved before the metadata named their head: the task decides it
     if saved.get(k) != current.get(k):
       problems.append(f"{k}: checkpoint has {saved.get(k)!r}, this run has {current.get(k)!r}")
   sp, cp = saved.get("param_shapes", {}), current.get("param_shapes", {})

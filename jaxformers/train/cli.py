@@ -108,14 +108,17 @@ def apply_overrides(config, overrides: list[str]) -> set[str]:
 
 
 def main(config, workdir: str, argv: list[str] = ()) -> int:
+  """Run ``config`` in ``workdir``. ``argv`` (train.py's) names the ``--config.KEY`` overrides: they settle the run's
+  length, and with ``init_from`` a model field among them that the checkpoint fixes to another value is refused."""
   from jaxformers.convert import CheckpointError
   from jaxformers.data.sources import DataError
   from jaxformers.train import ConfigError, Interrupted, NonFiniteLoss, run
   from jaxformers.train.checkpoint import CheckpointMismatch
   from jaxformers.workdir import WorkdirLocked
-  settle_length(config, override_keys(list(argv)))
+  given = override_keys(list(argv))
+  settle_length(config, given)
   try:
-    out = run(config, workdir)
+    out = run(config, workdir, given=given)
   except Interrupted as e:
     print(f"train.py: {e}", file=sys.stderr)
     return 128 + int(e.signum)

@@ -11,6 +11,7 @@ from jaxformers.config import RUNTIME_FIELDS, EncoderConfig
 from jaxformers.data.sources import SOURCES
 from jaxformers.layout import LayoutError
 from jaxformers.train.errors import ConfigError
+from jaxformers.train.sharding import LOGICAL_AXIS_RULES, rules_from
 from jaxformers.train.tasks import TASKS
 
 
@@ -28,7 +29,8 @@ def model_defaults() -> ml_collections.ConfigDict:
   (``vocab_size``, ``pad_token_id``), else with ``init_from`` the checkpoint's, else EncoderConfig's default.
   With ``init_from`` the checkpoint fixes the parameters' shapes; ``layout`` ("" keeps the checkpoint's)
   re-arranges it and the runtime fields (dropout, dtype, attention/Fourier implementation, sparse window...)
-  apply when set."""
+  apply when set; any other field given on train.py's command line with another value than the checkpoint's is
+  refused (the config file's values give way to the checkpoint's)."""
   m = ml_collections.ConfigDict()
   for f in dataclasses.fields(EncoderConfig):
     if f.name in FROM_TOKENIZER or f.name in RUNTIME_FIELDS:
@@ -166,6 +168,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                 # devices on the pure data-parallel axis (-1: the rest)
   c.mesh.fsdp = 1                  # devices parameters are sharded over (FSDP); -1: all
+  # logical parameter axis -> the mesh axis it is sharded over (data | fsdp; "": never sharded). Each parameter is
+  # sharded along its first dimension whose axis maps to a mesh axis of size > 1 that divides it; the rest is
+  # replicated. Parameters name these axes (jaxformers.train.sharding.LOGICAL_AXIS_RULES holds the defaults).
+  c.mesh.rules = ml_collections.ConfigDict({name: axis or "" for name, axis in LOGICAL_AXIS_RULES})
 
   c.predict = ml_collections.ConfigDict()
   c.predict.output_dir = ""        # "": DIR/predictions
@@ -238,6 +244,10 @@ def check_values(c) -> None:
   if c.search.enabled:
     from jaxformers.train.search import check_search
     check_search(c)
+  try:
+    rules_from(c.mesh.rules)
+  except ValueError as e:
+    raise ConfigError(f"config.{e}") from None
   if c.data.batch_size % c.optim.accum_steps:
     raise ConfigError(f"config.data.batch_size={c.data.batch_size} must be divisible by "
                       f"config.optim.accum_steps={c.optim.accum_steps}")

@@ -41,13 +41,17 @@ class Interrupted(RuntimeError):
 class Run:
   """Everything a run needs, built once: tokenizer, model graph, mesh, shardings, jitted steps."""
 
-  def __init__(self, c, workdir: str | Path):
+  def __init__(self, c, workdir: str | Path, given=()):
+    """``given``: the config keys set on the command line (``{"model.hidden_size", ...}``); with ``init_from`` a
+    model field among them that the checkpoint fixes to another value is refused rather than dropped."""
     check_keys(c)
     check_values(c)
     self.c = c
+    self.given = set(given)
     self.workdir = Path(workdir)
     self.task = make_task(c)
     self.mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
+    self.rules = sharding.rules_from(c.mesh.rules)
     n_batch_dev = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     for name, b in (("batch_size", c.data.batch_size // c.optim.accum_steps), ("eval_batch_size", c.data.eval_batch_size)):
       if b % n_batch_dev:
@@ -117,6 +121,7 @@ class Run:
         log.info("init_from %s -> layout %s, task %s:\n  %s", c.init_from,
                  self.pretrained.config.layout, self.task.model_task, report.summary().replace("\n", "\n  "))
       self.cfg = self.pretrained.config
+      self._refuse_dropped_overrides()
       if c.mode == "train" and c.task != "heal" and not c.search.enabled and c.optim.lr >= 5e-4:
         log.warning("config.optim.lr=%g is a from-scratch learning rate; fine-tuning a pretrained checkpoint usually "
                     "takes 2e-5 to 5e-5 (configs/finetune.py uses 3e-5)", c.optim.lr)
@@ -153,7 +158,7 @@ class Run:
     self.gd_train, abs_params, abs_rest = nnx.split(abstract, self.param_filter, ...)
     abstract.eval()
     self.gd_eval = nnx.split(abstract, self.param_filter, ...)[0]
-    self.param_sh = sharding.param_shardings(abs_params, self.mesh)
+    self.param_sh = sharding.param_shardings(abs_params, self.mesh, self.rules)
     self.rest_sh = jax.tree.map(lambda _: sharding.replicated(self.mesh), abs_rest)
     self.abs_params, self.abs_rest = abs_params, abs_rest
     self.num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(abs_params)))
@@ -162,6 +167,22 @@ class Run:
                  "num_labels": self.task.num_labels,
                  "label_names": list(self.task.label_names) if self.task.label_names else None,
                  "param_shapes": ckpt_lib.param_shapes(abs_params)}
+
+  def _refuse_dropped_overrides(self):
+    """With ``init_from`` the checkpoint fixes every model field but the runtime ones, ``layout`` (a re-arrangement)
+    and ``quantization`` (int8 at eval): one given on the command line with another value would be dropped."""
+    c, loaded = self.c, self.pretrained.config
+    for key in sorted(self.given):
+      section, _, name = key.partition(".")
+      if section != "model" or name in RUNTIME_FIELDS or name in ("layout", "quantization") or name not in c.model:
+        continue
+      want, have = c.model[name], getattr(loaded, name, None)
+      if want is None or _plain(want) == _plain(have):
+        continue
+      raise ConfigError(f"--config.model.{name}={want!r} is not what config.init_from={c.init_from} has ({name}="
+                        f"{have!r}) and the checkpoint fixes it: drop the override to fine-tune the checkpoint as "
+                        f"it is (config.model.layout re-arranges its blocks; runtime fields such as dropout, dtype "
+                        f"and attention_impl apply), or leave config.init_from empty to train that model from scratch")
 
   def _fourier_norm(self, runtime: dict) -> dict:
     """``{"fourier_norm": "ortho"}`` when ``init_from`` has no Fourier blocks, ``model.layout`` re-arranges it into
@@ -325,6 +346,10 @@ class Run:
     else:
       default = "min" if t.endswith(("loss", "perplexity", "mse")) else "max"
     return t, mode or default
+
+
+def _plain(v):
+  return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
 def _abstract_with(sh_tree, abs_tree):
@@ -513,7 +538,7 @@ def _quantized(r: Run, params, rest):
   from jaxformers.quant import quantize
   model = quantize(nnx.merge(r.gd_eval, params, rest))
   r.gd_eval, params, rest = nnx.split(model, nnx.Param, ...)
-  r.param_sh = sharding.param_shardings(params, r.mesh)
+  r.param_sh = sharding.param_shardings(params, r.mesh, r.rules)
   r.rest_sh = jax.tree.map(lambda _: sharding.replicated(r.mesh), rest)
   r.__dict__.pop("_eval_step", None)
   log.info("evaluating the int8 model (config.model.quantization='int8')")
@@ -547,8 +572,9 @@ def predict(r: Run) -> dict:
   return {"mode": "predict", "step": int(step), "files": written}
 
 
-def run(config, workdir: str | Path) -> dict:
+def run(config, workdir: str | Path, given=()) -> dict:
   """Train (resuming from ``workdir`` when it holds checkpoints), evaluate, or predict, as ``config.mode`` says.
+  ``given``: the config keys set on the command line (see :class:`Run`).
   Training holds ``workdir``'s lock (:class:`jaxformers.workdir.Lock`): a second process training there is refused.
   A run that fails leaves no workdir behind that it created and wrote nothing into."""
   from jaxformers.workdir import Lock
@@ -556,7 +582,7 @@ def run(config, workdir: str | Path) -> dict:
   existed = workdir.exists()
   lock = None
   try:
-    r = Run(config, workdir)     # checks the config and writes nothing
+    r = Run(config, workdir, given)     # checks the config and writes nothing
     if config.mode == "train" and jax.process_index() == 0:
       lock = Lock(workdir).acquire()
       if lock.stale:

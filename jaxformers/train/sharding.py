@@ -3,8 +3,10 @@
 Mesh axes: ``data`` (pure data parallelism) and ``fsdp`` (data parallel too, and the
 axis parameters are sharded over). The batch is split over both; with ``fsdp`` of
 size 1 (the default) every parameter is replicated, which is plain data
-parallelism. Layers only name logical axes (``embed``, ``mlp``, ...); the table
-below is the only place those names meet mesh axes.
+parallelism. Layers only name logical axes (``embed``, ``mlp``, ...); the rules table
+is the only place those names meet mesh axes. :data:`LOGICAL_AXIS_RULES` is the
+default; a run takes its table from ``config.mesh.rules`` (whose defaults are these),
+so ``--config.mesh.rules.vocab=`` keeps the embeddings' vocabulary dimension whole.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from flax import nnx
 
+MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
 
 # logical axis -> mesh axis it may be sharded over (first listed dimension that divides wins)
@@ -29,6 +32,18 @@ LOGICAL_AXIS_RULES = (
 )
 
 
+def rules_from(mapping) -> tuple[tuple[str, str | None], ...]:
+  """A rules table from ``{logical axis: mesh axis}`` (``config.mesh.rules``; ``""`` or None: never sharded). A mesh
+  axis this module does not make is refused with a ValueError naming the rule and the mesh axes there are."""
+  out = []
+  for name, axis in mapping.items():
+    if axis not in MESH_AXES + ("", None):
+      raise ValueError(f"mesh.rules.{name}={axis!r}: expected a mesh axis ({', '.join(MESH_AXES)}) or '' (never "
+                       f"sharded)")
+    out.append((name, axis or None))
+  return tuple(out)
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
   """A ``(data, fsdp)`` mesh over all devices; ``-1`` takes what is left."""
   devices = list(jax.devices() if devices is None else devices)
@@ -41,7 +56,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
     data = n // fsdp
   if data * fsdp != n or data < 1 or fsdp < 1:
     raise ValueError(f"mesh.data={data} x mesh.fsdp={fsdp} does not match the {n} available devices")
-  return Mesh(np.asarray(devices).reshape(data, fsdp), ("data", "fsdp"))
+  return Mesh(np.asarray(devices).reshape(data, fsdp), MESH_AXES)
 
 
 def traced_in(mesh: Mesh, fn):
@@ -74,11 +89,11 @@ def spec_for(shape: tuple[int, ...], logical_axes, mesh: Mesh, rules=LOGICAL_AXI
   return P(*spec)
 
 
-def param_shardings(abstract_params: nnx.State, mesh: Mesh) -> nnx.State:
-  """NamedSharding for every parameter from its ``logical_axes`` metadata."""
+def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> nnx.State:
+  """NamedSharding for every parameter from its ``logical_axes`` metadata and the ``rules`` table."""
   def one(v):
     axes = v.get_metadata().get("logical_axes")
-    return v.replace(NamedSharding(mesh, spec_for(tuple(v.shape), axes, mesh)))
+    return v.replace(NamedSharding(mesh, spec_for(tuple(v.shape), axes, mesh, rules)))
   return jax.tree.map(one, abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 

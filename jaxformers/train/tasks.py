@@ -305,7 +305,7 @@ class Distillation:
           raise ConfigError(f"{where}: distill.relation_heads={self.heads} must divide the {name}'s hidden size {width}")
     gd, params, rest = nnx.split(teacher, nnx.Param, ...)
     self.teacher_graph = gd
-    self.params = jax.device_put(params, sharding.param_shardings(params, run.mesh))
+    self.params = jax.device_put(params, sharding.param_shardings(params, run.mesh, run.rules))
     self.rest = jax.device_put(rest, jax.tree.map(lambda _: sharding.replicated(run.mesh), rest))
     self.student_task = student_task
 
