@@ -110,8 +110,7 @@ def register_mixer(spec: MixerSpec) -> MixerSpec:
 
 def unregister_mixer(name: str) -> None:
   """Remove a registered mixer (for tests that register one of their own)."""
-  MIXERS.get(name)
-  MIXERS._items.pop(name)
+  MIXERS.unregister(name)
 
 
 def option_owner(name: str) -> str | None:

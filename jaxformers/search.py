@@ -181,7 +181,9 @@ def positions_of(blocks: tuple[str, ...]) -> list[tuple[int, str]]:
 def _copy(dst, src) -> None:
   """``src``'s parameters into ``dst`` as new arrays: two positions take the same source sublayer, and the train
   step donates its parameters, so no two candidates may share a buffer."""
-  nnx.update(dst, jax.tree.map(lambda x: jnp.array(x, copy=True), nnx.state(src, nnx.Param)))
+  state = nnx.state(src, nnx.Param)
+  if jax.tree.leaves(state):        # a sublayer without parameters (Fourier mixing) has nothing to copy
+    nnx.update(dst, jax.tree.map(lambda x: jnp.array(x, copy=True), state))
 
 
 def _param_shapes(module) -> dict:
@@ -229,7 +231,8 @@ def to_supernet(model, candidates: tuple[str, ...], *, hard: bool = False, rngs:
         _copy(block.mlp, s.mlp)
         _copy(block.mlp_norm, _norm_of(s, "mlp"))
       else:
-        _copy(block.mixer, s.mixer)
+        if _param_shapes(block.mixer):   # s's mixer has the same parameters; one without them takes the norm only
+          _copy(block.mixer, s.mixer)
         _copy(block.mixer_norm, _norm_of(s, "mixer"))
     choices.append(ch)
   enc.blocks = nnx.List(choices)
