@@ -19,7 +19,7 @@ type). Architecture search (candidate costs and the FLOPs budget), pruning (``fl
 from __future__ import annotations
 
 from jaxformers.config import EncoderConfig
-from jaxformers.layout import BLOCKS
+from jaxformers.layout import BLOCKS, format_layout
 from jaxformers.mixers import MIXERS
 
 
@@ -55,7 +55,6 @@ def model_flops(cfg: EncoderConfig, length: int) -> float:
 
 def layout_flops(cfg: EncoderConfig, blocks, length: int) -> float:
   """Forward FLOPs per token of a layout's blocks (a sequence of block names) at ``cfg``'s widths."""
-  from jaxformers.layout import format_layout
   return model_flops(cfg.replace(layout=format_layout(tuple(blocks)), num_heads_per_layer=None,
                                  intermediate_sizes=None), length)
 

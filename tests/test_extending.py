@@ -2,7 +2,6 @@
 :class:`~jaxformers.mixers.MixerSpec` and its block types, all registered in this file (nothing inside the
 package changes), work in layouts, models and the trainer, as an architecture-search candidate, under pruning and
 in the FLOPs model."""
-import json
 
 import jax.numpy as jnp
 import numpy as np

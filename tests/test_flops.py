@@ -116,4 +116,4 @@ def test_model_flops_of_a_pruned_encoder_match_its_matmuls():
       ((8 * D + 4 * L) * h + 4 * D * 64) + (8 * D + 4 * L) * 2 * h
   assert ours == hand
   assert mm / (B * L) == ours
-  assert ours < xla / (B * L) <= 1.10 * ours, (ours, xla / (B * L))
+  assert ours < xla / (B * L) <= 1.07 * ours, (ours, xla / (B * L))   # 5.9% measured
