@@ -13,7 +13,8 @@ steps, learning rate and seed in every cell:
 Then, in one process over every finished cell: the held-out metric (the task's official one), the fine-tuning
 run's train throughput (tokens/s from its summary), inference throughput (the jit-compiled forward of each
 fine-tuned classifier on one fixed ``[infer_batch, max_length]`` batch, medians of interleaved runs), parameters
-and FLOPs per token (XLA's cost analysis of that forward, divided by its tokens). The cell whose layout is the
+and the blocks' forward FLOPs per token at ``max_length`` (:func:`jaxformers.flops.model_flops`, the FLOPs model
+search and pruning use: the blocks' matmuls). The cell whose layout is the
 source's own, recipe ``direct``, is the reference. Writes ``DIR/study.json`` (after every cell: a rerun skips
 finished cells), ``DIR/study.md`` and ``DIR/study.png`` (metric vs inference speed). Cell runs live in
 ``DIR/cells/<layout>-<recipe>/{heal,finetune}``.
@@ -169,7 +170,9 @@ def check_layouts(layouts: list[str]) -> list[str]:
 
 def has_attention(layout: str) -> bool:
   from jaxformers.layout import BLOCKS, parse_layout
-  return any(BLOCKS.get(b).mixer in ("attention", "sparse") for b in parse_layout(layout, BLOCKS.names()))
+  from jaxformers.mixers import MIXERS
+  mixers = {BLOCKS.get(b).mixer for b in parse_layout(layout, BLOCKS.names())} - {None}
+  return any(MIXERS.get(m).has_heads for m in mixers)
 
 
 def cell_key(layout: str, recipe: str) -> str:
@@ -305,13 +308,15 @@ def cpu_model() -> str:
 
 
 def measure(a, cells: dict) -> dict:
-  """Inference tokens/s (interleaved medians), parameters and FLOPs per token of every finished cell's model."""
+  """Inference tokens/s (interleaved medians), parameters and the blocks' forward FLOPs per token
+  (:func:`jaxformers.flops.model_flops` at ``max_length``) of every finished cell's model."""
   import jax
   import numpy as np
   from flax import nnx
 
   import jaxformers
   from benchmarks.common import interleaved_medians
+  from jaxformers.flops import model_flops
   shape = (a.infer_batch, a.max_length)
   fns, out = {}, {}
   for key, rec in cells.items():
@@ -326,10 +331,8 @@ def measure(a, cells: dict) -> dict:
     def fwd(state, ids, mask, types, graph=graph):
       return nnx.merge(graph, state)(ids, mask, types)
     compiled = jax.jit(fwd).lower(state, ids, mask, types).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    out[key] = {"num_params": params, "flops_per_token": float(cost.get("flops", float("nan"))) / (shape[0] * shape[1])}
+    out[key] = {"num_params": params, "flops_per_token": model_flops(model.config, a.max_length)}
     fns[key] = (lambda c=compiled, s=state, i=ids, m=mask, t=types: jax.block_until_ready(c(s, i, m, t)))
   medians = interleaved_medians(fns, a.repeats)
   for key, sec in medians.items():

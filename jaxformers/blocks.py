@@ -1,7 +1,8 @@
 """Encoder blocks: one :class:`Block` class built from a block type's :class:`~jaxformers.layout.BlockSpec`.
 
-Block types are registered by name in :data:`jaxformers.layout.BLOCKS`, token mixers in
-:data:`jaxformers.layers.common.MIXERS`; a layout string arranges block types by depth.
+Block types are registered by name in :data:`jaxformers.layout.BLOCKS`, token mixers (with what each is, a
+:class:`jaxformers.mixers.MixerSpec`) in :data:`jaxformers.mixers.MIXERS`; a layout string arranges block types
+by depth.
 
 Every block is one :class:`Block` configured by a :class:`BlockSpec`: which token
 mixer it has (self-attention, Fourier mixing, sparse attention, or none), whether it
@@ -21,8 +22,9 @@ from flax import nnx
 from jaxformers.config import EncoderConfig
 from jaxformers.dropout import Dropout
 from jaxformers.layers import FeedForward, Sequences
-from jaxformers.layers.common import MIXERS, flat_matmul, layer_norm
+from jaxformers.layers.common import flat_matmul, layer_norm
 from jaxformers.layout import BLOCKS, BlockSpec  # noqa: F401  (BLOCKS: the block types, re-exported here)
+from jaxformers.mixers import MIXERS
 
 
 class Block(nnx.Module):
@@ -32,8 +34,9 @@ class Block(nnx.Module):
     """``layer``: the block's depth, which picks its pruned head count and feed-forward width (if any)."""
     self.spec = spec
     d = cfg.hidden_size
-    heads = {"num_heads": cfg.heads_at(layer)} if cfg.num_heads_per_layer is not None else {}
-    self.mixer = MIXERS.get(spec.mixer)(cfg, rngs=rngs, **heads) if spec.mixer else None
+    mixer = MIXERS.get(spec.mixer) if spec.mixer else None
+    heads = {"num_heads": cfg.heads_at(layer)} if mixer and mixer.has_heads and cfg.num_heads_per_layer else {}
+    self.mixer = mixer.module(cfg, rngs=rngs, **heads) if mixer else None
     self.mlp = FeedForward(cfg, rngs=rngs, width=cfg.ffn_width_at(layer)) if spec.mlp else None
     if spec.parallel:
       self.norm = layer_norm(cfg, d, rngs=rngs)
@@ -41,13 +44,18 @@ class Block(nnx.Module):
       self.mixer_norm = layer_norm(cfg, d, rngs=rngs) if spec.mixer else None
       self.mlp_norm = layer_norm(cfg, d, rngs=rngs) if spec.mlp else None
     self.dropout = Dropout(cfg.hidden_dropout, impl=cfg.dropout_impl, rngs=rngs)
-    self.fuse = bool(cfg.fuse_projections and spec.parallel and spec.mixer in ("attention", "sparse")
+    self.fuse = bool(cfg.fuse_projections and spec.parallel and mixer is not None and mixer.fusable and spec.mlp
                      and cfg.quantization == "none" and not cfg.quant_aware)
 
   @property
+  def mixer_spec(self):
+    """The token mixer's :class:`jaxformers.mixers.MixerSpec` (None without a mixer)."""
+    return MIXERS.get(self.spec.mixer) if self.spec.mixer else None
+
+  @property
   def has_attention(self) -> bool:
-    """Whether the token mixer is an attention with query, key and value projections."""
-    return hasattr(self.mixer, "query")
+    """Whether the token mixer is multi-head attention with query, key and value projections (``has_heads``)."""
+    return self.spec.mixer is not None and MIXERS.get(self.spec.mixer).has_heads
 
   def attention_inputs(self, x_BLD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The queries, keys and values ``[batch, length, hidden]`` (heads not yet split) that this block's attention

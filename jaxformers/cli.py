@@ -140,24 +140,25 @@ def check_scoring_labels(model, task, where: str, src: str) -> None:
 def _prune(args) -> int:
   import jaxformers
   from jaxformers import models, prune
+  from jaxformers.flops import model_flops
   from jaxformers.pretrained import check_save_destination
   from jaxformers.train.tasks import make_task
   check_save_destination(args.dst, args.overwrite)
   c, where, given = _train_config(args.config, args.overrides, args.src)
   model = jaxformers.from_pretrained(args.src)
   n = model.config.num_layers
+  length = c.data.max_length
   if args.flops is not None:
     if args.heads != "0" or args.ffn != "0":
       raise ValueError(f"--flops={args.flops} sets the heads and ffn fractions itself; give either --flops or "
                        f"--heads / --ffn")
-    args.heads, args.ffn = prune.flops_fractions(args.flops, model)
+    args.heads, args.ffn = prune.flops_fractions(args.flops, model, length)
   prune.check_targets(model, args.heads, args.ffn, args.flops)
   if args.rounds < 1 or args.examples < 1:
     raise ValueError(f"--rounds={args.rounds} and --examples={args.examples} must be at least 1")
   task = make_task(c)
   check_scoring_labels(model, task, where, args.src)
-  length = c.data.max_length
-  flops_before = prune.block_flops(model, length)
+  flops_before = model_flops(model.config, length)
   tok = jaxformers.load_tokenizer(args.src)
   examples = task.examples("train")
   print(f"scoring on {min(args.examples, len(examples))} of {len(examples)} training examples of {examples.origin} "
@@ -191,7 +192,7 @@ def _prune(args) -> int:
       model = jaxformers.from_pretrained(work / f"round{k}" / "run")
   out = jaxformers.save_pretrained(model, args.dst, overwrite=args.overwrite, tokenizer=args.src)
   print(f"wrote {out}: {prune.count_params(model):,} parameters ({before:,} before), layout {model.config.layout}, "
-        f"blocks' FLOPs/token at length {length}: {prune.block_flops(model, length) / flops_before:.3f} of SRC's")
+        f"blocks' FLOPs/token at length {length}: {model_flops(model.config, length) / flops_before:.3f} of SRC's")
   return 0
 
 

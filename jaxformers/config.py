@@ -9,6 +9,7 @@ from typing import Any
 
 from jaxformers.dropout import DROPOUT_IMPLS
 from jaxformers.layout import BLOCKS, parse_layout
+from jaxformers.mixers import MIXERS, all_options, option_owner, reserve_names
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 POSITION_STYLES = ("absolute", "roberta")
@@ -70,6 +71,10 @@ class EncoderConfig:
   # pass with straight-through gradients (quantization-aware fine-tuning).
   quantization: str = "none"
   quant_aware: bool = False
+  # Hyper-parameters that registered token mixers add (jaxformers.mixers.MixerSpec.options), as (name, value) pairs:
+  # read as cfg.<name>, written flat in to_dict / from_dict, and config.model.<name> in train.py. Options of the
+  # layout's mixers that are not given take their defaults.
+  mixer_options: tuple[tuple[str, Any], ...] = ()
 
   def __post_init__(self):
     def bad(field: str, why: str):
@@ -94,7 +99,9 @@ class EncoderConfig:
       bad("sparse_window", "must be a positive number of tokens")
     object.__setattr__(self, "sparse_global_tokens", tuple(int(t) for t in self.sparse_global_tokens))
     blocks = parse_layout(self.layout, BLOCKS.names())
-    for f, top, has in (("num_heads_per_layer", self.num_heads, lambda s: s.mixer in ("attention", "sparse")),
+    self._set_mixer_options(blocks)
+    for f, top, has in (("num_heads_per_layer", self.num_heads,
+                         lambda s: bool(s.mixer) and MIXERS.get(s.mixer).has_heads),
                         ("intermediate_sizes", None, lambda s: s.mlp)):
       v = getattr(self, f)
       if v is None:
@@ -109,6 +116,48 @@ class EncoderConfig:
           bad(f, f"block {i} ({name}) has no {'attention' if top else 'feed-forward'} sublayer: its entry must be 0")
         if has(BLOCKS.get(name)) and not (1 <= n <= (top or n)):
           bad(f, f"block {i} ({name}): {n} is outside 1..{top or 'any'}")
+
+  def _set_mixer_options(self, blocks: tuple[str, ...]) -> None:
+    """Check the given mixer options (known, of the default's type) and add the defaults of the layout's mixers."""
+    opts = self.mixer_options
+    opts = dict(opts.items() if isinstance(opts, dict) else opts)
+    known = all_options()
+    for name, v in opts.items():
+      if name not in known:
+        raise ValueError(f"EncoderConfig.mixer_options: unknown option {name!r}; registered token mixers' options: "
+                         f"{', '.join(sorted(known)) or 'none'}")
+      want = known[name]
+      if isinstance(want, tuple) and isinstance(v, list):
+        v = opts[name] = tuple(v)
+      ok = isinstance(v, type(want)) and (isinstance(want, bool) or not isinstance(v, bool))
+      if isinstance(want, float) and isinstance(v, int) and not isinstance(v, bool):
+        v = opts[name] = float(v)
+        ok = True
+      if not ok:
+        raise ValueError(f"EncoderConfig.{name}={v!r}: expected a {type(want).__name__} (option of token mixer "
+                         f"{option_owner(name)!r})")
+    for b in blocks:
+      mixer = BLOCKS.get(b).mixer
+      if mixer is not None and mixer in MIXERS:
+        for name, v in MIXERS.get(mixer).options.items():
+          opts.setdefault(name, v)
+    object.__setattr__(self, "mixer_options", tuple(sorted(opts.items())))
+    for mixer in sorted({BLOCKS.get(b).mixer for b in blocks} - {None}):
+      spec = MIXERS.get(mixer) if mixer in MIXERS else None
+      why = spec.check_options(self) if spec is not None and spec.check_options is not None else None
+      if why:
+        raise ValueError(f"EncoderConfig (token mixer {mixer!r}): {why}")
+
+  def __getattr__(self, name: str) -> Any:
+    if name.startswith("__") or name == "mixer_options":
+      raise AttributeError(name)
+    opts = dict(self.mixer_options)
+    if name in opts:
+      return opts[name]
+    known = all_options()
+    if name in known:
+      return known[name]
+    raise AttributeError(f"EncoderConfig has no field or token-mixer option {name!r}")
 
   @property
   def blocks(self) -> tuple[str, ...]:
@@ -131,24 +180,36 @@ class EncoderConfig:
     return self.intermediate_size if self.intermediate_sizes is None else self.intermediate_sizes[layer]
 
   def replace(self, **changes: Any) -> "EncoderConfig":
+    """A copy with ``changes``: fields and registered token-mixer options alike."""
+    known = all_options()
+    opts = {k: changes.pop(k) for k in list(changes) if k in known}
+    if opts:
+      changes["mixer_options"] = {**dict(changes.get("mixer_options", self.mixer_options)), **opts}
     return dataclasses.replace(self, **changes)
 
   def to_dict(self) -> dict[str, Any]:
+    """Every field as JSON values; token-mixer options sit beside the fields."""
     d = dataclasses.asdict(self)
     d["sparse_global_tokens"] = list(self.sparse_global_tokens)
     for f in ("num_heads_per_layer", "intermediate_sizes"):
       d[f] = None if d[f] is None else list(d[f])
+    del d["mixer_options"]
+    for k, v in self.mixer_options:
+      d[k] = list(v) if isinstance(v, tuple) else v
     return d
 
   @classmethod
   def from_dict(cls, d: dict[str, Any], source: str = "config") -> "EncoderConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
+    """The config of ``to_dict``'s form; keys that are registered token-mixer options become ``mixer_options``."""
+    names = {f.name for f in dataclasses.fields(cls)} - {"mixer_options"}
+    options = all_options()
+    unknown = sorted(set(d) - names - set(options))
     if unknown:
-      hints = {k: difflib.get_close_matches(k, names, n=2) for k in unknown}
+      hints = {k: difflib.get_close_matches(k, names | set(options), n=2) for k in unknown}
       msg = "; ".join(f"{k!r}" + (f" (did you mean {', '.join(v)}?)" if v else "") for k, v in hints.items())
       raise ValueError(f"{source}: unknown EncoderConfig keys {msg}")
-    return cls(**d)
+    fields = {k: v for k, v in d.items() if k in names}
+    return cls(**fields, mixer_options={k: v for k, v in d.items() if k in options})
 
   def save(self, path: str | Path) -> None:
     Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -156,3 +217,6 @@ class EncoderConfig:
   @classmethod
   def load(cls, path: str | Path) -> "EncoderConfig":
     return cls.from_dict(json.loads(Path(path).read_text()), source=str(path))
+
+
+reserve_names(f.name for f in dataclasses.fields(EncoderConfig))

@@ -31,7 +31,7 @@ from jaxformers.registry import Registry
 
 @dataclasses.dataclass(frozen=True)
 class BlockSpec:
-  """What a block type is made of: its token mixer (a name in :data:`jaxformers.layers.common.MIXERS`, or None),
+  """What a block type is made of: its token mixer (a name in :data:`jaxformers.mixers.MIXERS`, or None),
   whether it has a feed-forward sublayer, whether the two read the same input (``parallel``) and whether
   its LayerNorms sit before the sublayers (``pre_ln``). :class:`jaxformers.blocks.Block` builds one."""
   mixer: str | None

@@ -33,17 +33,47 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jaxformers import flops as flops_model
 from jaxformers import models
-from jaxformers.layout import BLOCKS, format_layout
+from jaxformers.layout import BLOCKS, BlockSpec, format_layout
+from jaxformers.mixers import MIXERS
 
 _BLOCK = re.compile(r"^(?P<pre>(?:encoder\.)?)blocks\.(?P<i>\d+)\.(?P<rest>.+)$")
-# block type when its attention / its feed-forward is removed
-WITHOUT_ATTENTION = {"serial": "ffn", "parallel": "ffn", "sparse": "ffn", "sparse_parallel": "ffn"}
-WITHOUT_FFN = {"serial": "attention", "parallel": "attention", "sparse": None, "sparse_parallel": None}
 
 
 class PruneError(ValueError):
   """A pruning target that cannot be met (the message names the value and what is accepted)."""
+
+
+def _without(name: str, part: str) -> str | None:
+  """The registered block type ``name`` becomes when its ``part`` (``"mixer"`` or ``"mlp"``) is removed: the
+  single-sublayer block of the remaining sublayer, post-LN (a parallel block's one LayerNorm becomes the remaining
+  sublayer's); None when there is none (pre-LN blocks)."""
+  spec = BLOCKS.get(name)
+  want = BlockSpec(None, True) if part == "mixer" else BlockSpec(spec.mixer, False)
+  if spec.pre_ln:
+    return None
+  for b in BLOCKS:
+    s = BLOCKS.get(b)
+    if (s.mixer, s.mlp, s.parallel, s.pre_ln) == (want.mixer, want.mlp, False, False):
+      return b
+  return None
+
+
+def _head_units(block) -> int:
+  """Prunable attention heads of a block: its mixer's heads when the mixer's spec says ``prune="heads"``."""
+  spec = block.mixer_spec
+  return block.mixer.num_heads if spec is not None and spec.prune == "heads" else 0
+
+
+def check_prunable(model) -> None:
+  """Raise :class:`PruneError` (one line) when a block's token mixer refuses pruning (its spec's
+  ``prune="refuse"``), naming the block, the mixer and its reason."""
+  for i, name in enumerate(model.config.blocks):
+    mixer = BLOCKS.get(name).mixer
+    spec = MIXERS.get(mixer) if mixer else None
+    if spec is not None and spec.prune == "refuse":
+      raise PruneError(f"block {i} ({name}): token mixer {mixer!r} cannot be pruned: {spec.prune_refusal}")
 
 
 @dataclasses.dataclass
@@ -84,6 +114,7 @@ def importance(model, batches, progress: bool = False) -> Importance:
   ``attention_mask``, optional ``token_type_ids`` and ``labels`` (numpy or jax arrays)."""
   if model.config.quantization != "none":
     raise PruneError("prune the float model, then quantize: an int8 model has no gradients to score heads with")
+  check_prunable(model)
   model.eval()
   graph, params, rest = nnx.split(model, nnx.Param, ...)
   blocks = models.encoder_of(model).blocks
@@ -93,7 +124,7 @@ def importance(model, batches, progress: bool = False) -> Importance:
   def grads(params, batch):
     return jax.grad(lambda p: _loss(nnx.merge(graph, p, rest), batch))(params)
 
-  heads = {i: np.zeros(b.mixer.num_heads) for i, b in enumerate(blocks) if b.has_attention}
+  heads = {i: np.zeros(_head_units(b)) for i, b in enumerate(blocks) if _head_units(b)}
   ffn = {i: np.zeros(b.mlp.down.kernel.shape[0]) for i, b in enumerate(blocks) if b.mlp is not None}
   flat_w = {".".join(map(str, k)): v[...] for k, v in nnx.to_flat_state(params)}
   n = 0
@@ -196,12 +227,13 @@ def prune(model, keep_heads: dict[int, np.ndarray] | None = None, keep_ffn: dict
   cfg = model.config
   if cfg.quantization != "none":
     raise PruneError("prune the float model, then quantize: this model is already int8")
+  check_prunable(model)
   keep_heads, keep_ffn = dict(keep_heads or {}), dict(keep_ffn or {})
   enc = models.encoder_of(model)
   names = list(cfg.blocks)
   heads, widths = [], []
   for i, (block, name) in enumerate(zip(enc.blocks, names)):
-    nh = block.mixer.num_heads if block.has_attention else 0
+    nh = _head_units(block)
     nf = block.mlp.down.kernel.shape[0] if block.mlp is not None else 0
     for what, d, full in (("heads", keep_heads, nh), ("ffn", keep_ffn, nf)):
       if i in d:
@@ -217,20 +249,21 @@ def prune(model, keep_heads: dict[int, np.ndarray] | None = None, keep_ffn: dict
       raise PruneError(f"block {i} ({name}): removing every head and every feed-forward neuron leaves no sublayer; "
                        f"keep at least one head or neuron")
     if nh and kh == 0:
-      if WITHOUT_ATTENTION.get(name) is None:
+      if _without(name, "mixer") is None:
         raise PruneError(f"heads layer {i}: 0 heads left in a {name} block, which has no attention-free form; keep at "
                          f"least one head")
-      name = WITHOUT_ATTENTION[name]
+      name = _without(name, "mixer")
     if nf and kf == 0:
-      if WITHOUT_FFN.get(name) is None:
+      if _without(name, "mlp") is None:
         raise PruneError(f"ffn layer {i}: 0 neurons left in a {name} block, which has no form without a "
                          f"feed-forward sublayer; keep at least one neuron")
-      name = WITHOUT_FFN[name]
+      name = _without(name, "mlp")
     names[i] = name
     spec = BLOCKS.get(name)
-    heads.append(kh if spec.mixer in ("attention", "sparse") else 0)
+    with_heads = bool(spec.mixer) and MIXERS.get(spec.mixer).has_heads
+    heads.append((kh if nh else cfg.heads_at(i)) if with_heads else 0)
     widths.append(kf if spec.mlp else 0)
-  has_att = [BLOCKS.get(b).mixer in ("attention", "sparse") for b in names]
+  has_att = [bool(BLOCKS.get(b).mixer) and MIXERS.get(BLOCKS.get(b).mixer).has_heads for b in names]
   has_mlp = [BLOCKS.get(b).mlp for b in names]
   uniform_h = all(h == cfg.num_heads for h, a in zip(heads, has_att) if a)
   uniform_f = all(f == cfg.intermediate_size for f, m in zip(widths, has_mlp) if m)
@@ -280,10 +313,11 @@ def check_targets(model, heads=0.0, ffn=0.0, flops=None) -> None:
   unknown layers, a global fraction that leaves no head (neuron) at all, or one of a kind the model does not have
   (``heads`` on a model without attention). With ``flops`` (the budget ``heads`` and ``ffn`` were derived from,
   :func:`flops_fractions`) the messages name the budget, not fractions the user never gave."""
+  check_prunable(model)
   n = model.config.num_layers
   blocks = models.encoder_of(model).blocks
   for what, t in (("heads", parse_target(heads, n, "heads")), ("ffn", parse_target(ffn, n, "ffn"))):
-    units = [b.mixer.num_heads if what == "heads" and b.has_attention else
+    units = [_head_units(b) if what == "heads" else
              (b.mlp.down.kernel.shape[0] if what == "ffn" and b.mlp is not None else 0) for b in blocks]
     kind = "attention heads" if what == "heads" else "feed-forward neurons"
     if isinstance(t, dict):
@@ -307,25 +341,14 @@ def check_targets(model, heads=0.0, ffn=0.0, flops=None) -> None:
                        f"the fraction")
 
 
-def block_flops(model, length: int) -> float:
-  """Forward FLOPs per token of the encoder's blocks at sequence length ``length``, from the model's own shapes:
-  each attention head ``(8 d + 4 L) h`` (query, key, value and output projections, scores and weighted sum; ``h``
-  the head dimension), each feed-forward neuron ``4 d``. LayerNorm, softmax and the embeddings are left out."""
-  d = model.config.hidden_size
-  total = 0.0
-  for b in models.encoder_of(model).blocks:
-    if b.has_attention:
-      total += (8.0 * d + 4.0 * length) * b.mixer.num_heads * b.mixer.head_dim
-    if b.mlp is not None:
-      total += 4.0 * d * b.mlp.down.kernel.shape[0]
-  return total
-
-
-def flops_fractions(flops, model=None) -> tuple[float, float]:
-  """``(heads, ffn)`` fractions that bring the blocks' FLOPs per token to ``flops`` (in (0, 1]) of what they are:
-  every head of a model costs the same, and every neuron, so removing the fraction ``1 - flops`` of all heads
-  (global ranking) and of every block's neurons scales :func:`block_flops` by ``flops``, up to rounding to whole
-  heads and neurons. Given ``model``, a kind it does not have (heads of an attention-free model) gets 0."""
+def flops_fractions(flops, model=None, length: int | None = None) -> tuple[float, float]:
+  """``(heads, ffn)`` fractions that bring the blocks' forward FLOPs per token (:func:`jaxformers.flops.model_flops`
+  at sequence length ``length``) to ``flops`` (in (0, 1]) of what they are. The same fraction ``f`` of all heads
+  (global ranking) and of every block's neurons is removed; what pruning cannot remove (token mixers whose spec
+  does not prune heads, e.g. Fourier mixing) stays, so ``f = (1 - flops) * total / prunable``. Every neuron of a
+  block costs the same, and every head of one mixer; with heads of several kinds (attention and sparse attention)
+  the result depends on which heads the ranking removes. Without ``model``: ``(1 - flops, 1 - flops)``. Given
+  ``model``, a kind it does not have (heads of an attention-free model) gets 0."""
   try:
     r = float(flops)
   except (TypeError, ValueError):
@@ -334,19 +357,50 @@ def flops_fractions(flops, model=None) -> tuple[float, float]:
     raise PruneError(f"flops={flops!r}: the fraction of the blocks' FLOPs per token to keep must be in (0, 1]")
   if model is None:
     return 1.0 - r, 1.0 - r
+  check_prunable(model)
+  cfg = model.config
   blocks = models.encoder_of(model).blocks
-  return (1.0 - r if any(b.has_attention for b in blocks) else 0.0,
-          1.0 - r if any(b.mlp is not None for b in blocks) else 0.0)
+  has_heads = any(_head_units(b) for b in blocks)
+  has_ffn = any(b.mlp is not None for b in blocks)
+  total = flops_model.model_flops(cfg, length or cfg.max_position_embeddings)
+  if not has_heads and not has_ffn:
+    raise PruneError(f"flops={flops!r}: the model has no attention heads or feed-forward neurons to remove (layout "
+                     f"{cfg.layout})")
+  fixed = total - _prunable_flops(model, length or cfg.max_position_embeddings)
+  if fixed == 0.0:
+    f = 1.0 - r
+  else:
+    if length is None:
+      raise PruneError(f"flops={flops!r}: the model's {cfg.layout} has FLOPs pruning cannot remove, so the fraction "
+                       f"depends on the sequence length; give length")
+    f = (1.0 - r) * total / (total - fixed)
+    if f >= 1.0:
+      raise PruneError(f"flops={flops!r}: at length {length}, {fixed / total:.3f} of the blocks' FLOPs per token are "
+                       f"in sublayers pruning keeps whole; keep more than that (raise flops)")
+  return (f if has_heads else 0.0), (f if has_ffn else 0.0)
+
+
+def _prunable_flops(model, length: int) -> float:
+  """Forward FLOPs per token of the prunable sublayers: mixers whose spec prunes heads, and feed-forwards."""
+  cfg = model.config
+  total = 0.0
+  for i, b in enumerate(models.encoder_of(model).blocks):
+    if _head_units(b):
+      total += flops_model.mixer_flops(cfg, b.spec.mixer, length, cfg.heads_at(i))
+    if b.mlp is not None:
+      total += flops_model.ffn_flops(cfg, cfg.ffn_width_at(i))
+  return total
 
 
 def prune_to(model, batches, heads=0.0, ffn=0.0, flops=None, progress: bool = False):
   """Score ``model`` on ``batches`` and prune it to the targets (see :func:`plan`); returns ``(model, importance)``.
   ``flops`` (instead of ``heads`` / ``ffn``): the fraction of the blocks' FLOPs per token to keep
-  (:func:`flops_fractions`)."""
+  (:func:`flops_fractions`, at the length of the longest batch)."""
   if flops is not None:
     if heads or ffn:
       raise PruneError(f"flops={flops} sets the heads and ffn fractions itself; give either flops or heads / ffn")
-    heads, ffn = flops_fractions(flops, model)
+    length = max((int(np.shape(b["input_ids"])[1]) for b in batches), default=None)
+    heads, ffn = flops_fractions(flops, model, length)
   check_targets(model, heads, ffn, flops)   # bad targets fail before the scoring pass
   scores = importance(model, batches, progress=progress)
   keep_h, keep_f = plan(model, scores, heads, ffn)
@@ -363,7 +417,7 @@ def describe(model) -> str:
   lines = []
   for i, b in enumerate(models.encoder_of(model).blocks):
     parts = [cfg.blocks[i]]
-    if b.has_attention:
+    if _head_units(b):
       parts.append(f"{b.mixer.num_heads}/{cfg.num_heads} heads")
     if b.mlp is not None:
       parts.append(f"ffn {b.mlp.down.kernel.shape[0]}/{cfg.intermediate_size}")

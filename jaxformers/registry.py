@@ -22,6 +22,11 @@ class Registry(Generic[T]):
       return obj
     return deco
 
+  def unregister(self, name: str) -> None:
+    """Remove ``name`` (it must be registered)."""
+    self.get(name)
+    del self._items[name]
+
   def get(self, name: str) -> T:
     try:
       return self._items[name]

@@ -1,10 +1,12 @@
 """Differentiable architecture search (PAR, "Pay Attention when Required", made compute-aware).
 
 A *supernet* replaces every sublayer position of an encoder by a :class:`Choice` between candidate
-sublayers: ``attention``, ``ffn``, ``identity`` (PAR's space), and optionally ``fourier`` (FNet mixing)
-and ``sparse`` (sliding-window attention). Each candidate is an ordinary :class:`jaxformers.blocks.Block`
-with its residual and post-LayerNorm (the ``attention``, ``ffn``, ``fourier_mixer`` and
-``sparse_attention`` block types); ``identity`` passes its input on. A position's output is the
+sublayers: ``ffn``, ``identity`` and every token mixer whose spec says ``search=True``
+(:class:`jaxformers.mixers.MixerSpec`): ``attention`` (with ``ffn`` and ``identity``, PAR's space),
+``fourier`` (FNet mixing), ``sparse`` (sliding-window attention) and any mixer registered later. Each candidate
+is an ordinary :class:`jaxformers.blocks.Block` with its residual and post-LayerNorm: the ``ffn`` block type,
+and for a mixer its single-sublayer post-LN block type (``attention``, ``fourier_mixer``, ``sparse_attention``:
+the registered block ``BlockSpec(mixer, mlp=False)``); ``identity`` passes its input on. A position's output is the
 candidates' outputs weighted by a Gumbel-softmax of the position's architecture logits,
 ``softmax((logits + g) / tau)``, with ``tau`` annealed (:func:`temperature`) and, with ``hard``, a
 straight-through one-hot sample. In eval mode the weights are ``softmax(logits)`` without noise.
@@ -15,23 +17,23 @@ Architecture logits are :class:`ArchParam` variables, not :class:`flax.nnx.Param
 
 A supernet is made from an ordinary model (:func:`to_supernet`): a block with a token mixer and a
 feed-forward sublayer becomes two positions, a single-sublayer block one. Each candidate takes the
-weights of the source block's sublayer of its kind (the same sublayer mapping as a re-arrangement):
-at both positions of a serial block, the attention candidate starts as that block's attention and the
-``ffn`` candidate as its feed-forward, so a search from a pretrained BERT/RoBERTa fine-tunes it.
+weights of the nearest source sublayer of its kind (the same sublayer mapping as a re-arrangement):
+``ffn`` a feed-forward's, a mixer with parameters those of a source mixer with the same parameter names and
+shapes (attention and sparse attention share theirs), a mixer without parameters only a LayerNorm (that of the
+nearest block with a token mixer). At both positions of a serial block, the attention candidate starts as that
+block's attention and the ``ffn`` candidate as its feed-forward, so a search from a pretrained BERT/RoBERTa
+fine-tunes it.
 
-:func:`read_off` turns the logits into a layout string of the usual grammar (an ``attention`` position
-followed by an ``ffn`` one is written ``serial``, ``fourier_mixer``+``ffn`` as ``fourier``), and
-:func:`derive` builds that model with exactly the chosen candidates' weights.
+:func:`read_off` turns the logits into a layout string of the usual grammar (a mixer position followed by an
+``ffn`` one is written as the mixer's serial post-LN block, ``BlockSpec(mixer, mlp=True)``: ``attention`` +
+``ffn`` is ``serial``, ``fourier_mixer`` + ``ffn`` is ``fourier``), and :func:`derive` builds that model with
+exactly the chosen candidates' weights.
 
-Cost: :func:`candidate_flops` counts forward FLOPs per token (a multiply-add is 2) of each candidate from
-the model's shapes at the run's sequence length ``L`` (``d`` hidden, ``F`` intermediate size):
-attention ``8 d^2 + 4 L d`` (four projections, scores and weighted sum), ffn ``4 d F``, fourier
-``4 d^2 + 4 L d`` (the DFT matmuls over hidden and sequence), sparse ``8 d^2 + 4 K d`` with
-``K = min(L, 2 * (sparse_window // 2) + 1 + globals)`` (a query's keys: those with ``|i - j| <= sparse_window // 2``
-and the global ones), identity 0. The search's training objective adds
-``cost_weight * max(0, E[cost] / serial_cost - target_flops_ratio)`` (the expected cost under
-``softmax(logits)`` relative to the source layout's cost) and, against the known collapse of
-differentiable search onto parameter-free skips, ``identity_weight * max(0, mean P(identity) -
+Cost: :func:`candidate_flops` is the forward FLOPs per token of each candidate at the run's sequence length, from
+the one FLOPs model (:mod:`jaxformers.flops`: a mixer's spec ``flops``, ``ffn`` ``4 d F``, identity 0). The
+search's training objective adds ``cost_weight * max(0, E[cost] / source_cost - target_flops_ratio)`` (the
+expected cost under ``softmax(logits)`` relative to the source layout's, :func:`source_flops`) and, against the
+known collapse of differentiable search onto parameter-free skips, ``identity_weight * max(0, mean P(identity) -
 max_identity)``; the read-off also keeps at most ``max_identity`` of the positions identity.
 """
 from __future__ import annotations
@@ -43,17 +45,57 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxformers import models
+from jaxformers import flops, models
 from jaxformers.blocks import Block
 from jaxformers.config import EncoderConfig
-from jaxformers.layout import BLOCKS, format_layout
+from jaxformers.layout import BLOCKS, BlockSpec, format_layout
+from jaxformers.mixers import MIXERS
 
-# candidate -> the single-sublayer block type it is (None: identity)
-CANDIDATES: dict[str, str | None] = {"attention": "attention", "ffn": "ffn", "identity": None,
-                                     "fourier": "fourier_mixer", "sparse": "sparse_attention"}
-# a token-mixer block followed by a feed-forward block reads as one serial-style block
-MERGED = {"attention": "serial", "fourier_mixer": "fourier", "sparse_attention": "sparse"}
-MIXER_CANDIDATES = {"attention": "attention", "fourier": "fourier", "sparse": "sparse"}   # candidate -> mixer
+SUBLAYERS = ("ffn", "identity")   # the candidates that are no token mixer
+
+
+def candidate_names() -> tuple[str, ...]:
+  """Every candidate a search may name: the registered token mixers with ``search=True``, then ``ffn`` and
+  ``identity``."""
+  return tuple(m for m in MIXERS if MIXERS.get(m).search) + SUBLAYERS
+
+
+def _block_named(spec: BlockSpec) -> str | None:
+  for name in BLOCKS:
+    b = BLOCKS.get(name)
+    if (b.mixer, b.mlp, b.parallel, b.pre_ln) == (spec.mixer, spec.mlp, spec.parallel, spec.pre_ln):
+      return name
+  return None
+
+
+def check_candidate(name: str) -> None:
+  """Raise ValueError (one line) unless ``name`` is a search candidate with the block types the search needs."""
+  if name in SUBLAYERS:
+    return
+  accepted = ", ".join(candidate_names())
+  if name not in MIXERS:
+    raise ValueError(f"unknown candidate {name!r}; accepted: {accepted}")
+  if not MIXERS.get(name).search:
+    raise ValueError(f"token mixer {name!r} is not an architecture-search candidate (its MixerSpec has "
+                     f"search=False); accepted: {accepted}")
+  if _block_named(BlockSpec(name, False)) is None:
+    raise ValueError(f"candidate {name!r} needs a registered single-sublayer post-LN block of it "
+                     f"(BlockSpec({name!r}, mlp=False)) and there is none")
+
+
+def candidate_block(name: str) -> str | None:
+  """The single-sublayer block type candidate ``name`` is (None: identity)."""
+  check_candidate(name)
+  if name == "identity":
+    return None
+  return "ffn" if name == "ffn" else _block_named(BlockSpec(name, False))
+
+
+def merged_block(mixer_block: str) -> str | None:
+  """The serial post-LN block of a single-sublayer mixer block followed by ``ffn`` (``attention`` -> ``serial``),
+  or None where none is registered."""
+  spec = BLOCKS.get(mixer_block)
+  return _block_named(BlockSpec(spec.mixer, True)) if spec.mixer else None
 
 
 class ArchParam(nnx.Variable):
@@ -90,8 +132,8 @@ class Choice(nnx.Module):
 
   def __init__(self, cfg: EncoderConfig, candidates: tuple[str, ...], *, hard: bool = False, rngs: nnx.Rngs):
     self.candidates = tuple(candidates)
-    self.options = nnx.Dict({c: Block(cfg, BLOCKS.get(CANDIDATES[c]), rngs=rngs)
-                             for c in self.candidates if CANDIDATES[c] is not None})
+    self.options = nnx.Dict({c: Block(cfg, BLOCKS.get(candidate_block(c)), rngs=rngs)
+                             for c in self.candidates if c != "identity"})
     self.logits = ArchParam(jnp.zeros((len(self.candidates),), jnp.float32))
     self.tau = Temperature(jnp.ones((), jnp.float32))
     self.hard = hard
@@ -139,20 +181,26 @@ def positions_of(blocks: tuple[str, ...]) -> list[tuple[int, str]]:
 def _copy(dst, src) -> None:
   """``src``'s parameters into ``dst`` as new arrays: two positions take the same source sublayer, and the train
   step donates its parameters, so no two candidates may share a buffer."""
-  nnx.update(dst, jax.tree.map(lambda x: jnp.array(x, copy=True), nnx.state(src, nnx.Param)))
+  state = nnx.state(src, nnx.Param)
+  if jax.tree.leaves(state):        # a sublayer without parameters (Fourier mixing) has nothing to copy
+    nnx.update(dst, jax.tree.map(lambda x: jnp.array(x, copy=True), state))
 
 
-def _source_sublayer(blocks, i: int, kind: str):
+def _param_shapes(module) -> dict:
+  return {k: v[...].shape for k, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+def _source_sublayer(blocks, i: int, kind: str, like=None):
   """The block nearest to ``i`` (itself first, then by distance, lower first) with a sublayer of ``kind``:
-  ``"attention"`` (a mixer with query/key/value), ``"fourier"`` (a mixer without weights) or ``"mlp"``."""
+  ``"mlp"``, or ``"mixer"``: a token mixer whose parameters have the names and shapes of ``like``'s (any token
+  mixer when ``like`` has no parameters)."""
+  want = None if like is None else _param_shapes(like)
   order = sorted(range(len(blocks)), key=lambda j: (abs(j - i), j))
   for j in order:
     b = blocks[j]
     if kind == "mlp" and b.mlp is not None:
       return b
-    if kind == "attention" and b.has_attention:
-      return b
-    if kind == "fourier" and b.mixer is not None:
+    if kind == "mixer" and b.mixer is not None and (not want or _param_shapes(b.mixer) == want):
       return b
   return None
 
@@ -173,15 +221,17 @@ def to_supernet(model, candidates: tuple[str, ...], *, hard: bool = False, rngs:
   for i, _ in positions_of(cfg.blocks):
     ch = Choice(cfg, candidates, hard=hard, rngs=rngs)
     for c, block in ch.options.items():
-      kind = "mlp" if c == "ffn" else ("fourier" if c == "fourier" else "attention")
-      s = _source_sublayer(src, i, kind)
+      if c == "ffn":
+        s = _source_sublayer(src, i, "mlp")
+      else:
+        s = _source_sublayer(src, i, "mixer", like=block.mixer)
       if s is None:
         continue                       # e.g. attention where the source has only Fourier mixing: new weights
       if c == "ffn":
         _copy(block.mlp, s.mlp)
         _copy(block.mlp_norm, _norm_of(s, "mlp"))
       else:
-        if c != "fourier":
+        if _param_shapes(block.mixer):   # s's mixer has the same parameters; one without them takes the norm only
           _copy(block.mixer, s.mixer)
         _copy(block.mixer_norm, _norm_of(s, "mixer"))
     choices.append(ch)
@@ -196,37 +246,24 @@ def choices_of(model) -> list[Choice]:
 # --- cost -------------------------------------------------------------------------------------------------------
 
 def candidate_flops(cfg: EncoderConfig, length: int, name: str) -> float:
-  """Forward FLOPs per token of one candidate sublayer at sequence length ``length`` (see the module docstring)."""
-  d, f, n = cfg.hidden_size, cfg.intermediate_size, length
-  if name == "attention":
-    return 8.0 * d * d + 4.0 * n * d
-  if name == "ffn":
-    return 4.0 * d * f
-  if name == "fourier":
-    return 4.0 * d * d + 4.0 * n * d
-  if name == "sparse":
-    k = min(n, 2 * (cfg.sparse_window // 2) + 1 + len(cfg.sparse_global_tokens))
-    return 8.0 * d * d + 4.0 * k * d
+  """Forward FLOPs per token of one candidate sublayer at sequence length ``length`` (:mod:`jaxformers.flops`, at
+  the config's full head count and feed-forward width)."""
+  check_candidate(name)
   if name == "identity":
     return 0.0
-  raise ValueError(f"unknown candidate {name!r}; expected one of {', '.join(CANDIDATES)}")
+  if name == "ffn":
+    return flops.ffn_flops(cfg)
+  return flops.mixer_flops(cfg, name, length)
 
 
 def source_flops(cfg: EncoderConfig, length: int) -> float:
-  """FLOPs per token of the source layout's sublayers (the cost the search's budget is relative to)."""
-  total = 0.0
-  for i, kind in positions_of(cfg.blocks):
-    if kind == "mlp":
-      total += candidate_flops(cfg, length, "ffn")
-    else:
-      mixer = BLOCKS.get(cfg.blocks[i]).mixer
-      total += candidate_flops(cfg, length, {"attention": "attention", "fourier": "fourier", "sparse": "sparse"}[mixer])
-  return total
+  """FLOPs per token of the source layout's blocks (the cost the search's budget is relative to)."""
+  return flops.model_flops(cfg, length)
 
 
 def layout_flops(cfg: EncoderConfig, layout_blocks, length: int) -> float:
-  """FLOPs per token of the sublayers of a layout (block names)."""
-  return source_flops(cfg.replace(layout=format_layout(tuple(layout_blocks))), length)
+  """FLOPs per token of the blocks of a layout (block names)."""
+  return flops.layout_flops(cfg, layout_blocks, length)
 
 
 def cost_table(cfg: EncoderConfig, candidates: tuple[str, ...], length: int) -> np.ndarray:
@@ -279,12 +316,13 @@ def chosen_blocks(chosen: list[str]) -> list[tuple[str, list[int]]]:
   out, p = [], 0
   while p < len(chosen):
     c = chosen[p]
-    name = CANDIDATES[c]
+    name = candidate_block(c)
     if name is None:
       p += 1
       continue
-    if name in MERGED and p + 1 < len(chosen) and chosen[p + 1] == "ffn":
-      out.append((MERGED[name], [p, p + 1]))
+    merged = merged_block(name) if c != "ffn" else None
+    if merged is not None and p + 1 < len(chosen) and chosen[p + 1] == "ffn":
+      out.append((merged, [p, p + 1]))
       p += 2
       continue
     out.append((name, [p]))
@@ -323,8 +361,7 @@ def derive(supernet, max_identity: float = 1.0, rngs: nnx.Rngs | None = None):
     for p in ps:
       cand = choices[p].options[chosen[p]]
       if cand.mixer is not None:
-        if cand.has_attention:
-          _copy(block.mixer, cand.mixer)
+        _copy(block.mixer, cand.mixer)
         _copy(block.mixer_norm, cand.mixer_norm)
       if cand.mlp is not None:
         _copy(block.mlp, cand.mlp)

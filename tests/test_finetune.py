@@ -217,7 +217,7 @@ def test_init_from_into_fourier_blocks_reports_and_uses_ortho_norm(tmp_path, cap
   text = caplog.text
   assert f"init_from {ckpt} -> layout fourier,serial, task classification:" in text
   assert "loaded " in text and "dropped " in text and "newly initialised " in text   # reused, dropped, new
-  assert "model.fourier_norm='ortho': init_from" in text and "has no Fourier blocks" in text
+  assert "model.fourier_norm='ortho': init_from" in text and "has no 'fourier' token mixer" in text
   caplog.clear()
   with caplog.at_level(logging.INFO, logger="jaxformers.train"):
     r = Run(glue_tiny("rte", data, init_from=str(ckpt), model__layout="fourier,serial", model__fourier_norm="none"),

@@ -292,11 +292,16 @@ def test_cli_prune_and_bad_targets(tmp_path, minilm_dir, capsys):
 
 
 def test_block_flops_match_xla_and_a_flops_target_scales_them():
-  """``block_flops`` (the count behind ``flops=``) against XLA's cost analysis of the encoder, with and without one
-  head and 16 neurons per block; ``flops=0.5`` keeps half of the blocks' FLOPs and refuses values outside (0, 1]."""
+  """The FLOPs model (:func:`jaxformers.flops.model_flops`, the count behind ``flops=``) against XLA's cost analysis
+  of the encoder, with and without one head and 16 neurons per block; ``flops=0.5`` keeps half of the blocks' FLOPs
+  and refuses values outside (0, 1]."""
   import jax
   from flax import nnx
   from jaxformers import models
+  from jaxformers.flops import model_flops
+
+  def block_flops(model, length):
+    return model_flops(model.config, length)
 
   def xla_flops(model, length):
     graph, state = nnx.split(models.encoder_of(model))
@@ -308,18 +313,18 @@ def test_block_flops_match_xla_and_a_flops_target_scales_them():
 
   m, length = tiny(), 32
   small = prune.prune(m, {i: np.arange(3) for i in range(3)}, {i: np.arange(48) for i in range(3)})
-  ours = {k: prune.block_flops(x, length) for k, x in (("full", m), ("small", small))}
+  ours = {k: block_flops(x, length) for k, x in (("full", m), ("small", small))}
   xla = {k: xla_flops(x, length) for k, x in (("full", m), ("small", small))}
   # XLA also counts LayerNorm, softmax, GELU and embeddings (25-32% more at this width, d=32, measured); what the
-  # removed heads and neurons saved it counts as block_flops does, plus their softmax and GELU (3%, measured)
+  # removed heads and neurons saved it counts as the model does, plus their softmax and GELU (3%, measured)
   assert all(ours[k] <= xla[k] <= 1.35 * ours[k] for k in ours), (ours, xla)
   saved_ours, saved_xla = ours["full"] - ours["small"], xla["full"] - xla["small"]
   assert saved_ours <= saved_xla <= 1.05 * saved_ours, (saved_ours, saved_xla)
-  assert prune.block_flops(small, length) / prune.block_flops(m, length) == pytest.approx(0.75)
+  assert block_flops(small, length) / block_flops(m, length) == pytest.approx(0.75)
   s = prune.Importance(heads={i: np.arange(4, dtype=float) for i in range(3)},
                        ffn={i: np.arange(64, dtype=float) for i in range(3)})
   kh, kf = prune.plan(m, s, *prune.flops_fractions(0.5))
-  assert prune.block_flops(prune.prune(m, kh, kf), length) == pytest.approx(0.5 * prune.block_flops(m, length))
+  assert block_flops(prune.prune(m, kh, kf), length) == pytest.approx(0.5 * block_flops(m, length))
   for bad in (0.0, 1.5, "half"):
     with pytest.raises(prune.PruneError, match=r"flops=.*\(0, 1\]"):
       prune.flops_fractions(bad)
@@ -372,7 +377,16 @@ def test_heads_on_a_model_without_attention_is_refused(tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "heads=0.5: the model has no attention heads to remove (layout fourier,ffn*2)" in err[0]
   assert not (tmp_path / "out").exists()
-  assert prune.flops_fractions(0.5, m) == (0.0, 0.5) and prune.flops_fractions(0.5, tiny()) == (0.5, 0.5)
+  assert prune.flops_fractions(0.5, tiny()) == (0.5, 0.5)
   ids, mask = batch()
+  length, d, f = ids.shape[1], CFG.hidden_size, CFG.intermediate_size
+  # the Fourier mixing (4 d^2 + 4 L d) stays: the neurons (4 d F each block) take the whole cut
+  fixed, neurons = 4 * d * d + 4 * length * d, 3 * 4 * d * f
+  assert prune.flops_fractions(0.5, m, length) == pytest.approx((0.0, 0.5 * (fixed + neurons) / neurons))
+  with pytest.raises(prune.PruneError, match=r"^flops=0.1: at length 9, 0.176 of the blocks' FLOPs per token are in "
+                                             r"sublayers pruning keeps whole; keep more than that \(raise flops\)$"):
+    prune.flops_fractions(0.1, m, length)
   small, _ = prune.prune_to(m, [{"input_ids": ids, "attention_mask": mask}], flops=0.5)
-  assert prune.block_flops(small, 32) == pytest.approx(0.5 * prune.block_flops(m, 32))
+  from jaxformers.flops import model_flops
+  # whole neurons: each block keeps round((1 - fraction) * 64), within half a neuron (4 d FLOPs) per block of it
+  assert abs(model_flops(small.config, length) - 0.5 * model_flops(m.config, length)) <= 3 * 0.5 * 4 * d

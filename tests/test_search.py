@@ -333,7 +333,7 @@ def test_supernet_in_eval_mode_is_deterministic_and_the_softmax_weighted_candida
 # --- config errors ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("key,value,needle", [
-    ("candidates", "attention,ffn,convolution", "unknown candidate 'convolution'; accepted: attention, ffn, identity"),
+    ("candidates", "attention,ffn,convolution", "unknown candidate 'convolution'; accepted: attention, fourier, sparse, ffn, identity"),
     ("candidates", "", "search space is empty"),
     ("candidates", " , ", "search space is empty"),
     ("candidates", "ffn", "at least two candidates"),

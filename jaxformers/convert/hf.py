@@ -39,6 +39,7 @@ import numpy as np
 from flax import nnx
 
 from jaxformers.layout import BLOCKS
+from jaxformers.mixers import MIXERS
 from jaxformers.config import EncoderConfig
 from jaxformers.convert import engine
 from jaxformers.convert.engine import Ignore, Rule, embedding, linear, norm
@@ -273,12 +274,20 @@ def label_names(hf: dict) -> tuple[str, ...] | None:
 
 
 def _exportable(cfg: EncoderConfig, where: str) -> str:
+  """``"serial"`` or ``"parallel"``: every block is a post-LN block of a token mixer whose spec says ``hf_export``
+  and a feed-forward, all serial or all parallel."""
   kinds = set(cfg.blocks)
-  if kinds <= {"serial"}:
+
+  def layer(name: str) -> bool:
+    spec = BLOCKS.get(name)
+    return bool(spec.mixer) and MIXERS.get(spec.mixer).hf_export and spec.mlp and not spec.pre_ln
+  bad = sorted(k for k in kinds if not layer(k))
+  styles = {BLOCKS.get(k).parallel for k in kinds}
+  if not bad and styles == {False}:
     return "serial"
-  if kinds <= {"parallel"}:
+  if not bad and styles == {True}:
     return "parallel"
-  bad = sorted(kinds - {"serial", "parallel"}) or sorted(kinds)
+  bad = bad or sorted(kinds)
   raise CheckpointError(f"{where}: layout {cfg.layout!r} cannot be written as an HF checkpoint: transformers' "
                         f"BERT/RoBERTa/PAF models have one attention and one feed-forward per layer, serial or "
                         f"parallel, and this layout has {', '.join(bad)} blocks; keep it in the native format "

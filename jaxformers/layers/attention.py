@@ -8,12 +8,13 @@ from flax import nnx
 from jaxformers.config import EncoderConfig
 from jaxformers.kernels.attention import (attention, choose_impl, default_block_sizes, local_global_mask,
                                           sharded_attention)
-from jaxformers.layers.common import MIXERS, Sequences, linear
+from jaxformers.flops import attention_flops
+from jaxformers.layers.common import Sequences, linear
 from jaxformers.layers.sparse import sparse_attention_xla
+from jaxformers.mixers import MixerSpec, register_mixer
 from jaxformers.targets import current_target
 
 
-@MIXERS.register("attention")
 class SelfAttention(nnx.Module):
   """Q, K, V projections, masked softmax attention, output projection (HF ``attention.self`` + ``attention.output.dense``)."""
 
@@ -80,7 +81,6 @@ def kernel_mesh(q, k, v, kw):
   return mesh if impl == "pallas" else None
 
 
-@MIXERS.register("sparse")
 class SparseSelfAttention(SelfAttention):
   """Sliding-window + global-token attention with the same parameters as :class:`SelfAttention`,
   so BERT/RoBERTa attention weights load into it unchanged. See :mod:`jaxformers.layers.sparse`.
@@ -117,3 +117,21 @@ class SparseSelfAttention(SelfAttention):
     return sparse_attention_xla(
         q_BLNH, k_BLNH, v_BLNH, segment_ids=seq.segment_ids, positions=seq.positions, window=self.window,
         global_positions=self.global_positions, max_global=len(self.global_positions) * seq.max_segments)
+
+
+def sparse_keys(cfg: EncoderConfig, length: int) -> int:
+  """The keys one interior query of a sparse-attention layer sees: those within ``sparse_window // 2`` of it and
+  the global tokens, at most ``length``."""
+  return min(length, 2 * (cfg.sparse_window // 2) + 1 + len(cfg.sparse_global_tokens))
+
+
+register_mixer(MixerSpec(
+    "attention", SelfAttention, lambda cfg, length, heads: attention_flops(cfg, length, heads),
+    has_heads=True, packing=True, fusable=True, search=True, prune="heads", hf_export=True,
+    config_fields=("num_heads", "attention_impl", "attention_dropout", "dropout_impl"),
+    doc="multi-head self-attention"))
+register_mixer(MixerSpec(
+    "sparse", SparseSelfAttention, lambda cfg, length, heads: attention_flops(cfg, sparse_keys(cfg, length), heads),
+    has_heads=True, packing=True, fusable=True, search=True, prune="heads",
+    config_fields=("num_heads", "attention_impl", "sparse_window", "sparse_global_tokens"),
+    doc="sliding-window + global-token self-attention"))

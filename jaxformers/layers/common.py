@@ -13,12 +13,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformers.config import EncoderConfig
-from jaxformers.registry import Registry
-
-# Token mixers by the name a BlockSpec gives (``jaxformers.layout.BLOCKS``): each is an nnx.Module
-# ``Mixer(cfg, *, rngs)`` called as ``mixer(x_BLD, seq)``; with ``selects_queries = True`` it also takes
-# ``select_BS`` and returns only those positions.
-MIXERS: Registry = Registry("token mixer")
 
 
 def dtype_of(name: str):

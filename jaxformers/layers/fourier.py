@@ -35,7 +35,8 @@ import numpy as np
 from flax import nnx
 
 from jaxformers.config import EncoderConfig
-from jaxformers.layers.common import MIXERS, Sequences
+from jaxformers.layers.common import Sequences
+from jaxformers.mixers import MixerSpec, register_mixer
 from jaxformers.targets import current_target
 
 
@@ -113,7 +114,6 @@ def choose_fourier_impl(impl: str, packed: bool, length: int, backend: str | Non
   return "fft"
 
 
-@MIXERS.register("fourier")
 class FourierMixing(nnx.Module):
   """The FNet mixing sublayer (no parameters)."""
 
@@ -147,3 +147,23 @@ class FourierMixing(nnx.Module):
       full = jnp.all(seq.segment_ids != 0)
       return jax.lax.cond(full, fourier_fnet_fft, lambda x: fourier_per_sequence_fft(x, seq), x_BLD)
     return fourier_per_sequence_matmul(x_BLD, seq)
+
+
+def fourier_flops(cfg: EncoderConfig, length: int, heads=None) -> float:
+  """The DFT as matmuls: ``4 d^2`` over the hidden axis (real and imaginary parts), ``4 L d`` over the sequence."""
+  d = cfg.hidden_size
+  return 4.0 * d * d + 4.0 * length * d
+
+
+def fourier_packing(cfg: EncoderConfig) -> str | None:
+  if cfg.fourier_impl == "fft" or cfg.fourier_padding == "fnet":
+    return (f"Fourier blocks need fourier_impl 'matmul' or 'auto' and fourier_padding 'per_sequence' on packed "
+            f"rows; the model has fourier_impl={cfg.fourier_impl!r}, "
+            f"fourier_padding={cfg.fourier_padding!r}")
+  return None
+
+
+register_mixer(MixerSpec(
+    "fourier", FourierMixing, fourier_flops, packing=fourier_packing, search=True, prune="keep",
+    config_fields=("fourier_impl", "fourier_padding", "fourier_norm"), introduced={"fourier_norm": "ortho"},
+    doc="FNet: the real part of the 2-D DFT over sequence and hidden"))

@@ -10,6 +10,7 @@ from ml_collections import config_dict
 from jaxformers.config import RUNTIME_FIELDS, EncoderConfig
 from jaxformers.data.sources import SOURCES
 from jaxformers.layout import LayoutError
+from jaxformers.mixers import all_options
 from jaxformers.train.errors import ConfigError
 from jaxformers.train.sharding import LOGICAL_AXIS_RULES, rules_from
 from jaxformers.train.tasks import TASKS
@@ -33,10 +34,14 @@ def model_defaults() -> ml_collections.ConfigDict:
   refused (the config file's values give way to the checkpoint's)."""
   m = ml_collections.ConfigDict()
   for f in dataclasses.fields(EncoderConfig):
+    if f.name == "mixer_options":
+      continue
     if f.name in FROM_TOKENIZER or f.name in RUNTIME_FIELDS:
       m[f.name] = config_dict.placeholder(type(f.default))
     else:
       m[f.name] = SCRATCH_MODEL.get(f.name, f.default)
+  for name, default in all_options().items():   # registered token mixers' options; unset: the mixer's default
+    m[name] = config_dict.placeholder(type(default))
   return m
 
 

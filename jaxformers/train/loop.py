@@ -16,6 +16,7 @@ from flax import nnx
 from jaxformers.config import RUNTIME_FIELDS
 from jaxformers.data import batching, tokenize
 from jaxformers.layout import BLOCKS, LayoutError
+from jaxformers.mixers import MIXERS
 from jaxformers.train import checkpoint as ckpt_lib
 from jaxformers.train import metrics as metrics_lib
 from jaxformers.train import sharding, steps
@@ -111,7 +112,7 @@ class Run:
       import jaxformers
       runtime = {k: v for k, v in set_fields(c.model).items() if k in RUNTIME_FIELDS}
       try:
-        runtime.update(self._fourier_norm(runtime))
+        runtime.update(self._introduced(runtime))
         self.pretrained, report = jaxformers.from_pretrained(
             c.init_from, layout=c.model.layout or None, task=self.task.model_task, num_labels=self.task.head_labels,
             rngs=nnx.Rngs(params=c.seed, dropout=c.seed + 1), return_report=True, **runtime)
@@ -184,40 +185,46 @@ class Run:
                         f"it is (config.model.layout re-arranges its blocks; runtime fields such as dropout, dtype "
                         f"and attention_impl apply), or leave config.init_from empty to train that model from scratch")
 
-  def _fourier_norm(self, runtime: dict) -> dict:
-    """``{"fourier_norm": "ortho"}`` when ``init_from`` has no Fourier blocks, ``model.layout`` re-arranges it into
-    some and the config leaves ``model.fourier_norm`` unset: an unnormalised DFT of a BERT's hidden states is about
-    sqrt(length x width) times larger than what the reused layers were trained on; "ortho" keeps their scale."""
+  def _introduced(self, runtime: dict) -> dict:
+    """The runtime values a token mixer's spec asks for when ``model.layout`` re-arranges ``init_from`` into blocks
+    with a mixer the checkpoint has none of (:attr:`jaxformers.mixers.MixerSpec.introduced`), for those the config
+    leaves unset. Fourier mixing asks for ``fourier_norm='ortho'``: an unnormalised DFT of a BERT's hidden states is
+    about sqrt(length x width) times larger than what the reused layers were trained on; "ortho" keeps their scale."""
     c = self.c
-    if not c.model.layout or "fourier_norm" in runtime:
+    if not c.model.layout:
       return {}
     from jaxformers.layout import parse_layout
     from jaxformers.pretrained import saved_layout
-    target = parse_layout(c.model.layout, BLOCKS.names())
-    if not any(BLOCKS.get(b).mixer == "fourier" for b in target):
+    target = {BLOCKS.get(b).mixer for b in parse_layout(c.model.layout, BLOCKS.names())} - {None}
+    wanted = [m for m in sorted(target) if MIXERS.get(m).introduced]
+    if not wanted:
       return {}
     try:
-      source = saved_layout(c.init_from)
+      source = {BLOCKS.get(b).mixer for b in saved_layout(c.init_from)}
     except Exception:   # unreadable metadata: from_pretrained reports it
       return {}
-    if any(BLOCKS.get(b).mixer == "fourier" for b in source):
-      return {}
-    log.info("model.fourier_norm='ortho': init_from %s has no Fourier blocks and layout %s adds some (set "
-             "config.model.fourier_norm to choose another)", c.init_from, c.model.layout)
-    return {"fourier_norm": "ortho"}
+    out = {}
+    for m in wanted:
+      if m in source:
+        continue
+      for k, v in MIXERS.get(m).introduced.items():
+        if k not in runtime and k not in out:
+          out[k] = v
+          log.info("model.%s=%r: init_from %s has no %r token mixer and layout %s adds it (set config.model.%s "
+                   "to choose another)", k, v, c.init_from, m, c.model.layout, k)
+    return out
 
   def _check_packing(self):
-    """Packing needs every block to handle packed rows; the only one that may not is Fourier mixing."""
+    """Packing needs every block's token mixer to handle packed rows (its spec's ``packing``)."""
     self.max_segments = min(self.c.data.pack_max_segments, self.max_length)
     if not self.c.data.packing:
       return
-    fourier = [b for b in self.cfg.blocks if BLOCKS.get(b).mixer == "fourier"]
-    if fourier and (self.cfg.fourier_impl == "fft" or self.cfg.fourier_padding == "fnet"):
-      raise ConfigError(
-          f"config.data.packing=True with a layout that has Fourier blocks ({fourier[0]}) needs "
-          f"fourier_impl 'matmul' or 'auto' and fourier_padding 'per_sequence'; the model has "
-          f"fourier_impl={self.cfg.fourier_impl!r}, fourier_padding={self.cfg.fourier_padding!r}. "
-          f"Set config.data.packing=False to train it on padded batches")
+    for b in self.cfg.blocks:
+      mixer = BLOCKS.get(b).mixer
+      why = MIXERS.get(mixer).packing_refusal(self.cfg) if mixer else None
+      if why:
+        raise ConfigError(f"config.data.packing=True with a layout that has {b} blocks: {why}. Set "
+                          f"config.data.packing=False to train it on padded batches")
 
   def packing(self, data: tokenize.Tokenized, batch_size: int, train: bool) -> batching.Packing | None:
     """Packed-batch shape for ``data``, or None without ``data.packing``: rows per batch is data.pack_rows (train),

@@ -46,17 +46,20 @@ def check_search(c) -> None:
   """Every ``config.search`` value the search would fail on or misuse, as one ConfigError line."""
   s = c.search
   cands = candidates_of(c)
+  accepted = ", ".join(S.candidate_names())
   if not cands:
     raise ConfigError(f"config.search.candidates={s.candidates!r}: the search space is empty; name at least two of "
-                      f"{', '.join(S.CANDIDATES)} (comma-separated)")
+                      f"{accepted} (comma-separated)")
   for x in cands:
-    if x not in S.CANDIDATES:
-      raise ConfigError(f"config.search.candidates: unknown candidate {x!r}; accepted: {', '.join(S.CANDIDATES)}")
+    try:
+      S.check_candidate(x)
+    except ValueError as e:
+      raise ConfigError(f"config.search.candidates: {e}") from None
   if len(set(cands)) != len(cands):
     raise ConfigError(f"config.search.candidates={s.candidates!r} names a candidate twice")
   if len(cands) < 2:
     raise ConfigError(f"config.search.candidates={s.candidates!r}: a search needs at least two candidates of "
-                      f"{', '.join(S.CANDIDATES)}")
+                      f"{accepted}")
   if cands == ("identity",) or all(x == "identity" for x in cands):
     raise ConfigError("config.search.candidates: identity alone is no architecture")
   if not 0.0 < s.target_flops_ratio <= 1.0:
