@@ -229,8 +229,12 @@ def to_hf_state(model, where: str = "model") -> tuple[dict[str, np.ndarray], dic
                         prefix="" if task == "base" else "encoder.", hf_prefix=pre, where=where)
   if family.extra_tensors is not None:
     state.update(family.extra_tensors(cfg, pre))
-  return state, hf_config(cfg, task, getattr(model, "num_labels", None), getattr(model, "label_names", None),
-                          family=family)
+  try:
+    config = hf_config(cfg, task, getattr(model, "num_labels", None), getattr(model, "label_names", None),
+                       family=family)
+  except CheckpointError as e:   # the family's config mapping refuses a value
+    raise CheckpointError(f"{where}: {e}") from None
+  return state, config
 
 
 def hf_config(cfg: EncoderConfig, task: str, num_labels: int | None = None,

@@ -5,7 +5,7 @@ and its name in the import below.
 """
 from jaxformers.convert.families.base import (FAMILIES, Family, accepted, config_families, detect, families,
                                               for_export, of_config, register)
-from jaxformers.convert.families import bert, roberta, paf  # noqa: F401,E402  (each registers its families)
+from jaxformers.convert.families import bert, roberta, paf, distilbert  # noqa: F401,E402  (each registers its families)
 
 __all__ = ["FAMILIES", "Family", "accepted", "config_families", "detect", "families", "for_export", "of_config",
            "register"]
