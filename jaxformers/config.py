@@ -17,7 +17,6 @@ FOURIER_IMPLS = ("auto", "fft", "matmul")
 FOURIER_PADDINGS = ("per_sequence", "fnet")
 FOURIER_NORMS = ("none", "ortho")
 DTYPES = ("float32", "bfloat16", "float16")
-FAMILIES = ("bert", "roberta")
 # Fields that change only how a model computes, never its parameters: a checkpoint loads under any value of these.
 RUNTIME_FIELDS = frozenset({"attention_impl", "fourier_impl", "fourier_padding", "fourier_norm",
                             "fuse_projections", "hidden_dropout", "attention_dropout", "dropout_impl", "dtype",
@@ -25,14 +24,22 @@ RUNTIME_FIELDS = frozenset({"attention_impl", "fourier_impl", "fourier_padding",
 QUANTIZATIONS = ("none", "int8")
 
 
+def _families() -> tuple[str, ...]:
+  from jaxformers.convert.families import config_families   # the registry imports no model code
+  return config_families()
+
+
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
   """Everything that fixes an encoder's parameters and computation.
 
   ``layout`` lists the blocks by depth (see :mod:`jaxformers.layout`); the number of
-  layers is the number of blocks it expands to. ``family`` says which checkpoint
-  format the model exports to (``bert`` or ``roberta``) and implies position and
-  head conventions when a model is converted.
+  layers is the number of blocks it expands to. ``family`` names the registered
+  converter family (:mod:`jaxformers.convert.families`: ``bert``, ``roberta``,
+  ``distilbert``, ...) whose checkpoint format the model exports to and whose head
+  conventions its task models follow. ``position_style`` ``roberta`` starts position ids
+  after the padding id (:attr:`position_offset`); ``type_vocab_size=0`` means no
+  token-type embeddings.
   """
 
   vocab_size: int = 30522
@@ -88,10 +95,12 @@ class EncoderConfig:
     for f, allowed in (("hidden_act", ACTIVATIONS), ("position_style", POSITION_STYLES),
                        ("fourier_impl", FOURIER_IMPLS), ("fourier_padding", FOURIER_PADDINGS),
                        ("fourier_norm", FOURIER_NORMS),
-                       ("dtype", DTYPES), ("param_dtype", DTYPES), ("family", FAMILIES),
+                       ("dtype", DTYPES), ("param_dtype", DTYPES), ("family", _families()),
                        ("dropout_impl", DROPOUT_IMPLS), ("quantization", QUANTIZATIONS)):
       if getattr(self, f) not in allowed:
         bad(f, f"expected one of {', '.join(allowed)}")
+    if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
+      bad("type_vocab_size", "must be a non-negative integer (0: no token-type embeddings)")
     for f in ("hidden_dropout", "attention_dropout"):
       if not 0.0 <= getattr(self, f) < 1.0:
         bad(f, "must be in [0, 1)")
@@ -166,6 +175,12 @@ class EncoderConfig:
   @property
   def num_layers(self) -> int:
     return len(self.blocks)
+
+  @property
+  def position_offset(self) -> int:
+    """Position id of a sequence's first token: 0, or with ``position_style="roberta"`` the padding id + 1
+    (RoBERTa's position ids start after its padding_idx)."""
+    return self.pad_token_id + 1 if self.position_style == "roberta" else 0
 
   @property
   def head_dim(self) -> int:

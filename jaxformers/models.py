@@ -112,12 +112,18 @@ class MaskedLMHead(nnx.Module):
     self.transform = linear(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", None), rngs=rngs)
     self.norm = layer_norm(cfg, cfg.hidden_size, rngs=rngs)
     self.bias = nnx.Param(jnp.zeros((cfg.vocab_size,), dtype_of(cfg.param_dtype)), logical_axes=("vocab",))
-    # BERT's transform uses hidden_act; RoBERTa's lm_head always applies the exact GELU
-    self.act = activation("gelu" if cfg.family == "roberta" else cfg.hidden_act)
+    # the family's transform activation: BERT's is hidden_act, RoBERTa's always the exact GELU
+    self.act = activation(_family(cfg).lm_head_act or cfg.hidden_act)
 
   def __call__(self, h_BLD: jax.Array, word_embedding_VD: jax.Array) -> jax.Array:
     h_BLD = self.norm(self.act(self.transform(h_BLD)))
     return flat_matmul(h_BLD, word_embedding_VD.T.astype(h_BLD.dtype)) + self.bias[...].astype(h_BLD.dtype)
+
+
+def _family(cfg: EncoderConfig):
+  """The converter family ``cfg.family`` names (its head conventions)."""
+  from jaxformers.convert.families import of_config
+  return of_config(cfg.family)
 
 
 def _encoder_cfg(cfg: EncoderConfig, pooler: bool) -> EncoderConfig:
@@ -178,7 +184,7 @@ class SequenceClassifier(nnx.Module):
   label_names: tuple[str, ...] | None = None   # class names in label-id order, kept by checkpoints and exports
 
   def __init__(self, cfg: EncoderConfig, num_labels: int = 2, head: str | None = None, *, rngs: nnx.Rngs):
-    head = head or cfg.family
+    head = head or _family(cfg).classifier
     self.num_labels = num_labels
     self.encoder = Encoder(_encoder_cfg(cfg, head == "bert"), rngs=rngs)
     self.classifier = ClassifierHead(cfg, num_labels, head, rngs=rngs)

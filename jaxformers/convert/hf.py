@@ -1,31 +1,19 @@
-"""HF PyTorch BERT / RoBERTa / PAF-RoBERTa checkpoints <-> jaxformers models.
+"""HF PyTorch checkpoints <-> jaxformers models: one engine that applies a registered converter family.
 
-Key tables (HF name -> jaxformers path; ``{i}`` is the layer):
-
-=============================================  =====================================
-``embeddings.word_embeddings``                 ``encoder.embeddings.word``
-``embeddings.position_embeddings``             ``encoder.embeddings.position``
-``embeddings.token_type_embeddings``           ``encoder.embeddings.token_type``
-``embeddings.LayerNorm``                       ``encoder.embeddings.norm``
-``encoder.layer.{i}.attention.self.query``     ``encoder.blocks.{i}.mixer.query`` (key, value alike)
-``encoder.layer.{i}.attention.output.dense``   ``encoder.blocks.{i}.mixer.out``
-``encoder.layer.{i}.attention.output.LayerNorm`` ``encoder.blocks.{i}.mixer_norm`` (PAF: unused)
-``encoder.layer.{i}.intermediate.dense``       ``encoder.blocks.{i}.mlp.up``
-``encoder.layer.{i}.output.dense``             ``encoder.blocks.{i}.mlp.down``
-``encoder.layer.{i}.output.LayerNorm``         ``encoder.blocks.{i}.mlp_norm``, or ``norm`` in parallel blocks
-``pooler.dense``                               ``encoder.pooler.dense``
-=============================================  =====================================
-
-Heads: BERT ``cls.predictions.*`` / RoBERTa ``lm_head.*`` -> ``lm_head``, BERT
-``cls.seq_relationship`` -> ``nsp``, ``classifier[.dense|.out_proj]`` -> ``classifier``.
-Linear weights are transposed (PyTorch stores ``[out, in]``); decoder weights tied to
-the word embeddings are checked for equality and not stored twice.
+The families (BERT, RoBERTa, PAF, DistilBERT, ...) live in :mod:`jaxformers.convert.families`, one
+module each, with their key tables, config mappings and conventions. This module recognises a
+checkpoint's family (:func:`jaxformers.convert.families.detect`), builds the
+:class:`EncoderConfig` from the family's config mapping, and fills a model by the family's rules
+(:func:`jaxformers.convert.engine.load`); on export it picks the family of the model's
+``config.family`` and layout and writes its tensor names and config. Linear weights are
+transposed (PyTorch stores ``[out, in]``); decoder weights tied to the word embeddings are
+checked for equality and not stored twice.
 
 Re-arrangement: loading a serial checkpoint into another layout reuses, for each
 layer, the parts the target block has (see :func:`jaxformers.convert.engine.layer_map`):
 attention projections and their LayerNorm go to blocks with attention, feed-forward
 weights and their LayerNorm to blocks with a feed-forward sublayer; a Fourier block
-reuses the post-mixing LayerNorm; a parallel block takes ``output.LayerNorm`` as its
+reuses the post-mixing LayerNorm; a parallel block takes the feed-forward LayerNorm as its
 single norm. Attention sublayers the layout does not have are dropped and listed in
 the report; parameters with no source (a pre-LN stack's final norm, a new task head,
 blocks of a layout deeper than the checkpoint) are newly initialised and listed. Native
@@ -42,108 +30,35 @@ from jaxformers.layout import BLOCKS
 from jaxformers.mixers import MIXERS
 from jaxformers.config import EncoderConfig
 from jaxformers.convert import engine
-from jaxformers.convert.engine import Ignore, Rule, embedding, linear, norm
+from jaxformers.convert.engine import Ignore, Rule
+from jaxformers.convert.families import Family, detect, families, for_export
+from jaxformers.convert.families.base import ARCHITECTURES
 from jaxformers.convert.io import (SAFETENSORS, CheckpointError, read_hf_config, read_hf_weights, write_beside,
                                   write_hf_files)
 from jaxformers.convert.params import get_params, param_shapes, set_params
 from jaxformers import models
 
-_L, _B = "encoder.layer.{i}", "blocks.{i}"
-
-BASE_RULES: list[Rule] = [
-    *embedding("embeddings.word_embeddings", "embeddings.word"),
-    *embedding("embeddings.position_embeddings", "embeddings.position"),
-    *embedding("embeddings.token_type_embeddings", "embeddings.token_type"),
-    *norm("embeddings.LayerNorm", "embeddings.norm"),
-    *(r for n in ("query", "key", "value") for r in linear(f"{_L}.attention.self.{n}", f"{_B}.mixer.{n}", group="mixer")),
-    *linear(f"{_L}.attention.output.dense", f"{_B}.mixer.out", group="mixer"),
-    *norm(f"{_L}.attention.output.LayerNorm", f"{_B}.mixer_norm", group="mixer"),
-    *linear(f"{_L}.intermediate.dense", f"{_B}.mlp.up", group="mlp"),
-    *linear(f"{_L}.output.dense", f"{_B}.mlp.down", group="mlp"),
-    *norm(f"{_L}.output.LayerNorm", (f"{_B}.mlp_norm", f"{_B}.norm"), group="mlp"),
-    *linear("pooler.dense", "pooler.dense"),
-]
-
-HEAD_RULES: dict[tuple[str, str], list[Rule]] = {
-    ("bert", "masked_lm"): [*linear("cls.predictions.transform.dense", "lm_head.transform", base=False),
-                            *norm("cls.predictions.transform.LayerNorm", "lm_head.norm", base=False),
-                            Rule("cls.predictions.bias", ("lm_head.bias",), base=False)],
-    ("roberta", "masked_lm"): [*linear("lm_head.dense", "lm_head.transform", base=False),
-                               *norm("lm_head.layer_norm", "lm_head.norm", base=False),
-                               Rule("lm_head.bias", ("lm_head.bias",), base=False)],
-    ("bert", "classification"): linear("classifier", "classifier.out", base=False),
-    ("roberta", "classification"): [*linear("classifier.dense", "classifier.dense", base=False),
-                                    *linear("classifier.out_proj", "classifier.out", base=False)],
-    ("bert", "token_classification"): linear("classifier", "classifier.out", base=False),
-    ("roberta", "token_classification"): linear("classifier", "classifier.out", base=False),
-}
-HEAD_RULES[("bert", "pretraining")] = HEAD_RULES[("bert", "masked_lm")] + linear("cls.seq_relationship", "nsp", base=False)
-HEAD_RULES[("bert", "base")] = HEAD_RULES[("roberta", "base")] = []
-
-IGNORES: dict[str, list[Ignore]] = {
-    "bert": [Ignore("embeddings.position_ids", "position-id buffer"),
-             Ignore("embeddings.token_type_ids", "token-type-id buffer"),
-             Ignore("cls.predictions.decoder.weight", "decoder tied to the word embeddings",
-                    tied_to="embeddings.word_embeddings.weight"),
-             Ignore("cls.predictions.decoder.bias", "decoder bias tied to cls.predictions.bias",
-                    tied_to="cls.predictions.bias")],
-    "roberta": [Ignore("embeddings.position_ids", "position-id buffer"),
-                Ignore("embeddings.token_type_ids", "token-type-id buffer"),
-                Ignore("lm_head.decoder.weight", "decoder tied to the word embeddings",
-                       tied_to="embeddings.word_embeddings.weight"),
-                Ignore("lm_head.decoder.bias", "decoder bias tied to lm_head.bias", tied_to="lm_head.bias")],
-}
-
-ARCHITECTURES = {
-    "Model": "base", "ForMaskedLM": "masked_lm", "ForPreTraining": "pretraining",
-    "ForSequenceClassification": "classification", "ForTokenClassification": "token_classification",
-}
-_ACTS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh",
-         "relu": "relu"}
 _NEW_OK = ("lm_head.", "nsp.", "classifier.", "encoder.pooler.", "pooler.", "encoder.final_norm.", "final_norm.")
+LABELLED = ("classification", "token_classification")
 
 
-def family_and_task(hf: dict, where: str) -> tuple[str, str]:
-  family = hf.get("model_type")
-  if family not in ("bert", "roberta"):
-    raise CheckpointError(f"{where}: model_type {family!r} is not supported; expected 'bert' or 'roberta'")
-  archs = hf.get("architectures") or [f"{family.capitalize()}Model"]
-  arch = archs[0]
-  prefix = "Bert" if family == "bert" else "Roberta"
-  task = ARCHITECTURES.get(arch[len(prefix):]) if arch.startswith(prefix) else None
-  if task is None or (family, task) not in HEAD_RULES:
-    known = ", ".join(f"{prefix}{s}" for s, t in ARCHITECTURES.items() if (family, t) in HEAD_RULES)
-    raise CheckpointError(f"{where}: architecture {arch!r} is not supported; expected one of {known}")
-  return family, task
+def family_and_task(hf: dict, where: str, layout: str | None = None) -> tuple[Family, str]:
+  """The registered family of an HF config dict and the task of its architecture."""
+  family = detect(hf, where, layout)
+  return family, family.task(hf, where)
 
 
 def encoder_config(hf: dict, where: str, layout: str | None = None, **overrides) -> EncoderConfig:
-  """EncoderConfig from an HF config.json dict."""
-  family, _ = family_and_task(hf, where)
-  missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                         "intermediate_size", "max_position_embeddings") if k not in hf]
-  if missing:
-    raise CheckpointError(f"{where}: config.json lacks {', '.join(missing)}")
-  pet = hf.get("position_embedding_type", "absolute")
-  if pet != "absolute":
-    raise CheckpointError(f"{where}: position_embedding_type {pet!r} is not supported; expected 'absolute'")
-  act = hf.get("hidden_act", "gelu")
-  if act not in _ACTS:
-    raise CheckpointError(f"{where}: hidden_act {act!r} is not supported; expected one of {', '.join(_ACTS)}")
-  n = hf["num_hidden_layers"]
+  """EncoderConfig from an HF config.json dict, by its family's mapping."""
+  family, _ = family_and_task(hf, where, layout)
+  kw, n = family.read_config(hf, where)
+  if not family.token_types:
+    kw["type_vocab_size"] = 0
   stored_layout = (hf.get("jaxformers") or {}).get("layout")
-  kw = dict(
-      vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_heads=hf["num_attention_heads"],
-      intermediate_size=hf["intermediate_size"], max_position_embeddings=hf["max_position_embeddings"],
-      type_vocab_size=hf.get("type_vocab_size", 2), pad_token_id=hf.get("pad_token_id", 0 if family == "bert" else 1),
-      position_style="roberta" if family == "roberta" else "absolute",
-      layer_norm_eps=hf.get("layer_norm_eps", 1e-12), hidden_act=_ACTS[act],
-      hidden_dropout=hf.get("hidden_dropout_prob", 0.1), attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-      initializer_range=hf.get("initializer_range", 0.02), family=family,
-      layout=layout or stored_layout or f"serial*{n}")
+  kw.update(family=family.config_family, layout=layout or stored_layout or f"serial*{n}")
   pruned = hf.get("pruned_heads") or {}
   if pruned:   # a checkpoint pruned by transformers 4 (its tensors have the pruned shapes)
-    kw["num_heads_per_layer"] = tuple(hf["num_attention_heads"] - len(set(pruned.get(str(i), pruned.get(i, []))))
+    kw["num_heads_per_layer"] = tuple(kw["num_heads"] - len(set(pruned.get(str(i), pruned.get(i, []))))
                                       for i in range(n))
   kw.update(overrides)
   try:
@@ -152,13 +67,13 @@ def encoder_config(hf: dict, where: str, layout: str | None = None, **overrides)
     raise CheckpointError(f"{where}: {e}") from None
 
 
-def _normalise(state: dict[str, np.ndarray], family: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def _normalise(state: dict[str, np.ndarray], prefix: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   """Strip the base-model prefix and old LayerNorm names; returns the state and new -> original names."""
   out, names = {}, {}
   for original, v in state.items():
     k = original
-    if k.startswith(family + "."):
-      k = k[len(family) + 1:]
+    if k.startswith(prefix + "."):
+      k = k[len(prefix) + 1:]
     if k.endswith(".gamma"):
       k = k[:-6] + ".weight"
     elif k.endswith(".beta"):
@@ -168,8 +83,9 @@ def _normalise(state: dict[str, np.ndarray], family: str) -> tuple[dict[str, np.
   return out, names
 
 
-def _num_layers(state: dict) -> int:
-  idx = [int(k.split(".")[2]) for k in state if k.startswith("encoder.layer.")]
+def _num_layers(state: dict, layers: str) -> int:
+  depth = layers.count(".") + 1
+  idx = [int(k.split(".")[depth]) for k in state if k.startswith(layers + ".")]
   return max(idx) + 1 if idx else 0
 
 
@@ -177,9 +93,9 @@ def load_hf_state(state: dict[str, np.ndarray], hf: dict, *, where: str, layout:
                   task: str | None = None, num_labels: int | None = None, head: str | None = None,
                   rngs: nnx.Rngs | None = None, progress: bool = False, **overrides):
   """Build a model from an in-memory HF state dict and config dict; returns ``(model, report)`` (eval mode)."""
-  family, source_task = family_and_task(hf, where)
+  family, source_task = family_and_task(hf, where, layout)
   task = task or source_task
-  state, original = _normalise(state, family)
+  state, original = _normalise(state, family.prefix)
   cfg = encoder_config(hf, where, layout, **overrides)
   labels = len(hf["id2label"]) if hf.get("id2label") else hf.get("num_labels", 2)
   source_labels = labels if source_task in LABELLED else None
@@ -187,20 +103,16 @@ def load_hf_state(state: dict[str, np.ndarray], hf: dict, *, where: str, layout:
     num_labels = labels
   if task == "base" and "use_pooler" not in overrides:
     cfg = cfg.replace(use_pooler="pooler.dense.weight" in state)
-  n = _num_layers(state) or hf["num_hidden_layers"]
-  rules = BASE_RULES + [r for (fam, _), rs in HEAD_RULES.items() if fam == family for r in rs]
+  n = _num_layers(state, family.layers) or cfg.num_layers
   model, report = fill_model(
-      state, _dedupe(rules), IGNORES[family], cfg=cfg, task=task, num_labels=num_labels, head=head, rngs=rngs,
-      source_blocks=[BLOCKS.get("serial")] * n, source_labels=source_labels,
+      state, family.all_rules(), list(family.ignores), cfg=cfg, task=task, num_labels=num_labels, head=head,
+      rngs=rngs, source_blocks=[BLOCKS.get("serial")] * n, source_labels=source_labels,
       position_key="embeddings.position_embeddings.weight", may_be_new=lambda p: p.startswith(_NEW_OK), where=where,
       progress=progress, display=original.__getitem__)
   names = label_names(hf)
   if names and len(names) == getattr(model, "num_labels", None):
     model.label_names = names
   return model, report
-
-
-LABELLED = ("classification", "token_classification")
 
 
 def fill_model(state: dict[str, np.ndarray], rules: list[Rule], ignores: list[Ignore], *, cfg: EncoderConfig,
@@ -238,7 +150,7 @@ def _extend_positions(state: dict[str, np.ndarray], cfg: EncoderConfig, key: str
   old = state.get(key)
   if old is None or old.shape[0] >= cfg.max_position_embeddings:
     return None
-  offset = cfg.pad_token_id + 1 if cfg.position_style == "roberta" else 0
+  offset = cfg.position_offset
   learned = old[offset:]
   reps = -(-(cfg.max_position_embeddings - offset) // len(learned))
   state[key] = np.concatenate([old[:offset], np.tile(learned, (reps, 1))])[: cfg.max_position_embeddings]
@@ -246,19 +158,10 @@ def _extend_positions(state: dict[str, np.ndarray], cfg: EncoderConfig, key: str
           f"the learned ones (Longformer)")
 
 
-def _dedupe(rules: list[Rule]) -> list[Rule]:
-  seen, out = set(), []
-  for r in rules:
-    if r.hf not in seen:
-      seen.add(r.hf)
-      out.append(r)
-  return out
-
-
 def load_hf(directory: str | Path, *, progress: bool = False, **kw):
   """Read an HF checkpoint directory into a jaxformers model; returns ``(model, report)``, the model in eval mode."""
   hf = read_hf_config(directory)
-  family_and_task(hf, str(directory))
+  family_and_task(hf, str(directory), kw.get("layout"))
   state = read_hf_weights(directory, progress=progress)
   return load_hf_state(state, hf, where=str(directory), progress=progress, **kw)
 
@@ -289,17 +192,30 @@ def _exportable(cfg: EncoderConfig, where: str) -> str:
     return "parallel"
   bad = bad or sorted(kinds)
   raise CheckpointError(f"{where}: layout {cfg.layout!r} cannot be written as an HF checkpoint: transformers' "
-                        f"BERT/RoBERTa/PAF models have one attention and one feed-forward per layer, serial or "
+                        f"encoder models have one attention and one feed-forward per layer, serial or "
                         f"parallel, and this layout has {', '.join(bad)} blocks; keep it in the native format "
                         f"(jaxformers convert SRC DST, or use the run directory itself) and load it with "
                         f"jaxformers.from_pretrained")
 
 
+def export_family(cfg: EncoderConfig, where: str) -> Family:
+  """The registered family that writes a model of ``cfg.family`` with ``cfg``'s (serial or parallel) layout."""
+  parallel = _exportable(cfg, where) == "parallel"
+  family = for_export(cfg.family, parallel)
+  if family is None:
+    forms = ", ".join(f"{f.name} ({f.config_family})" for f in families() if f.parallel)
+    raise CheckpointError(f"{where}: family {cfg.family!r} has no HF checkpoint form with "
+                          f"{'parallel' if parallel else 'serial'} layers (layout {cfg.layout!r}); families with "
+                          f"parallel layers: {forms}")
+  return family
+
+
 def to_hf_state(model, where: str = "model") -> tuple[dict[str, np.ndarray], dict]:
-  """``(state_dict, config_dict)`` in HF layout for a serial (BERT/RoBERTa) or parallel (PAF) model."""
+  """``(state_dict, config_dict)`` in HF layout for a model whose layout a registered family can write: serial
+  blocks (BERT, RoBERTa, DistilBERT) or parallel blocks (PAF)."""
   cfg: EncoderConfig = model.config
   task = models.task_of(model)
-  kind = _exportable(cfg, where)
+  family = export_family(cfg, where)
   if cfg.quantization != "none":
     raise CheckpointError(f"{where}: an int8 ({cfg.quantization}) model has no HF checkpoint form; export the float "
                           f"model it was quantized from (and quantize the PyTorch one with torch's quantize_dynamic)")
@@ -307,42 +223,35 @@ def to_hf_state(model, where: str = "model") -> tuple[dict[str, np.ndarray], dic
     from jaxformers.prune import pad_to_full   # pruned heads and neurons are written as zero weights
     model = pad_to_full(model)
     cfg = model.config
-  family = cfg.family
-  if task == "pretraining" and family != "bert":
-    raise CheckpointError(f"{where}: the pre-training head (masked LM + next sentence) exists only for BERT")
-  if task == "classification" and model.classifier.style != family:
+  if task not in family.heads:
+    raise CheckpointError(f"{where}: a {task} model cannot be written as a {family.name} checkpoint; "
+                          f"{family.name} checkpoints hold the tasks {', '.join(family.heads)}")
+  if task == "classification" and model.classifier.style != family.classifier:
     raise CheckpointError(f"{where}: a {model.classifier.style}-style classifier head cannot be written as a "
-                          f"{family} checkpoint (HF's {family} classifier is {family}-style)")
+                          f"{family.name} checkpoint (HF's {family.name} classifier is {family.classifier}-style)")
+  if not family.token_types and cfg.type_vocab_size:
+    raise CheckpointError(f"{where}: {family.name} checkpoints have no token-type embeddings, and this model has "
+                          f"type_vocab_size={cfg.type_vocab_size}")
   params = get_params(model)
-  rules = BASE_RULES + HEAD_RULES[(family, task)]
-  state = engine.export(params, rules, num_layers=cfg.num_layers, prefix="" if task == "base" else "encoder.",
-                        hf_prefix="" if task == "base" else family + ".", where=where)
-  pre = "" if task == "base" else family + "."
-  if kind == "parallel":  # PAF checkpoints keep an (unused) attention LayerNorm per layer
-    for i in range(cfg.num_layers):
-      state[f"{pre}encoder.layer.{i}.attention.output.LayerNorm.weight"] = np.ones(cfg.hidden_size, np.float32)
-      state[f"{pre}encoder.layer.{i}.attention.output.LayerNorm.bias"] = np.zeros(cfg.hidden_size, np.float32)
-  return state, hf_config(cfg, task, getattr(model, "num_labels", None), getattr(model, "label_names", None))
+  pre = "" if task == "base" else family.prefix + "."
+  state = engine.export(params, [*family.rules, *family.heads[task]], num_layers=cfg.num_layers,
+                        prefix="" if task == "base" else "encoder.", hf_prefix=pre, where=where)
+  if family.extra_tensors is not None:
+    state.update(family.extra_tensors(cfg, pre))
+  try:
+    config = hf_config(cfg, task, getattr(model, "num_labels", None), getattr(model, "label_names", None),
+                       family=family)
+  except CheckpointError as e:   # the family's config mapping refuses a value
+    raise CheckpointError(f"{where}: {e}") from None
+  return state, config
 
 
 def hf_config(cfg: EncoderConfig, task: str, num_labels: int | None = None,
-              label_names: tuple[str, ...] | None = None) -> dict:
-  family = cfg.family
+              label_names: tuple[str, ...] | None = None, family: Family | None = None) -> dict:
+  family = family or export_family(cfg, "model")
   suffix = next(s for s, t in ARCHITECTURES.items() if t == task)
-  acts = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
-  out = {
-      "architectures": [f"{'Bert' if family == 'bert' else 'Roberta'}{suffix}"],
-      "model_type": family, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-      "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-      "intermediate_size": cfg.intermediate_size, "hidden_act": acts[cfg.hidden_act],
-      "hidden_dropout_prob": cfg.hidden_dropout, "attention_probs_dropout_prob": cfg.attention_dropout,
-      "max_position_embeddings": cfg.max_position_embeddings, "type_vocab_size": cfg.type_vocab_size,
-      "initializer_range": cfg.initializer_range, "layer_norm_eps": cfg.layer_norm_eps,
-      "pad_token_id": cfg.pad_token_id, "position_embedding_type": "absolute",
-      "tie_word_embeddings": True, "jaxformers": {"layout": cfg.layout},
-  }
-  if family == "roberta":
-    out.update(bos_token_id=0, eos_token_id=2)
+  out = {"architectures": [f"{family.architecture}{suffix}"], "model_type": family.model_type,
+         **family.write_config(cfg), "tie_word_embeddings": True, "jaxformers": {"layout": cfg.layout}}
   if num_labels is not None:
     names = list(label_names) if label_names and len(label_names) == num_labels else \
         [f"LABEL_{i}" for i in range(num_labels)]
@@ -372,4 +281,4 @@ def export_hf(model, directory: str | Path, tokenizer=None, overwrite: bool = Fa
 
 def max_length(cfg: EncoderConfig) -> int:
   """Longest input the model's position table takes (RoBERTa's positions start after the padding id)."""
-  return cfg.max_position_embeddings - (cfg.pad_token_id + 1 if cfg.position_style == "roberta" else 0)
+  return cfg.max_position_embeddings - cfg.position_offset

@@ -1,7 +1,7 @@
 """Re-arranging and re-heading a jaxformers model directly, by the rules HF checkpoints follow.
 
 The source names are the model's own parameter paths (without the ``encoder.`` prefix of
-head models), and every path the HF tables name becomes a rule that maps it to the same
+head models), and every path the families' HF tables name becomes a rule that maps it to the same
 candidates: ``blocks.{i}.mixer.query.kernel`` goes to the ``mixer.query.kernel`` of the
 block :func:`jaxformers.convert.engine.layer_map` picks for source block ``i``'s token mixer,
 ``blocks.{i}.mlp_norm`` / ``blocks.{i}.norm`` (a parallel block's single norm) go with the
@@ -15,14 +15,15 @@ from jaxformers import models
 from jaxformers.layout import BLOCKS
 from jaxformers.config import EncoderConfig
 from jaxformers.convert.engine import Report, Rule, norm
-from jaxformers.convert.hf import BASE_RULES, HEAD_RULES, LABELLED, fill_model
+from jaxformers.convert.families import families
+from jaxformers.convert.hf import LABELLED, fill_model
 from jaxformers.convert.io import CheckpointError
 from jaxformers.convert.params import get_params
 
 
 def _rules() -> list[Rule]:
   out: dict[str, Rule] = {}
-  named = BASE_RULES + [r for rs in HEAD_RULES.values() for r in rs] + norm("final_norm", "final_norm")
+  named = [r for f in families() for r in f.all_rules()] + norm("final_norm", "final_norm")
   for r in named:
     for own in r.jax:
       out.setdefault(own, Rule(own, (own,) + tuple(c for c in r.jax if c != own), "copy", r.group, r.base))

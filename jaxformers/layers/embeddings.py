@@ -1,4 +1,4 @@
-"""Token, position and token-type embeddings followed by LayerNorm and dropout."""
+"""Token, position and (unless ``type_vocab_size`` is 0) token-type embeddings, then LayerNorm and dropout."""
 from __future__ import annotations
 
 import jax
@@ -14,8 +14,8 @@ def position_ids(cfg: EncoderConfig, seq: Sequences, attention_mask=None) -> jax
   """Position ids as the source model family computes them.
 
   BERT (``absolute``): ``0 .. L-1`` per row, or per sequence for packed rows.
-  RoBERTa (``roberta``): ``pad + 1 + index`` for tokens and ``pad`` for padding, i.e.
-  ``cumsum(mask) * mask + padding_idx``; per sequence for packed rows.
+  RoBERTa (``roberta``): ``cfg.position_offset + index`` (the offset is ``pad + 1``) for tokens and
+  ``pad`` for padding, i.e. ``cumsum(mask) * mask + padding_idx``; per sequence for packed rows.
   """
   if cfg.position_style == "absolute":
     if seq.packed:
@@ -25,12 +25,12 @@ def position_ids(cfg: EncoderConfig, seq: Sequences, attention_mask=None) -> jax
   valid = jnp.ones(seq.positions.shape, bool) if seq.segment_ids is None else seq.segment_ids != 0
   if attention_mask is not None and not seq.packed:
     mask = jnp.asarray(attention_mask, jnp.int32)
-    return jnp.cumsum(mask, axis=-1, dtype=jnp.int32) * mask + cfg.pad_token_id
-  return jnp.where(valid, seq.positions + cfg.pad_token_id + 1, cfg.pad_token_id)
+    return jnp.where(mask != 0, jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1 + cfg.position_offset, cfg.pad_token_id)
+  return jnp.where(valid, seq.positions + cfg.position_offset, cfg.pad_token_id)
 
 
 class Embeddings(nnx.Module):
-  """HF ``embeddings.*``: word + position (+ token type), LayerNorm, dropout."""
+  """HF ``embeddings.*``: word + position (+ token type unless ``cfg.type_vocab_size`` is 0), LayerNorm, dropout."""
 
   def __init__(self, cfg: EncoderConfig, *, rngs: nnx.Rngs):
     self.word = embed(cfg, cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), rngs=rngs)

@@ -138,9 +138,7 @@ class Run:
     if self.tok.get_vocab_size() > self.cfg.vocab_size:
       raise ConfigError(f"tokenizer has {self.tok.get_vocab_size()} tokens but the model's vocab_size is "
                         f"{self.cfg.vocab_size}")
-    limit = self.cfg.max_position_embeddings
-    if self.cfg.position_style == "roberta":
-      limit -= self.cfg.pad_token_id + 1
+    limit = self.cfg.max_position_embeddings - self.cfg.position_offset
     self.max_length = c.data.max_length
     if c.data.max_length > limit:
       msg = (f"config.data.max_length={c.data.max_length} is longer than the model's {limit} positions "
