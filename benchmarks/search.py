@@ -105,7 +105,7 @@ def save_init(c, out: Path, tokenizer_dir: Path) -> None:
   """The baseline's seeded initialisation as a native checkpoint (with the search's tokenizer)."""
   from flax import nnx
 
-  from jaxformers.pretrained import save_pretrained
+  from jaxformers.checkpoints.pretrained import save_pretrained
   from jaxformers.train.loop import Run
   r = Run(c, out.parent / "init_probe")
   params, rest = r.init_params()

@@ -262,7 +262,7 @@ def run_again_if_unreadable(c, workdir: Path) -> dict:
   """``run(c, workdir)``; when none of the run's checkpoints restores (a cell keeps only its final state, so a
   damaged one leaves nothing to fall back to), the directory is kept as ``NAME.unreadable`` and the run starts again,
   as an interrupted cell's run does."""
-  from jaxformers.convert import CheckpointError
+  from jaxformers.errors import CheckpointError
   from jaxformers.train import run
   try:
     return run(c, workdir)

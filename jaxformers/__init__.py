@@ -16,15 +16,14 @@ M     padded transform length of the chirp-z (Bluestein) Fourier path
 V     vocabulary
 ====  ==========================================================================
 """
+from jaxformers.checkpoints.pretrained import export_hf, from_pretrained, save_pretrained
+from jaxformers.checkpoints.tokenizers import load_tokenizer
 from jaxformers.config import EncoderConfig
-from jaxformers.convert import CheckpointError, export_hf
-from jaxformers.layout import parse_layout
-from jaxformers.models import (Encoder, EncoderOutput, MaskedLM, PreTraining, SequenceClassifier, TokenClassifier,
-                               build)
 from jaxformers.encode import encode
-from jaxformers.pretrained import from_pretrained, save_pretrained
+from jaxformers.errors import CheckpointError
+from jaxformers.layout import parse_layout
+from jaxformers.models import Encoder, EncoderOutput, MaskedLM, PreTraining, SequenceClassifier, TokenClassifier, build
 from jaxformers.quant import quantize
-from jaxformers.runs import load_tokenizer
 
 __version__ = "0.1.0"
 # This project's distribution is "jaxformers-encoders" (the index's "jaxformers" is an unrelated package); the

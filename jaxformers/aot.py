@@ -21,9 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import topologies
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxformers import models
+from jaxformers.encode import Pooler
+from jaxformers.packing import _run_chunk
 from jaxformers.targets import CHIPS, Chip, Target, use_target
 from jaxformers.train import sharding
 
@@ -97,7 +101,6 @@ device_description_str: "{chip.label}"
 
 def chip_devices(chip: Chip, topology: str | None = None) -> list:
   """Compile-only devices of ``chip`` (its default topology unless ``topology`` names another)."""
-  from jax.experimental import topologies
   if chip.platform == "tpu":
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -177,8 +180,6 @@ def encode_program(model, rows: int, length: int, device, pooling: str = "mean",
                    max_segments: int = 16):
   """``jaxformers.encode``'s compiled chunk: ``rows`` packed rows of ``length`` tokens on one device, pooled and
   normalised (the function :func:`jaxformers.packing.chunk_runner` jits, with its static arguments)."""
-  from jaxformers.encode import Pooler
-  from jaxformers.packing import _run_chunk
   graphdef, state = nnx.split(models.encoder_of(model))
   one = jax.sharding.SingleDeviceSharding(device)
   state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), state)

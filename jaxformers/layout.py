@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from jaxformers.errors import LayoutError
 from jaxformers.registry import Registry
 
 
@@ -65,10 +66,6 @@ GRAMMAR = (
 )
 
 _TOKEN = re.compile(r"\s*(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<num>\d+)|(?P<sym>[(),*]))")
-
-
-class LayoutError(ValueError):
-  pass
 
 
 def _tokens(text: str) -> list[tuple[str, str, int]]:

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from jaxformers.blocks import BLOCKS, Block
-from jaxformers.config import EncoderConfig
+from jaxformers.config import EncoderConfig, of_config
 from jaxformers.dropout import Dropout
 from jaxformers.layers import Embeddings, Sequences, position_ids
 from jaxformers.layers.common import dtype_of, flat_matmul, layer_norm, linear
@@ -122,7 +122,6 @@ class MaskedLMHead(nnx.Module):
 
 def _family(cfg: EncoderConfig):
   """The converter family ``cfg.family`` names (its head conventions)."""
-  from jaxformers.convert.families import of_config
   return of_config(cfg.family)
 
 
@@ -224,6 +223,7 @@ class TokenClassifier(nnx.Module):
     return self.classifier(out.last_hidden_state)
 
 
+# The task vocabulary: a model's task names its head (and class); everything that names a task names one of these.
 TASKS = {
     "base": Encoder,
     "masked_lm": MaskedLM,
@@ -231,6 +231,11 @@ TASKS = {
     "classification": SequenceClassifier,
     "token_classification": TokenClassifier,
 }
+
+
+# The model each of the trainer's tasks (``config.task``) trains, for runs saved before their metadata said so
+# ("model_task"); a trainer task declares its own as ``Task.model_task``.
+TRAINER_TASKS = {"classification": "classification", "regression": "classification", "mlm": "masked_lm"}
 
 
 def build(task: str, cfg: EncoderConfig, *, num_labels: int | None = None, head: str | None = None,

@@ -18,8 +18,12 @@ import dataclasses
 import functools
 from typing import Sequence
 
+import jax
 import numpy as np
+from flax import nnx
+from tqdm import tqdm
 
+from jaxformers import models
 from jaxformers.layers.common import DEFAULT_MAX_SEGMENTS
 
 
@@ -154,7 +158,6 @@ def pack(examples: Sequence[Sequence[int]], row_length: int, *, token_types: Seq
 
 
 def _run_chunk(graphdef, fn, state, input_ids, segment_ids):
-  from flax import nnx
   enc = nnx.merge(graphdef, state)
   enc.eval()
   return fn(enc, input_ids, segment_ids)
@@ -162,7 +165,6 @@ def _run_chunk(graphdef, fn, state, input_ids, segment_ids):
 
 @functools.cache
 def _jitted_chunk():
-  import jax
   return jax.jit(_run_chunk, static_argnums=(0, 1))
 
 
@@ -171,7 +173,6 @@ def chunk_runner(encoder, fn):
   (no dropout, whatever mode the caller's is in). ``fn`` must be hashable and equal for equal behaviour (a
   module-level function or a frozen dataclass): the compiled code is then reused by every later call with the
   same model structure, ``fn`` and shapes, so repeated encoding never recompiles. Calls dispatch asynchronously."""
-  from flax import nnx
   graphdef, state = nnx.split(encoder)
   jitted = _jitted_chunk()
   return lambda input_ids, segment_ids: jitted(graphdef, fn, state, input_ids, segment_ids)
@@ -181,7 +182,6 @@ def run_packed(encoder, batch: PackedBatch, rows_per_call: int, fn, max_segments
   """``fn(encoder, input_ids, segment_ids)`` over the rows of ``batch`` through :func:`chunk_runner`:
   ``rows_per_call`` rows a call, the last call filled with empty rows, so every call has the same shape. Returns
   ``fn``'s outputs (any pytree of ``[rows, ...]`` arrays, None leaves allowed) as numpy arrays over the batch's rows."""
-  import jax
 
   run = chunk_runner(encoder, fn)
   pad_id = encoder.config.pad_token_id
@@ -192,7 +192,6 @@ def run_packed(encoder, batch: PackedBatch, rows_per_call: int, fn, max_segments
   segment_ids = np.pad(batch.segment_ids, ((0, extra), (0, 0)))
   chunks = range(calls)
   if progress:
-    from tqdm import tqdm
     chunks = tqdm(chunks, desc="encode", unit="call")
   outs = [run(input_ids[c * rows_per_call:(c + 1) * rows_per_call],
               segment_ids[c * rows_per_call:(c + 1) * rows_per_call]) for c in chunks]
@@ -219,7 +218,6 @@ def encode_texts(model, tokenizer, texts: Sequence[str], *, row_length: int = 51
   mode ``model`` is in. Rows are run ``rows_per_call`` at a time
   through one jitted function (:func:`run_packed`), so every call has the same shape.
   """
-  from jaxformers import models
 
   if hasattr(tokenizer, "encode_batch"):
     ids = [[t for t, m in zip(e.ids, e.attention_mask) if m] for e in tokenizer.encode_batch(list(texts))]

@@ -32,17 +32,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from tqdm import tqdm
 
 from jaxformers import flops as flops_model
 from jaxformers import models
+from jaxformers.data import tokenize
+from jaxformers.errors import PruneError
 from jaxformers.layout import BLOCKS, BlockSpec, format_layout
 from jaxformers.mixers import MIXERS
+from jaxformers.params import get_params, set_params
 
 _BLOCK = re.compile(r"^(?P<pre>(?:encoder\.)?)blocks\.(?P<i>\d+)\.(?P<rest>.+)$")
-
-
-class PruneError(ValueError):
-  """A pruning target that cannot be met (the message names the value and what is accepted)."""
 
 
 def _without(name: str, part: str) -> str | None:
@@ -130,7 +130,6 @@ def importance(model, batches, progress: bool = False) -> Importance:
   n = 0
   items = batches
   if progress:
-    from tqdm import tqdm
     items = tqdm(batches, desc="scoring", unit="batch")
   for batch in items:
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
@@ -273,7 +272,6 @@ def prune(model, keep_heads: dict[int, np.ndarray] | None = None, keep_ffn: dict
   task = models.task_of(model)
   new = models.build(task, new_cfg, num_labels=getattr(model, "num_labels", None),
                      head=model.classifier.style if hasattr(model, "classifier") else None, rngs=rngs)
-  from jaxformers.convert.params import get_params, set_params
   old = get_params(model)
   hd = cfg.head_dim
   out = {}
@@ -502,7 +500,6 @@ def pad_to_full(model, rngs: nnx.Rngs | None = None):
   full = cfg.replace(num_heads_per_layer=None, intermediate_sizes=None)
   new = models.build(models.task_of(model), full, num_labels=getattr(model, "num_labels", None),
                      head=model.classifier.style if hasattr(model, "classifier") else None, rngs=rngs)
-  from jaxformers.convert.params import get_params, set_params
   old = get_params(model)
   out = {}
   for path, v in nnx.to_flat_state(nnx.state(new, nnx.Param)):
@@ -524,7 +521,6 @@ def sample_batches(tokenizer, examples, n: int = 256, max_length: int = 128, bat
                    pad_id: int = 0, seed: int = 0) -> list[dict]:
   """Padded batches of a fixed random sample of ``n`` :class:`jaxformers.data.sources.Examples` (with labels when
   they have them), for :func:`importance`."""
-  from jaxformers.data import tokenize
   keep = np.sort(np.random.default_rng(seed).permutation(len(examples))[:n])
   data = tokenize.encode(tokenizer, examples.subset(keep), max_length)
   out = []

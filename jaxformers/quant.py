@@ -10,11 +10,14 @@ field: ``config.model.quant_aware=True`` in ``train.py``), after which ``quantiz
 """
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 from flax import nnx
 
 from jaxformers import models
+from jaxformers.layers.quant import quantize_kernel
+from jaxformers.params import get_params, set_params
 
 MODES = ("int8",)
 
@@ -28,8 +31,6 @@ def quantize(model, mode: str = "int8", rngs: nnx.Rngs | None = None):
     return model
   if cfg.quantization != "none":
     raise ValueError(f"the model is already quantized ({cfg.quantization})")
-  from jaxformers.convert.params import get_params, set_params
-  from jaxformers.layers.quant import quantize_kernel
   target = cfg.replace(quantization=mode, quant_aware=False)
   head = model.classifier.style if hasattr(model, "classifier") else None
   labels = getattr(model, "num_labels", None)
@@ -66,5 +67,4 @@ def size_report(model) -> dict:
 
 def dir_bytes(path) -> int:
   """Bytes of every file under ``path`` (a checkpoint's size on disk)."""
-  from pathlib import Path
   return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())

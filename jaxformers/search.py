@@ -50,6 +50,7 @@ from jaxformers.blocks import Block
 from jaxformers.config import EncoderConfig
 from jaxformers.layout import BLOCKS, BlockSpec, format_layout
 from jaxformers.mixers import MIXERS
+from jaxformers.params import param_shapes
 
 SUBLAYERS = ("ffn", "identity")   # the candidates that are no token mixer
 
@@ -186,21 +187,17 @@ def _copy(dst, src) -> None:
     nnx.update(dst, jax.tree.map(lambda x: jnp.array(x, copy=True), state))
 
 
-def _param_shapes(module) -> dict:
-  return {k: v[...].shape for k, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
-
-
 def _source_sublayer(blocks, i: int, kind: str, like=None):
   """The block nearest to ``i`` (itself first, then by distance, lower first) with a sublayer of ``kind``:
   ``"mlp"``, or ``"mixer"``: a token mixer whose parameters have the names and shapes of ``like``'s (any token
   mixer when ``like`` has no parameters)."""
-  want = None if like is None else _param_shapes(like)
+  want = None if like is None else param_shapes(like)
   order = sorted(range(len(blocks)), key=lambda j: (abs(j - i), j))
   for j in order:
     b = blocks[j]
     if kind == "mlp" and b.mlp is not None:
       return b
-    if kind == "mixer" and b.mixer is not None and (not want or _param_shapes(b.mixer) == want):
+    if kind == "mixer" and b.mixer is not None and (not want or param_shapes(b.mixer) == want):
       return b
   return None
 
@@ -231,7 +228,7 @@ def to_supernet(model, candidates: tuple[str, ...], *, hard: bool = False, rngs:
         _copy(block.mlp, s.mlp)
         _copy(block.mlp_norm, _norm_of(s, "mlp"))
       else:
-        if _param_shapes(block.mixer):   # s's mixer has the same parameters; one without them takes the norm only
+        if param_shapes(block.mixer):   # s's mixer has the same parameters; one without them takes the norm only
           _copy(block.mixer, s.mixer)
         _copy(block.mixer_norm, _norm_of(s, "mixer"))
     choices.append(ch)
@@ -374,7 +371,7 @@ def derive(supernet, max_identity: float = 1.0, rngs: nnx.Rngs | None = None):
 def heatmap(steps: list[int], probs_TPC: np.ndarray, candidates: tuple[str, ...], path, title: str = "") -> None:
   """One panel per candidate: its probability at each position (rows, first layer on top) over steps. Drawn on a
   figure of its own, without pyplot, so the process's matplotlib backend (a notebook's inline one) is left alone."""
-  from matplotlib.figure import Figure
+  from matplotlib.figure import Figure   # optional: the study extra, for plots only
   probs = np.asarray(probs_TPC)
   n_c = len(candidates)
   fig = Figure(figsize=(3.2 * n_c + 1, 0.35 * probs.shape[1] + 2))

@@ -18,6 +18,8 @@ import dataclasses
 import functools
 import os
 
+import jax
+
 PLATFORMS = ("cpu", "gpu", "tpu")
 
 
@@ -120,7 +122,6 @@ def chip_of_device_kind(kind: str) -> str | None:
 
 @functools.cache
 def _host_devices() -> tuple[str, str]:
-  import jax
   platform = jax.default_backend()
   platform = "gpu" if platform in ("cuda", "rocm") else platform
   return (platform if platform in PLATFORMS else "cpu"), jax.devices()[0].device_kind

@@ -13,7 +13,7 @@ from flax import nnx
 
 from jaxformers import EncoderConfig, models
 from jaxformers.blocks import BLOCKS
-from jaxformers.convert.params import param_shapes
+from jaxformers.params import param_shapes
 from jaxformers.layout import format_layout, fnet_hybrid_layout, par_layout, parse_layout
 from jaxformers.layers import fourier
 from jaxformers.layers.common import Sequences

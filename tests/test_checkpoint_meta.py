@@ -1,13 +1,14 @@
 """A checkpoint is refused for another model or configuration, naming what differs."""
 import dataclasses
 
+import jax
 import pytest
 
 from jaxformers.config import EncoderConfig
 from jaxformers.train.checkpoint import CheckpointMismatch, compare_meta
 
 META = {"model_config": {"hidden_size": 32, "layout": "serial*2"}, "task": "classification", "num_labels": 9,
-        "param_shapes": {"['encoder']['x']": [4, 4]}}
+        "param_shapes": {"encoder.x": [4, 4]}}
 
 
 def test_identical_metadata_passes():
@@ -19,9 +20,8 @@ def test_identical_metadata_passes():
                                                                   "run has 64"),
     ({"task": "mlm"}, "task: checkpoint has 'classification', this run has 'mlm'"),
     ({"num_labels": 3}, "num_labels: checkpoint has 9, this run has 3"),
-    ({"param_shapes": {"['encoder']['x']": [4, 8]}}, "parameter ['encoder']['x']: checkpoint has shape [4, 4], this "
-                                                     "run has [4, 8]"),
-    ({"param_shapes": {}}, "parameter ['encoder']['x']: checkpoint has shape [4, 4], this run has None"),
+    ({"param_shapes": {"encoder.x": [4, 8]}}, "parameter encoder.x: checkpoint has shape [4, 4], this run has [4, 8]"),
+    ({"param_shapes": {}}, "parameter encoder.x: checkpoint has shape [4, 4], this run has None"),
 ])
 def test_each_difference_is_named(change, message):
   with pytest.raises(CheckpointMismatch, match=r"checkpoint in DIR was written for another model") as e:
@@ -76,3 +76,22 @@ def test_the_head_is_compared_when_both_name_it():
   compare_meta(META, dict(META, model_task="classification"), "DIR")       # older metadata without model_task
   with pytest.raises(CheckpointMismatch, match=r"model_task: checkpoint has 'classification', this run has 'base'"):
     compare_meta(dict(META, model_task="classification"), dict(META, model_task="base"), "DIR")
+
+
+def test_shapes_saved_under_the_older_key_form_are_read():
+  """States saved before parameter paths were dotted keep keys such as ['encoder']['blocks'][0]...value."""
+  import jax.numpy as jnp
+  from flax import nnx
+  from jaxformers import models
+  from jaxformers.params import param_shapes
+  cfg = EncoderConfig(vocab_size=40, hidden_size=16, layout="serial*1", num_heads=2, intermediate_size=32,
+                      max_position_embeddings=16)
+  state = nnx.state(models.build("classification", cfg, num_labels=3), nnx.Param)
+  older = {jax.tree_util.keystr(p): list(jnp.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+  assert "['encoder']['blocks'][0]['mixer']['query']['kernel'].value" in older
+  now = dict(META, param_shapes=param_shapes(state))
+  compare_meta(dict(now, param_shapes=older), now, "DIR")
+  older["['classifier']['out']['kernel'].value"] = [16, 2]
+  with pytest.raises(CheckpointMismatch, match=r"parameter classifier\.out\.kernel: checkpoint has shape \[16, 2\], "
+                                               r"this run has \[16, 3\]"):
+    compare_meta(dict(now, param_shapes=older), now, "DIR")

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file
 import jaxformers
 from jaxformers.blocks import BLOCKS
 from jaxformers.cli import main
-from jaxformers.convert.params import get_params
+from jaxformers.params import get_params
 from conftest import padded_batch
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]

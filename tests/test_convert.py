@@ -9,7 +9,7 @@ from safetensors.numpy import load_file
 
 import jaxformers
 from jaxformers.convert import load_hf
-from jaxformers.convert.params import get_params
+from jaxformers.params import get_params
 from conftest import make_hf, padded_batch
 
 TOL = 1e-5   # measured: at most 3.5e-6 (RoBERTa MLM logits), 2.7e-6 on the real MiniLM weights

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 import jaxformers
 from jaxformers.cli import main
-from jaxformers.convert import CheckpointError
+from jaxformers.errors import CheckpointError
 from jaxformers.layout import LayoutError
 
 

@@ -12,7 +12,8 @@ from safetensors.numpy import load_file
 
 import jaxformers
 from jaxformers.cli import main
-from jaxformers.convert import CheckpointError, load_hf
+from jaxformers.convert import load_hf
+from jaxformers.errors import CheckpointError
 from conftest import padded_batch, randomize
 
 TOL = 1e-5   # measured: 3.7e-6 last hidden state; logits 5.5e-6 (MLM), 7.2e-6 (MLM, relu), 2.6e-6 (tokens)

@@ -141,7 +141,7 @@ def test_relation_losses_use_the_deepest_mapped_pair_with_attention_on_both_side
   inputs (hidden_states[1] and hidden_states[0]). Against numpy (projections, softmax, KL) at that pair; every other
   pair gives another value."""
   from flax import nnx
-  from jaxformers.convert.params import get_params
+  from jaxformers.params import get_params
   r = Run(heal_config(teacher, "serial*2", init_from="", data__tokenizer=teacher, distill__hidden=0.0,
                       distill__layer_map="1:2,2:1"), tmp_path / "run")      # a student of its own (new weights)
   assert r.task.distillation.relation == (2, 1)

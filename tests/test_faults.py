@@ -278,7 +278,7 @@ def _final(tool: str, root: Path) -> dict:
   """What a finished run of ``tool`` produced, timings left out: the output model's parameters and every trained
   run's losses, evaluation and final parameters."""
   import jaxformers
-  from jaxformers.convert.params import get_params
+  from jaxformers.params import get_params
   from tests.train_helpers import train_losses
   out = {}
   runs = sorted(root.glob("rounds/round*/run")) if tool == "prune" else \
@@ -381,7 +381,7 @@ def test_damaged_last_checkpoint_of_a_finished_run(tmp_path, reference):
 
 
 def test_no_restorable_checkpoint_is_one_error_and_moves_nothing(tmp_path, reference):
-  from jaxformers.convert import CheckpointError
+  from jaxformers.errors import CheckpointError
   from jaxformers.train import run
   from tests.train_helpers import load_config
   wd = tmp_path / "run"

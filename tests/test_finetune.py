@@ -17,7 +17,7 @@ from jaxformers.data.files import infer_labels
 from jaxformers.data.sources import DataError
 from jaxformers.train.cli import apply_overrides, override_keys, settle_length
 from jaxformers.train.defaults import check_values
-from jaxformers.train.errors import ConfigError
+from jaxformers.errors import ConfigError
 from tests.train_helpers import ROOT, load_config
 
 WORDS = {"positive": ["great", "lovely", "excellent", "wonderful", "good"],

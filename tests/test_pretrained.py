@@ -9,8 +9,9 @@ import jaxformers
 from jaxformers import models
 from jaxformers.cli import main
 from jaxformers.config import EncoderConfig
-from jaxformers.convert import CheckpointError, load_hf
-from jaxformers.convert.params import get_params, set_params
+from jaxformers.convert import load_hf
+from jaxformers.errors import CheckpointError
+from jaxformers.params import get_params, set_params
 from conftest import MINILM_ID, MINILM_SHA, padded_batch
 
 
@@ -59,7 +60,7 @@ def test_hub_id_loads_the_cached_snapshot_bit_for_bit(hub_cache, minilm_dir):
 
 def test_hub_id_loads_its_tokenizer(hub_cache, minilm_dir):
   from tokenizers import Tokenizer
-  from jaxformers.data.tokenize import load_tokenizer
+  from jaxformers.checkpoints.tokenizers import load_tokenizer
   tok, ref = load_tokenizer(MINILM_ID), Tokenizer.from_file(str(minilm_dir / "tokenizer.json"))
   assert tok.encode("Hub ids resolve offline").ids == ref.encode("Hub ids resolve offline").ids
 
@@ -90,7 +91,7 @@ def test_cli_converts_a_hub_id_at_a_revision(hub_cache, minilm_dir, tmp_path, ca
 
 def test_only_model_and_tokenizer_files_are_fetched():
   from huggingface_hub.utils import filter_repo_objects
-  from jaxformers.hub import ALLOW_PATTERNS
+  from jaxformers.checkpoints.hub import ALLOW_PATTERNS
   repo = ["config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "vocab.txt", "merges.txt",
           "vocab.json", "tokenizer_config.json", "special_tokens_map.json", "model-00001-of-00002.safetensors",
           "model.safetensors.index.json", "README.md", "tf_model.h5", "flax_model.msgpack", "rust_model.ot",
@@ -236,7 +237,7 @@ def test_relaying_out_an_int8_model_is_one_line(tmp_path, capsys):
   """An int8 model given another layout or head used to fail with one 'unknown tensor' line per int8 kernel."""
   from flax import nnx
   from jaxformers.cli import main
-  from jaxformers.convert import CheckpointError
+  from jaxformers.errors import CheckpointError
   cfg = jaxformers.EncoderConfig(vocab_size=50, hidden_size=16, num_heads=2, intermediate_size=32, layout="serial*2",
                                  max_position_embeddings=16)
   q = jaxformers.quantize(jaxformers.build("classification", cfg, num_labels=3, rngs=nnx.Rngs(0)))

@@ -7,8 +7,8 @@ import pytest
 
 import jaxformers
 from jaxformers import EncoderConfig, build, prune
-from jaxformers.convert import CheckpointError
-from jaxformers.convert.params import get_params, set_params
+from jaxformers.errors import CheckpointError
+from jaxformers.params import get_params, set_params
 from conftest import padded_batch
 
 CFG = EncoderConfig(vocab_size=100, hidden_size=32, num_heads=4, intermediate_size=64, layout="serial*2,parallel",

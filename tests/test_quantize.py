@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 import jaxformers
-from jaxformers.convert import CheckpointError
+from jaxformers.errors import CheckpointError
 from jaxformers.layers.quant import Int8Dense, quantize_kernel
 from jaxformers.quant import quantize, size_report
 
@@ -58,7 +58,7 @@ def test_quantize_keeps_the_class_names_and_leaves_the_float_model_alone(tmp_pat
   id order in memory and after save/load, logits near the float model's; the float model is not touched."""
   from flax import nnx
   from jaxformers import EncoderConfig, build
-  from jaxformers.convert.params import get_params
+  from jaxformers.params import get_params
   from conftest import padded_batch
   cfg = EncoderConfig(vocab_size=60, hidden_size=32, num_heads=4, intermediate_size=64, layout="serial*2",
                       max_position_embeddings=16, hidden_dropout=0.0, attention_dropout=0.0)
@@ -114,7 +114,7 @@ def test_int8_ptq_on_real_minilm(minilm_dir, tmp_path, capsys):
   # sizes: every dense kernel is int8, the embeddings stay float
   sf, sq = size_report(fp), size_report(q)
   assert q.blocks[0].mlp.up.kernel[...].dtype == jnp.int8
-  from jaxformers.convert.params import get_params
+  from jaxformers.params import get_params
   dense = {k: v for k, v in get_params(fp).items() if k.endswith(".kernel")}
   assert sq["int8_params"] == sum(v.size for v in dense.values()) and len(dense) == 6 * 6 + 1
   assert sq["bytes"] < 0.7 * sf["bytes"]

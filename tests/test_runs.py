@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 
 import jaxformers
 from jaxformers.cli import main as cli
-from jaxformers.convert import CheckpointError
+from jaxformers.errors import CheckpointError
 from jaxformers.data import embedded
 from jaxformers.train import run
 from tests.train_helpers import load_config

@@ -11,7 +11,7 @@ import pytest
 
 import jaxformers
 from jaxformers.cli import main
-from jaxformers.convert import CheckpointError
+from jaxformers.errors import CheckpointError
 
 
 def hashes(root: Path) -> dict[str, str]:
@@ -129,7 +129,7 @@ def test_export_overwrite_replaces_only_config_and_weights(hf_factory, tmp_path,
 
 def test_save_pretrained_refuses_and_survives_interruptions(hf_factory, tmp_path, monkeypatch):
   import orbax.checkpoint as ocp
-  from jaxformers.convert import io
+  from jaxformers.checkpoints import files
   src, _ = hf_factory("BertModel")
   model = jaxformers.from_pretrained(src)
   d = tmp_path / "native"
@@ -158,7 +158,7 @@ def test_save_pretrained_refuses_and_survives_interruptions(hf_factory, tmp_path
       raise OSError(5, "Input/output error")
     real(a, b)
   with monkeypatch.context() as m:
-    m.setattr(io.os, "replace", flaky)
+    m.setattr(files.os, "replace", flaky)
     with pytest.raises(CheckpointError, match=r"the previous files are in (\S+), the new ones in") as e:
       jaxformers.save_pretrained(model, d, overwrite=True)
   old = Path(str(e.value).split("the previous files are in ")[1].split(",")[0])

@@ -13,7 +13,7 @@ from flax import nnx
 from jaxformers import models, search
 from jaxformers.config import EncoderConfig
 from jaxformers.train import run
-from jaxformers.train.errors import ConfigError
+from jaxformers.errors import ConfigError
 from tests.test_train_resume import assert_same_runs
 from tests.train_helpers import ROOT, checkpoint_params, load_config, records
 
@@ -377,7 +377,7 @@ def test_search_run_writes_layout_probabilities_heatmap_and_derived_model(search
   assert (wd / "search_heatmap.png").stat().st_size > 1000
   assert json.loads((wd / "summary.json").read_text())["search"]["layout"] == s["layout"]
   # the derived checkpoint holds the read-off layout with the final supernet's chosen candidates' weights
-  from jaxformers.pretrained import from_pretrained
+  from jaxformers.checkpoints.pretrained import from_pretrained
   d = from_pretrained(str(wd / "derived"))
   assert d.config.layout == s["layout"]
   sup = checkpoint_params(wd, 8)
@@ -575,7 +575,7 @@ def test_a_search_workdir_given_as_a_model_points_to_its_derived_model(tmp_path,
   (the states hold the supernet): they now name DIR/derived."""
   import jaxformers
   from jaxformers.cli import main
-  from jaxformers.convert import CheckpointError
+  from jaxformers.errors import CheckpointError
   wd = tmp_path / "search"
   run(load_config("tiny", "steps=2", train__stop_after=1, **SEARCH), wd)      # unfinished: no derived model yet
   msg = f"{wd}: an architecture search's run, whose states hold the supernet, not a model: use its derived model, " \

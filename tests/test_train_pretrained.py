@@ -11,9 +11,10 @@ from flax import nnx
 
 import jaxformers
 from jaxformers import models
+from jaxformers.checkpoints.tokenizers import has_tokenizer
 from jaxformers.config import EncoderConfig
 from jaxformers.data import tokenize
-from jaxformers.convert.params import get_params
+from jaxformers.params import get_params
 from jaxformers.train import run
 from tests.test_train_glue import glue_tiny, write_rte
 from tests.train_helpers import checkpoint_params
@@ -85,13 +86,13 @@ def test_finetune_from_hf_pytorch_checkpoint(tmp_path):
 def test_init_from_without_a_tokenizer_is_refused_not_given_a_new_vocabulary(tmp_path):
   """A checkpoint saved without tokenizer files: training a fresh WordPiece would feed its embeddings ids from
   another vocabulary; the run stops before writing anything and names init_from and data.tokenizer."""
-  from jaxformers.train.errors import ConfigError
+  from jaxformers.errors import ConfigError
   data = write_rte(tmp_path / "RTE")
   ckpt = tmp_path / "native"
   cfg = EncoderConfig(vocab_size=120, hidden_size=16, num_heads=2, intermediate_size=32, layout="serial*1",
                       max_position_embeddings=64)
   jaxformers.save_pretrained(models.SequenceClassifier(cfg, num_labels=2, rngs=nnx.Rngs(0)), ckpt)
-  assert not tokenize.has_tokenizer(ckpt)
+  assert not has_tokenizer(ckpt)
   with pytest.raises(ConfigError, match=r"config.init_from=.*native: no tokenizer there.*config.data.tokenizer"):
     run(glue_tiny("rte", data, init_from=str(ckpt), model__layout=""), tmp_path / "run")
   assert not (tmp_path / "run").exists()

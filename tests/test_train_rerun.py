@@ -72,7 +72,7 @@ def test_a_second_process_training_in_the_same_workdir_is_refused_in_one_line(tm
   """Two train.py processes on one fresh workdir used to end in an orbax error and duplicated metrics lines."""
   import os
   import socket
-  from jaxformers.workdir import Lock
+  from jaxformers.checkpoints.workdir import Lock
   wd, lock = tmp_path / "run", tmp_path / ".run.lock"
   with Lock(wd):                    # this process trains there (as far as the lock goes)
     holder = json.loads(lock.read_text())
@@ -95,7 +95,7 @@ def test_the_stale_lock_of_a_killed_process_is_taken_over_in_one_line(tmp_path, 
   import os
   import signal
   wd, lock = tmp_path / "run", tmp_path / ".run.lock"
-  code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from jaxformers.workdir import Lock; "
+  code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from jaxformers.checkpoints.workdir import Lock; "
           "Lock(sys.argv[2]).acquire(); print('locked', flush=True); time.sleep(300)")
   p = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(wd)], stdout=subprocess.PIPE, text=True)
   assert p.stdout.readline().strip() == "locked"

@@ -14,8 +14,9 @@ import re
 from typing import Callable, Iterable
 
 import numpy as np
+from tqdm import tqdm
 
-from jaxformers.convert.io import CheckpointError
+from jaxformers.errors import CheckpointError
 
 TRANSFORMS: dict[str, tuple[Callable, Callable]] = {
     # name: (HF -> jaxformers, jaxformers -> HF)
@@ -143,7 +144,6 @@ def load(source: dict[str, np.ndarray], rules: Iterable[Rule], ignores: Iterable
   report, problems, misfit = Report(), [], set()
   items = sorted(source.items())
   if progress:
-    from tqdm import tqdm
     items = tqdm(items, desc="converting", unit="tensor")
   for key, value in items:
     name = display(key)

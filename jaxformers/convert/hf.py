@@ -26,17 +26,17 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from jaxformers.layout import BLOCKS
-from jaxformers.mixers import MIXERS
+from jaxformers import models
 from jaxformers.config import EncoderConfig
 from jaxformers.convert import engine
 from jaxformers.convert.engine import Ignore, Rule
 from jaxformers.convert.families import Family, detect, families, for_export
 from jaxformers.convert.families.base import ARCHITECTURES
-from jaxformers.convert.io import (SAFETENSORS, CheckpointError, read_hf_config, read_hf_weights, write_beside,
-                                  write_hf_files)
-from jaxformers.convert.params import get_params, param_shapes, set_params
-from jaxformers import models
+from jaxformers.convert.io import read_hf_config, read_hf_weights
+from jaxformers.errors import CheckpointError
+from jaxformers.layout import BLOCKS
+from jaxformers.mixers import MIXERS
+from jaxformers.params import get_params, param_shapes, set_params
 
 _NEW_OK = ("lm_head.", "nsp.", "classifier.", "encoder.pooler.", "pooler.", "encoder.final_norm.", "final_norm.")
 LABELLED = ("classification", "token_classification")
@@ -220,7 +220,7 @@ def to_hf_state(model, where: str = "model") -> tuple[dict[str, np.ndarray], dic
     raise CheckpointError(f"{where}: an int8 ({cfg.quantization}) model has no HF checkpoint form; export the float "
                           f"model it was quantized from (and quantize the PyTorch one with torch's quantize_dynamic)")
   if cfg.num_heads_per_layer is not None or cfg.intermediate_sizes is not None:
-    from jaxformers.prune import pad_to_full   # pruned heads and neurons are written as zero weights
+    from jaxformers.prune import pad_to_full  # pruned heads and neurons are written as zero weights
     model = pad_to_full(model)
     cfg = model.config
   if task not in family.heads:
@@ -260,25 +260,3 @@ def hf_config(cfg: EncoderConfig, task: str, num_labels: int | None = None,
     if num_labels == 1 and task == "classification":
       out["problem_type"] = "regression"
   return out
-
-
-def export_hf(model, directory: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
-  """Write ``config.json`` + ``model.safetensors`` that transformers loads, and with ``tokenizer`` (a checkpoint
-  or run directory, a ``tokenizer.json`` file or a ``tokenizers.Tokenizer``) its tokenizer files, so that
-  ``transformers.pipeline(..., model=directory)`` needs nothing else. ``directory`` must be new or empty; with
-  ``overwrite`` a non-empty one keeps its other files and gets those replaced (written beside it first, then
-  renamed into place: an interruption never leaves a half-written checkpoint)."""
-  from jaxformers.convert.tokenizer import HF_TOKENIZER_FILES, write_hf_tokenizer
-  state, config = to_hf_state(model, where=str(directory))
-
-  def write(tmp: Path):
-    write_hf_files(tmp, config, state)
-    if tokenizer is not None:
-      write_hf_tokenizer(tokenizer, tmp, model_max_length=max_length(model.config))
-  return write_beside(directory, write, ("config.json", SAFETENSORS), (), overwrite, "HF checkpoint",
-                      HF_TOKENIZER_FILES)
-
-
-def max_length(cfg: EncoderConfig) -> int:
-  """Longest input the model's position table takes (RoBERTa's positions start after the padding id)."""
-  return cfg.max_position_embeddings - cfg.position_offset

@@ -12,13 +12,13 @@ Attention and sparse mixers share their parameters; a Fourier mixer has none, so
 from __future__ import annotations
 
 from jaxformers import models
-from jaxformers.layout import BLOCKS
 from jaxformers.config import EncoderConfig
 from jaxformers.convert.engine import Report, Rule, norm
 from jaxformers.convert.families import families
 from jaxformers.convert.hf import LABELLED, fill_model
-from jaxformers.convert.io import CheckpointError
-from jaxformers.convert.params import get_params
+from jaxformers.errors import CheckpointError
+from jaxformers.layout import BLOCKS
+from jaxformers.params import get_params
 
 
 def _rules() -> list[Rule]:

@@ -49,7 +49,7 @@ def _std_files(name):
 _NLI3 = ("entailment", "neutral", "contradiction")
 _NLI2 = ("entailment", "not_entailment")
 
-TASKS = {t.name: t for t in [
+GLUE_TASKS = {t.name: t for t in [
     GlueTask("cola", ("sentence", None), ("0", "1"), ("validation",), ("test",),
              TsvColumns(3, None, 1, header=False), TsvColumns("sentence", None, None),
              _std_files("cola"), {"test": "CoLA.tsv"}, "matthews_corr"),
@@ -86,11 +86,11 @@ TASKS = {t.name: t for t in [
 
 def get_task(name: str) -> GlueTask:
   key = name.lower().replace("-", "")
-  if key not in TASKS:
-    close = difflib.get_close_matches(key, TASKS, n=3)
+  if key not in GLUE_TASKS:
+    close = difflib.get_close_matches(key, GLUE_TASKS, n=3)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    raise ValueError(f"unknown GLUE task {name!r}{hint}; known tasks: {', '.join(TASKS)}")
-  return TASKS[key]
+    raise ValueError(f"unknown GLUE task {name!r}{hint}; known tasks: {', '.join(GLUE_TASKS)}")
+  return GLUE_TASKS[key]
 
 
 class GlueSource(Source):
@@ -99,7 +99,7 @@ class GlueSource(Source):
   def check(self, data_cfg) -> None:
     if not data_cfg.glue_task:
       raise DataError(f"config.data.source={data_cfg.source!r} needs config.data.glue_task (one of "
-                      f"{', '.join(TASKS)})")
+                      f"{', '.join(GLUE_TASKS)})")
     try:
       get_task(data_cfg.glue_task)
     except ValueError as e:

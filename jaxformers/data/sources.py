@@ -13,11 +13,8 @@ import dataclasses
 
 import numpy as np
 
+from jaxformers.errors import DataError
 from jaxformers.registry import Registry
-
-
-class DataError(ValueError):
-  """Bad input data: the message names the file, column or value at fault."""
 
 
 @dataclasses.dataclass

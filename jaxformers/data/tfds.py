@@ -8,7 +8,7 @@ from jaxformers.data.sources import SOURCES, DataError, Examples, finish, label_
 def tfds_glue(task: GlueTask, split: str, data_dir: str | None = None) -> Examples:
   """``glue/<task>`` through ``tfds.data_source`` (array_record; needs no TensorFlow)."""
   try:
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds   # optional: the tfds extra
     import tensorflow_datasets.text.glue  # noqa: F401  (tfds loads dataset modules lazily)
   except ImportError as e:
     raise DataError(f"data.source='tfds' needs tensorflow-datasets: pip install 'jaxformers[tfds]' ({e})") from None

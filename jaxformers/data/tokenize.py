@@ -1,10 +1,10 @@
-"""Tokenisation with HF ``tokenizers``: load one from a checkpoint or tokenizer.json, or train a WordPiece."""
+"""Tokenisation with HF ``tokenizers``: encode examples, train a WordPiece, find special tokens. Loading a
+checkpoint's tokenizer is :func:`jaxformers.checkpoints.tokenizers.load_tokenizer`."""
 from __future__ import annotations
 
 import collections
 import dataclasses
 import logging
-from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -72,42 +72,6 @@ def train_wordpiece(texts: list[str], vocab_size: int) -> Tokenizer:
   tok.post_processor = processors.TemplateProcessing(
       single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
   return tok
-
-
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json")
-
-
-def _resolve(path: str | Path) -> Path:
-  """A training run's directory (or one of its saved states) keeps its tokenizer in the run directory."""
-  from jaxformers.workdir import tokenizer_dir
-  return tokenizer_dir(path)
-
-
-def has_tokenizer(path: str | Path) -> bool:
-  """Whether ``path`` is a tokenizer file, or a checkpoint or run directory with tokenizer.json or vocab files."""
-  p = _resolve(path)
-  return (p.is_file() and p.suffix == ".json") or any((p / f).is_file() for f in TOKENIZER_FILES)
-
-
-def load_tokenizer(path: str, revision: str | None = None) -> Tokenizer:
-  """From a tokenizer.json file, a checkpoint or training run directory (tokenizer.json, or vocab files via
-  transformers), or a Hugging Face Hub id (resolved through its cache, see :mod:`jaxformers.hub`)."""
-  from jaxformers import hub
-  from jaxformers.convert.io import CheckpointError
-  p = _resolve(path)
-  if p.is_file():
-    return Tokenizer.from_file(str(p))
-  try:
-    p = hub.resolve(p if p.exists() else path, revision)
-  except CheckpointError as e:
-    raise DataError(f"data.tokenizer: {e}") from None
-  if (p / "tokenizer.json").is_file():
-    return Tokenizer.from_file(str(p / "tokenizer.json"))
-  try:
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(p)).backend_tokenizer
-  except Exception as e:
-    raise DataError(f"data.tokenizer={path!r}: no tokenizer.json and transformers could not load one ({e})") from None
 
 
 def special_ids(tok: Tokenizer) -> dict:

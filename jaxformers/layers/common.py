@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxformers.config import EncoderConfig
+from jaxformers.layers.quant import Int8Dense, fake_quant
 
 
 def dtype_of(name: str):
@@ -45,7 +46,6 @@ class Dense(nnx.Linear):
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
     if self.fake_quant:
-      from jaxformers.layers.quant import fake_quant
       w = fake_quant(self.kernel[...].astype(jnp.float32), axis=0)
       b = self.bias[...].astype(jnp.float32)
       rows = lambda r: (fake_quant(r.astype(jnp.float32), axis=-1) @ w + b).astype(self.dtype)  # noqa: E731
@@ -55,7 +55,6 @@ class Dense(nnx.Linear):
 
 def linear(cfg: EncoderConfig, d_in: int, d_out: int, axes: tuple, *, rngs: nnx.Rngs):
   if cfg.quantization == "int8":
-    from jaxformers.layers.quant import Int8Dense
     return Int8Dense(d_in, d_out, axes, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype), rngs=rngs)
   dense = Dense(
       d_in, d_out, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),

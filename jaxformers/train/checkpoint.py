@@ -15,16 +15,14 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from jaxformers.config import RUNTIME_FIELDS, EncoderConfig
-from jaxformers.convert.io import CheckpointError
+from jaxformers.errors import CheckpointError, CheckpointMismatch
+from jaxformers.params import read_shapes
 
 log = logging.getLogger("jaxformers.train")
 UNREADABLE = ".unreadable"
-
-
-class CheckpointMismatch(ValueError):
-  """The checkpoint in the workdir was written for another model or configuration."""
 
 
 def _is_key(x) -> bool:
@@ -52,11 +50,6 @@ def _impl_of(like):
 
 def data_to_keys(tree, like):
   return jax.tree.map(lambda x, l: jax.random.wrap_key_data(x, impl=_impl_of(l)) if _is_key(l) else x, tree, like)
-
-
-def param_shapes(params) -> dict[str, list[int]]:
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  return {jax.tree_util.keystr(p): list(np.shape(x)) for p, x in flat}
 
 
 # Model config fields that a saved state does not depend on: how the model computes (RUNTIME_FIELDS) and how fresh
@@ -97,7 +90,7 @@ def compare_meta(saved: dict, current: dict, where: str, config_cls=EncoderConfi
       continue   # runs saved before the metadata named their head: the task decides it
     if saved.get(k) != current.get(k):
       problems.append(f"{k}: checkpoint has {saved.get(k)!r}, this run has {current.get(k)!r}")
-  sp, cp = saved.get("param_shapes", {}), current.get("param_shapes", {})
+  sp, cp = read_shapes(saved.get("param_shapes", {})), read_shapes(current.get("param_shapes", {}))
   for k in sorted(set(sp) | set(cp)):
     if sp.get(k) != cp.get(k):
       problems.append(f"parameter {k}: checkpoint has shape {sp.get(k)}, this run has {cp.get(k)}")
@@ -284,7 +277,6 @@ class Checkpoints:
         log.warning("%s/%d does not restore (%s); kept as %s, resuming from step %d", self.dir, s, cause,
                     dst.name, step)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("jaxformers_set_aside_unreadable")
     self.latest.reload()
 

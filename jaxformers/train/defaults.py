@@ -9,14 +9,11 @@ from ml_collections import config_dict
 
 from jaxformers.config import RUNTIME_FIELDS, EncoderConfig
 from jaxformers.data.sources import SOURCES
+from jaxformers.errors import ConfigError
 from jaxformers.layout import LayoutError
 from jaxformers.mixers import all_options
-from jaxformers.train.errors import ConfigError
 from jaxformers.train.sharding import LOGICAL_AXIS_RULES, rules_from
 from jaxformers.train.tasks import TASKS
-
-
-
 
 # A model trained from scratch is small unless the config says otherwise (EncoderConfig's own defaults are BERT-base).
 SCRATCH_MODEL = dict(layout="serial*2", hidden_size=128, num_heads=4, intermediate_size=512,

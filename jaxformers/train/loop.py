@@ -13,10 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxformers.checkpoints import hub
+from jaxformers.checkpoints.tokenizers import has_tokenizer, load_tokenizer
 from jaxformers.config import RUNTIME_FIELDS
 from jaxformers.data import batching, tokenize
+from jaxformers.errors import CheckpointError, DataError, Interrupted, NonFiniteLoss
 from jaxformers.layout import BLOCKS, LayoutError
 from jaxformers.mixers import MIXERS
+from jaxformers.params import param_shapes
 from jaxformers.train import checkpoint as ckpt_lib
 from jaxformers.train import metrics as metrics_lib
 from jaxformers.train import sharding, steps
@@ -24,19 +28,6 @@ from jaxformers.train.defaults import ConfigError, check_keys, check_values, enc
 from jaxformers.train.tasks import make_task
 
 log = logging.getLogger("jaxformers.train")
-
-
-class NonFiniteLoss(RuntimeError):
-  """The training loss became NaN or Inf; nothing after the last good checkpoint was saved."""
-
-
-class Interrupted(RuntimeError):
-  """SIGTERM / SIGINT arrived; a checkpoint was saved first."""
-
-  def __init__(self, signum: int, step: int):
-    super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved, "
-                     f"run the same command to resume")
-    self.signum = signum
 
 
 class Run:
@@ -67,16 +58,18 @@ class Run:
   def _build_tokenizer(self):
     """The tokenizer: ``data.tokenizer``, else ``init_from``'s, else the run's own (DIR/tokenizer.json), else a
     WordPiece learnt from the training texts. Nothing is written here (see :meth:`save_tokenizer`)."""
-    from jaxformers import hub
     c = self.c
     saved = self.workdir / "tokenizer.json"
     init = hub.resolve(c.init_from) if c.init_from else None  # a directory, or a Hugging Face Hub id
     if c.data.tokenizer:
-      self.tok = tokenize.load_tokenizer(c.data.tokenizer)
-    elif init is not None and tokenize.has_tokenizer(init):
-      self.tok = tokenize.load_tokenizer(str(init))
+      try:
+        self.tok = load_tokenizer(c.data.tokenizer)
+      except CheckpointError as e:
+        raise DataError(f"data.tokenizer: {e}") from None
+    elif init is not None and has_tokenizer(init):
+      self.tok = load_tokenizer(str(init))
     elif saved.is_file():
-      self.tok = tokenize.load_tokenizer(str(saved))
+      self.tok = load_tokenizer(str(saved))
     elif init is not None:
       raise ConfigError(f"config.init_from={c.init_from}: no tokenizer there (tokenizer.json, or vocab.txt / "
                         f"vocab.json + merges.txt); its embeddings only fit the vocabulary it was trained with: set "
@@ -97,7 +90,7 @@ class Run:
     if jax.process_index() != 0:
       return
     if saved.is_file():
-      if tokenize.load_tokenizer(str(saved)).get_vocab() != self.tok.get_vocab():
+      if load_tokenizer(str(saved)).get_vocab() != self.tok.get_vocab():
         raise ConfigError(f"{saved} holds another tokenizer than this run's (from "
                           f"{self.c.data.tokenizer or self.c.init_from or 'a trained WordPiece'}): the workdir "
                           f"belongs to another run; use a fresh --workdir")
@@ -165,7 +158,7 @@ class Run:
     self.meta = {"model_config": self.cfg.to_dict(), "task": self.task.name, "model_task": self.task.model_task,
                  "num_labels": self.task.num_labels,
                  "label_names": list(self.task.label_names) if self.task.label_names else None,
-                 "param_shapes": ckpt_lib.param_shapes(abs_params)}
+                 "param_shapes": param_shapes(abs_params)}
 
   def _refuse_dropped_overrides(self):
     """With ``init_from`` the checkpoint fixes every model field but the runtime ones, ``layout`` (a re-arrangement)
@@ -191,8 +184,8 @@ class Run:
     c = self.c
     if not c.model.layout:
       return {}
+    from jaxformers.checkpoints.pretrained import saved_layout
     from jaxformers.layout import parse_layout
-    from jaxformers.pretrained import saved_layout
     target = {BLOCKS.get(b).mixer for b in parse_layout(c.model.layout, BLOCKS.names())} - {None}
     wanted = [m for m in sorted(target) if MIXERS.get(m).introduced]
     if not wanted:
@@ -580,9 +573,9 @@ def predict(r: Run) -> dict:
 def run(config, workdir: str | Path, given=()) -> dict:
   """Train (resuming from ``workdir`` when it holds checkpoints), evaluate, or predict, as ``config.mode`` says.
   ``given``: the config keys set on the command line (see :class:`Run`).
-  Training holds ``workdir``'s lock (:class:`jaxformers.workdir.Lock`): a second process training there is refused.
+  Training holds ``workdir``'s lock (:class:`jaxformers.checkpoints.workdir.Lock`): a second process training there is refused.
   A run that fails leaves no workdir behind that it created and wrote nothing into."""
-  from jaxformers.workdir import Lock
+  from jaxformers.checkpoints.workdir import Lock
   workdir = Path(workdir)
   existed = workdir.exists()
   lock = None

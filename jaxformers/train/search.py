@@ -31,8 +31,8 @@ from flax import nnx
 
 from jaxformers import search as S
 from jaxformers.data import batching
+from jaxformers.errors import ConfigError
 from jaxformers.train import optim, steps
-from jaxformers.train.errors import ConfigError
 
 log = logging.getLogger("jaxformers.train")
 HELD = "heldout/"
@@ -228,7 +228,7 @@ class Searched:
     derived, layout2 = S.derive(supernet, self.s.max_identity,
                                 rngs=nnx.Rngs(params=self.c.seed, dropout=self.c.seed + 1))
     assert layout2 == layout
-    from jaxformers.pretrained import save_pretrained
+    from jaxformers.checkpoints.pretrained import save_pretrained
     out_dir = run.workdir / "derived"
     save_pretrained(derived, out_dir, overwrite=out_dir.exists(), tokenizer=run.workdir)
     steps_, hist = heat_history(run.workdir / "metrics.jsonl", len(self.candidates), self.positions, self.candidates)

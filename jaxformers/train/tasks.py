@@ -15,10 +15,13 @@ import numpy as np
 import optax
 
 from jaxformers import models
+from jaxformers.checkpoints import hub
+from jaxformers.checkpoints.tokenizers import has_tokenizer, load_tokenizer
+from jaxformers.checkpoints.workdir import tokenizer_dir
 from jaxformers.data import sources, tokenize
+from jaxformers.errors import CheckpointError, ConfigError
 from jaxformers.registry import Registry
 from jaxformers.train import metrics as metrics_lib
-from jaxformers.train.errors import ConfigError
 
 TASKS: Registry = Registry("task")
 
@@ -259,9 +262,9 @@ class Distillation:
     self.weights = {k: float(cfg[k]) for k in ("logits", "hidden", "first_token", "attention", "value")}
 
   def prepare(self, run, student_task: str) -> None:
-    import jaxformers
     from flax import nnx
 
+    import jaxformers
     from jaxformers import distill
     from jaxformers.train import sharding
     c = self.c
@@ -312,18 +315,14 @@ class Distillation:
   def check_vocabulary(self, run, teacher) -> None:
     """The teacher reads the student's token ids: refuse a teacher whose tokenizer is another than the run's (or,
     without a tokenizer, whose embeddings have fewer rows than the run's tokenizer has tokens)."""
-    from jaxformers import hub
-    from jaxformers.convert.io import CheckpointError
-    from jaxformers.data import tokenize
-    from jaxformers.workdir import tokenizer_dir
     c, tok = self.c, run.tok
     mine = f"{tok.get_vocab_size()} tokens, from {run.c.data.tokenizer or run.c.init_from or 'the training texts'}"
     try:
       where = tokenizer_dir(hub.resolve(c.teacher))
     except CheckpointError:
       where = None
-    if where is not None and tokenize.has_tokenizer(where):
-      theirs = tokenize.load_tokenizer(str(where))
+    if where is not None and has_tokenizer(where):
+      theirs = load_tokenizer(str(where))
       if theirs.get_vocab() != tok.get_vocab():
         raise ConfigError(f"config.distill.teacher={c.teacher}: its tokenizer ({theirs.get_vocab_size()} tokens, "
                           f"embeddings for {teacher.config.vocab_size}) is not the student's ({mine}), so it would "

@@ -15,9 +15,10 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from jaxformers.config import FAMILIES, config_families, of_config  # noqa: F401 (the registry families join)
 from jaxformers.convert.engine import Ignore, Rule
-from jaxformers.convert.io import CheckpointError
-from jaxformers.registry import Registry
+from jaxformers.errors import CheckpointError
+from jaxformers.layout import BLOCKS, LayoutError, parse_layout
 
 # HF architecture class-name suffix -> jaxformers task
 ARCHITECTURES = {
@@ -78,9 +79,6 @@ class Family:
     return out
 
 
-FAMILIES: Registry[Family] = Registry("converter family")
-
-
 def register(family: Family) -> Family:
   FAMILIES.register(family.name)(family)
   return family
@@ -95,23 +93,9 @@ def accepted() -> str:
   return ", ".join(f"{f.name} ({f.description or f'model_type {f.model_type!r}'})" for f in families())
 
 
-def config_families() -> tuple[str, ...]:
-  """The values EncoderConfig.family may take: the families whose models carry their own name."""
-  return tuple(f.name for f in families() if f.encoder_family is None)
-
-
-def of_config(name: str) -> Family:
-  """The family an EncoderConfig.family value names (its serial form)."""
-  if name not in config_families():
-    raise ValueError(f"family {name!r} is not a registered converter family; expected one of "
-                     f"{', '.join(config_families())}")
-  return FAMILIES.get(name)
-
-
 def _all_parallel(layout: str | None) -> bool:
   if not layout:
     return False
-  from jaxformers.layout import BLOCKS, LayoutError, parse_layout
   try:
     blocks = parse_layout(layout, BLOCKS.names())
   except LayoutError:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from jaxformers.convert.engine import Ignore, Rule, embedding, linear, norm
 from jaxformers.convert.families.base import ACTIVATIONS_OUT, Family, activation, register, require
-from jaxformers.convert.io import CheckpointError
+from jaxformers.errors import CheckpointError
 
 _L, _B = "transformer.layer.{i}", "blocks.{i}"
 LAYER_NORM_EPS = 1e-12

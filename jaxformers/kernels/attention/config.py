@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxformers.kernels.attention.block_table import TABLE
 from jaxformers.targets import (Target, current_target, force_interpret, interpret_forced,  # noqa: F401 (re-exported)
                                 set_force_interpret)
 
@@ -45,7 +46,6 @@ def default_block_sizes(target: Target | str | None = None, head_dim: int = 64, 
   """The blocks for ``target`` (a :class:`Target`, a platform name, or None: the current target), ``head_dim``
   and sequence ``length``: the generated table's row for the chip (see ``benchmarks/block_sizes.py``), else the
   platform's default."""
-  from jaxformers.kernels.attention.block_table import TABLE
   if target is None:
     target = current_target()
   if isinstance(target, str):

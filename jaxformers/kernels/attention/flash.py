@@ -36,8 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
-from jaxformers.kernels.attention import tiles
+from jaxformers.kernels.attention import flash_tpu, tiles
 from jaxformers.kernels.attention.config import BlockSizes, default_block_sizes
 from jaxformers.kernels.attention.masks import BlockSparseMask
 from jaxformers.kernels.attention.tiles import KernelConfig
@@ -141,7 +142,6 @@ def _dq_kernel(*refs, cfg: KernelConfig):
 
 def _compiler_params(cfg: KernelConfig):
   if cfg.backend == "triton":
-    from jax.experimental.pallas import triton as plgpu
     return plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
   return None
 
@@ -182,7 +182,6 @@ def _head_spec(shape):
 def _fwd(q_BNQH, k_BNKH, v_BNKH, qseg_BQ1, kseg_B1K, cfg: KernelConfig):
   """Output ``[B, N, Lq, H]`` and logsumexp ``[B, N, Lq, 1]`` (rows past the last query block unset)."""
   if cfg.backend in TPU_BACKENDS:
-    from jaxformers.kernels.attention import flash_tpu
     return flash_tpu.fwd(q_BNQH, k_BNKH, v_BNKH, qseg_BQ1, kseg_B1K, cfg)
   B, N, Lq, H = q_BNQH.shape
   Lk = k_BNKH.shape[2]
@@ -206,7 +205,6 @@ def _bwd(q_BNQH, k_BNKH, v_BNKH, qseg_BQ1, kseg_B1K, o_BNQH, lse_BNQ1, do_BNQH, 
   delta_BNQ1 = jnp.where(rows_Q1, delta_BNQ1, 0.0)
   lse_BNQ1 = jnp.where(rows_Q1, lse_BNQ1, 0.0)
   if cfg.backend in TPU_BACKENDS:
-    from jaxformers.kernels.attention import flash_tpu
     return flash_tpu.bwd(q_BNQH, k_BNKH, v_BNKH, qseg_BQ1, kseg_B1K, lse_BNQ1, delta_BNQ1, do_BNQH, cfg)
 
   # The dk/dv kernel reads per-query vectors as rows [1, Lq] and key segment ids as columns.

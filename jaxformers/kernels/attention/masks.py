@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
+
+from jaxformers.kernels.attention.reference import combined_mask
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -164,6 +167,4 @@ def dense_block_sparse_mask(block_mask: BlockSparseMask, segment_ids=None, kv_se
   This is the block/token pattern and-ed with the segment-id mask, suitable as ``mask`` for
   :func:`~jaxformers.kernels.attention.reference.attention_reference`.
   """
-  import jax.numpy as jnp
-  from jaxformers.kernels.attention.reference import combined_mask
   return combined_mask(segment_ids, kv_segment_ids, jnp.asarray(block_mask.token_mask())[None, None])

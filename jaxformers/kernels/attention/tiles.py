@@ -16,6 +16,7 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental import pallas as pl
 
 from jaxformers.kernels.attention.masks import BlockSparseMask
 
@@ -116,7 +117,6 @@ _MATMUL_FLOPS = {"flash_fwd": 4, "flash_bwd_dkv": 8, "flash_bwd_dq": 6}   # 2 * 
 def cost_estimate(cfg: KernelConfig, name: str, args, out_shape):
   """What one launch costs, for XLA's cost analysis and scheduler (a kernel is opaque to it otherwise): FLOPs
   of its matmuls over the visited tiles, one exp per query-key pair, and the bytes of its operands and results."""
-  from jax.experimental import pallas as pl
   B, N, _, H = args[0].shape
   pairs = cfg.num_q_blocks * cfg.block_q * cfg.num_kv_blocks * cfg.block_k
   if cfg.block_mask is not None:

@@ -9,16 +9,42 @@ import json
 from pathlib import Path
 
 import jax
+import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxformers import hub, models
+from jaxformers import models
+from jaxformers.blocks import BLOCKS
+from jaxformers.checkpoints import hub, runs
+from jaxformers.checkpoints.files import check_destination, write_beside
+from jaxformers.checkpoints.tokenizers import (HF_TOKENIZER_FILES, copy_tokenizer_files, sentence_transformers_config,
+                                               write_hf_tokenizer)
+from jaxformers.checkpoints.workdir import is_run_dir, tokenizer_dir
 from jaxformers.config import RUNTIME_FIELDS, EncoderConfig
-from jaxformers.convert.io import CheckpointError, check_destination, write_beside
-from jaxformers.convert.tokenizer import HF_TOKENIZER_FILES
+from jaxformers.convert.hf import load_hf, to_hf_state
+from jaxformers.convert.io import SAFETENSORS, write_hf_files
+from jaxformers.convert.native import rearrange as native_rearrange
+from jaxformers.errors import CheckpointError
+from jaxformers.layout import parse_layout
 
 NATIVE_CONFIG = "jaxformers.json"
 PARAMS_DIR = "params"
 FORMAT_VERSION = 1
+
+
+def export_hf(model, directory: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
+  """Write ``config.json`` + ``model.safetensors`` that transformers loads, and with ``tokenizer`` (a checkpoint
+  or run directory, a ``tokenizer.json`` file or a ``tokenizers.Tokenizer``) its tokenizer files, so that
+  ``transformers.pipeline(..., model=directory)`` needs nothing else. ``directory`` must be new or empty; with
+  ``overwrite`` a non-empty one keeps its other files and gets those replaced (written beside it first, then
+  renamed into place: an interruption never leaves a half-written checkpoint)."""
+  state, config = to_hf_state(model, where=str(directory))
+
+  def write(tmp: Path):
+    write_hf_files(tmp, config, state)
+    if tokenizer is not None:
+      write_hf_tokenizer(tokenizer, tmp, model_max_length=model.config.max_length)
+  return write_beside(directory, write, ("config.json", SAFETENSORS), (), overwrite, "HF checkpoint",
+                      HF_TOKENIZER_FILES)
 
 
 def is_native(path: str | Path) -> bool:
@@ -41,14 +67,11 @@ def save_pretrained(model, path: str | Path, overwrite: bool = False, tokenizer:
   or ``path`` is a file). Everything is written beside ``path`` first and renamed into place, so an
   interruption never leaves a half-written checkpoint and the previous one is removed only after the new
   one is complete."""
-  import orbax.checkpoint as ocp
   meta = {"format_version": FORMAT_VERSION, "task": models.task_of(model), "config": model.config.to_dict(),
           "num_labels": getattr(model, "num_labels", None),
           "head": model.classifier.style if hasattr(model, "classifier") else None,
           "label_names": list(getattr(model, "label_names", None) or []) or None}
   if tokenizer is not None:    # a sentence-transformers source's pooling, normalisation and length go with the model
-    from jaxformers.convert.tokenizer import sentence_transformers_config
-    from jaxformers.workdir import tokenizer_dir
     try:
       settings = sentence_transformers_config(tokenizer_dir(tokenizer))
     except ValueError:        # pooling modes encode cannot run: nothing to keep (encode on the source says why)
@@ -61,7 +84,6 @@ def save_pretrained(model, path: str | Path, overwrite: bool = False, tokenizer:
       ckpt.save(tmp / PARAMS_DIR, nnx.state(model, nnx.Param))
     (tmp / NATIVE_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     if tokenizer is not None:
-      from jaxformers.convert.tokenizer import copy_tokenizer_files
       copy_tokenizer_files(tokenizer, tmp)
   return write_beside(path, write, (NATIVE_CONFIG,), (PARAMS_DIR,), overwrite, "jaxformers checkpoint",
                       HF_TOKENIZER_FILES)
@@ -77,7 +99,6 @@ def _read_meta(path: Path) -> tuple[dict, EncoderConfig]:
 
 def _restore(path: Path, meta: dict, cfg: EncoderConfig, rngs: nnx.Rngs | None = None):
   """The model saved in ``path`` built for ``cfg`` (the saved config, runtime fields possibly changed)."""
-  import orbax.checkpoint as ocp
   def build(r=rngs):
     return models.build(meta["task"], cfg, num_labels=meta.get("num_labels"), head=meta.get("head"), rngs=r)
   abstract = nnx.eval_shape(lambda: build(nnx.Rngs(0)))   # rngs made outside cannot be advanced inside a trace
@@ -126,7 +147,6 @@ def rearrange(model, where: str, *, layout=None, task=None, num_labels=None, hea
               **overrides):
   """``(model, report)``: ``model``'s weights in another layout, task or head (runtime ``overrides`` applied as
   they are), in eval mode; label names carry over when the head does."""
-  from jaxformers.convert.native import rearrange as native_rearrange
   new, report = native_rearrange(model, layout=layout, task=task, num_labels=num_labels, head=head, rngs=rngs,
                                  where=where, progress=progress, **overrides)
   names = getattr(model, "label_names", None)
@@ -140,10 +160,6 @@ def saved_layout(path: str | Path, revision: str | None = None) -> tuple[str, ..
   """The blocks of the model that :func:`from_pretrained` would load from ``path`` as saved, read from its metadata
   only (an HF checkpoint is a stack of serial layers)."""
   path = hub.resolve(path, revision)
-  from jaxformers import runs
-  from jaxformers.layout import parse_layout
-  from jaxformers.blocks import BLOCKS
-  from jaxformers.workdir import is_run_dir
   if is_run_dir(path):
     return parse_layout(runs.read_meta(runs.step_dir(path))["model_config"]["layout"], BLOCKS.names())
   if is_native(path):
@@ -168,8 +184,6 @@ def from_pretrained(path: str | Path, *, revision: str | None = None, layout: st
   checkpoint loaded as saved). ``model.train()`` switches dropout on for fine-tuning.
   """
   path = hub.resolve(path, revision)
-  from jaxformers import runs
-  from jaxformers.workdir import is_run_dir
   if is_run_dir(path):   # a train.py work directory, WORKDIR/best or WORKDIR/checkpoints/N
     step = runs.step_dir(path)
     model, report = runs.restore(step, rngs=rngs, **{k: v for k, v in overrides.items() if k in RUNTIME_FIELDS}), None
@@ -180,7 +194,6 @@ def from_pretrained(path: str | Path, *, revision: str | None = None, layout: st
     model, report = _load_native(path, layout=layout, task=task, num_labels=num_labels, head=head, rngs=rngs,
                                  progress=progress, **overrides)
   else:
-    from jaxformers.convert.hf import load_hf
     model, report = load_hf(path, layout=layout, task=task, num_labels=num_labels, head=head, rngs=rngs,
                             progress=progress, **overrides)
   return (model, report) if return_report else model

@@ -11,15 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
+import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxformers import models
+from jaxformers.checkpoints.workdir import STATE_DIRS, is_step_dir, saved_steps
 from jaxformers.config import EncoderConfig
-from jaxformers.convert.io import CheckpointError
-from jaxformers.workdir import STATE_DIRS, is_step_dir, saved_steps
-
-# The model each trainer task trains, for runs saved before the metadata named it ("model_task").
-TASKS = {"classification": "classification", "regression": "classification", "mlm": "masked_lm"}
+from jaxformers.errors import CheckpointError
+from jaxformers.params import param_shapes, read_shapes
 
 
 def step_dir(path: str | Path) -> Path:
@@ -38,7 +38,6 @@ def step_dir(path: str | Path) -> Path:
 
 def read_meta(step: Path) -> dict:
   """The metadata the trainer saved beside a state (model_config, task, num_labels, param_shapes, label_names...)."""
-  import orbax.checkpoint as ocp
   with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as c:
     return c.restore(step / "meta")
 
@@ -47,7 +46,7 @@ def build(meta: dict, where: str, rngs: nnx.Rngs | None = None, **runtime):
   """The task model the run trained (SequenceClassifier for classification and regression, MaskedLM for mlm)."""
   try:
     cfg = EncoderConfig.from_dict(meta["model_config"], source=where).replace(**runtime)
-    task = meta.get("model_task") or TASKS[meta["task"]]
+    task = meta.get("model_task") or models.TRAINER_TASKS[meta["task"]]
   except (KeyError, ValueError, TypeError) as e:
     raise CheckpointError(f"{where}: not a jaxformers trainer state ({type(e).__name__}: {e})") from None
   return models.build(task, cfg, num_labels=meta.get("num_labels"), rngs=rngs)
@@ -55,8 +54,6 @@ def build(meta: dict, where: str, rngs: nnx.Rngs | None = None, **runtime):
 
 def restore(step: Path, rngs: nnx.Rngs | None = None, **runtime):
   """The model of one trainer state with its trained parameters, in eval mode, ``label_names`` set."""
-  import orbax.checkpoint as ocp
-  from jaxformers.train.checkpoint import param_shapes
   meta = read_meta(step)
   where = str(step)
   if ((meta.get("config") or {}).get("search") or {}).get("enabled"):
@@ -67,7 +64,7 @@ def restore(step: Path, rngs: nnx.Rngs | None = None, **runtime):
                                                         " (written when the search finishes)"))
   abstract = nnx.eval_shape(lambda: build(meta, where, **runtime))
   params = nnx.split(abstract, nnx.Param, ...)[1]
-  saved, now = meta.get("param_shapes", {}), param_shapes(params)
+  saved, now = read_shapes(meta.get("param_shapes", {})), param_shapes(params)
   if saved != now:
     diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     raise CheckpointError(f"{where}: saved parameters do not fit the model its metadata describes (first: "
@@ -83,14 +80,3 @@ def restore(step: Path, rngs: nnx.Rngs | None = None, **runtime):
     model.label_names = tuple(meta["label_names"])
   model.eval()
   return model
-
-
-def load_tokenizer(path: str | Path):
-  """The ``tokenizers.Tokenizer`` of a run directory (or one of its states), a native or HF checkpoint directory,
-  or a ``tokenizer.json`` file."""
-  from jaxformers.data import tokenize
-  if not tokenize.has_tokenizer(path):
-    raise CheckpointError(f"{path}: no tokenizer found (expected a tokenizer.json file, a directory with "
-                          f"tokenizer.json, vocab.txt or vocab.json, or a training run directory)")
-  return tokenize.load_tokenizer(str(path))
-

@@ -15,16 +15,49 @@ import json
 import shutil
 from pathlib import Path
 
-from jaxformers.convert.io import CheckpointError
+from tokenizers import Tokenizer
+
+from jaxformers.checkpoints import hub
+from jaxformers.checkpoints.workdir import tokenizer_dir
+from jaxformers.data.tokenize import special_ids
+from jaxformers.errors import CheckpointError
 
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                       "vocab.json", "merges.txt", "added_tokens.json")
 _SPECIAL_KEYS = ("pad", "unk", "cls", "sep", "mask")
+# what makes a directory one with a tokenizer (a fast tokenizer, or the vocabulary transformers builds one from)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json")
+
+
+def has_tokenizer(path: str | Path) -> bool:
+  """Whether ``path`` is a tokenizer file, or a checkpoint or run directory (or one of a run's saved states) with
+  tokenizer.json or vocab files."""
+  p = tokenizer_dir(path)
+  return (p.is_file() and p.suffix == ".json") or any((p / f).is_file() for f in TOKENIZER_FILES)
+
+
+def load_tokenizer(path: str | Path, revision: str | None = None) -> Tokenizer:
+  """The ``tokenizers.Tokenizer`` of a ``tokenizer.json`` file, a checkpoint or training run directory (or one of a
+  run's states: tokenizer.json, or vocab files via transformers), or a Hugging Face Hub id (resolved through its
+  cache, see :mod:`jaxformers.checkpoints.hub`). :class:`CheckpointError` names the path when there is none."""
+  p = tokenizer_dir(path)
+  if p.is_file():
+    return Tokenizer.from_file(str(p))
+  p = hub.resolve(p if p.exists() else str(path), revision)
+  if (p / "tokenizer.json").is_file():
+    return Tokenizer.from_file(str(p / "tokenizer.json"))
+  if not has_tokenizer(p):
+    raise CheckpointError(f"{path}: no tokenizer found (expected a tokenizer.json file, a directory with "
+                          f"tokenizer.json, vocab.txt or vocab.json, or a training run directory)")
+  try:
+    from transformers import AutoTokenizer  # optional: only vocab-file tokenizers need it
+    return AutoTokenizer.from_pretrained(str(p)).backend_tokenizer
+  except Exception as e:
+    raise CheckpointError(f"{path}: no tokenizer.json and transformers could not load one ({e})") from None
 
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
   """Copy the tokenizer files of ``src`` (a checkpoint or run directory) into ``dst``; returns their names."""
-  from jaxformers.workdir import tokenizer_dir
   src_dir, dst = tokenizer_dir(src), Path(dst)
   if not src_dir.is_dir():
     return []
@@ -39,16 +72,13 @@ def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
 def write_hf_tokenizer(source, dst: str | Path, model_max_length: int | None = None) -> list[str]:
   """Write transformers tokenizer files for ``source`` (a checkpoint or run directory, a ``tokenizer.json`` or a
   ``tokenizers.Tokenizer``) into ``dst``; returns the file names, empty when ``source`` has no tokenizer."""
-  from tokenizers import Tokenizer
-  from jaxformers.data import tokenize
-  from jaxformers.workdir import tokenizer_dir
   if not isinstance(source, Tokenizer):
     src = tokenizer_dir(source) if Path(source).is_dir() else Path(source)
     if src.is_dir() and (src / "tokenizer_config.json").is_file():
       return copy_tokenizer_files(src, dst)
-    if not tokenize.has_tokenizer(src):
+    if not has_tokenizer(src):
       return []
-    source = tokenize.load_tokenizer(str(src))
+    source = load_tokenizer(str(src))
   files = hf_tokenizer_files(source, model_max_length)
   dst = Path(dst)
   dst.mkdir(parents=True, exist_ok=True)
@@ -59,7 +89,7 @@ def write_hf_tokenizer(source, dst: str | Path, model_max_length: int | None = N
 
 def hf_tokenizer_files(tok, model_max_length: int | None = None) -> dict[str, str]:
   """File name -> content of the transformers tokenizer files that reproduce ``tok`` (a ``tokenizers.Tokenizer``)."""
-  from jaxformers.data.tokenize import special_ids
+
   spec = json.loads(tok.to_str())
   spec["padding"] = None
   spec["truncation"] = None

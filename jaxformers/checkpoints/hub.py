@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from jaxformers.convert.io import CheckpointError
+from jaxformers.errors import CheckpointError
 
 # The files a model or tokenizer needs; READMEs, other frameworks' weights and ONNX exports are not fetched.
 ALLOW_PATTERNS = ["config.json", "jaxformers.json", "params/*", "model.safetensors", "model-*.safetensors",
@@ -38,7 +38,7 @@ def resolve(path_or_id: str | Path, revision: str | None = None, *, cache_dir: s
     what = "is not a directory" if local.exists() else "does not exist"
     raise CheckpointError(f"{name}: {what} (expected a checkpoint directory or a Hugging Face Hub id such as "
                           f"'bert-base-uncased' or 'org/name')")
-  from huggingface_hub import constants, errors, snapshot_download
+  from huggingface_hub import constants, errors, snapshot_download   # only Hub ids need it (slow to import)
   refused = tuple(getattr(errors, n) for n in ("RepositoryNotFoundError", "RevisionNotFoundError", "GatedRepoError",
                                                "HFValidationError", "HfHubHTTPError", "IncompleteSnapshotError")
                   if hasattr(errors, n))

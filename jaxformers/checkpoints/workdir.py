@@ -3,7 +3,14 @@ and ``checkpoints/<step>``; beside it, ``.DIR.lock``, which the one process trai
 (:class:`Lock`). Paths and the lock only; nothing here reads a checkpoint."""
 from __future__ import annotations
 
+import fcntl
+import json
+import os
+import socket
+import time
 from pathlib import Path
+
+from jaxformers.errors import WorkdirLocked
 
 STATE_DIRS = ("best", "checkpoints")   # searched in this order for WORKDIR
 TOKENIZER = "tokenizer.json"
@@ -51,10 +58,6 @@ def lock_path(workdir: str | Path) -> Path:
   return p.parent / f".{p.name}.lock"
 
 
-class WorkdirLocked(RuntimeError):
-  """Another live process trains in this workdir (the message names its pid and host)."""
-
-
 class Lock:
   """``.DIR.lock`` beside ``DIR``: held (an exclusive ``flock``) by the one process training in ``DIR``, which writes
   its pid, host and start time into it. A second process is refused with :class:`WorkdirLocked` naming the holder. The
@@ -68,11 +71,6 @@ class Lock:
     self.stale = None
 
   def acquire(self) -> "Lock":
-    import fcntl
-    import json
-    import os
-    import socket
-    import time
     self.path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -93,7 +91,6 @@ class Lock:
     return self
 
   def release(self) -> None:
-    import os
     if self.fd is not None:
       os.ftruncate(self.fd, 0)   # the file stays (unlinking it would let a waiting opener lock a removed file)
       os.close(self.fd)          # closing releases the flock
@@ -107,8 +104,6 @@ class Lock:
 
 
 def _read_holder(fd: int) -> dict:
-  import json
-  import os
   try:
     text = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
     return json.loads(text) if text else {}
