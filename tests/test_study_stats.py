@@ -1,0 +1,159 @@
+"""The layout study's statistics: the numpy functions on hand-built examples, and a two-seed tiny study whose mean,
+standard deviation and bootstrap intervals in study.json equal ones recomputed here from its saved predictions."""
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from jaxformers.train import run
+from tests.train_helpers import ROOT, load_config, train_losses
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import study  # noqa: E402
+import study_stats  # noqa: E402
+
+
+# --- the functions ------------------------------------------------------------------------------------------------
+def test_metrics_equal_the_trainers():
+  from jaxformers.train.metrics import classification_metrics, regression_metrics
+  rng = np.random.default_rng(0)
+  y3, p3 = rng.integers(0, 3, 200), rng.integers(0, 3, (4, 200))
+  y2, p2 = rng.integers(0, 2, 200), rng.integers(0, 2, (4, 200))
+  yr, pr = rng.normal(size=200), rng.normal(size=(4, 200)).round(1)        # rounded: ties in the ranks
+  for name, y, p in (("accuracy", y3, p3), ("matthews_corr", y3, p3), ("f1", y2, p2)):
+    got = study_stats.metric(name, p, y)
+    assert got.shape == (4,)
+    for row, g in zip(p, got):
+      assert g == pytest.approx(classification_metrics(y, row, name)[name], abs=1e-12)
+      assert study_stats.metric(name, row, y) == pytest.approx(g, abs=1e-15)
+  for name in ("pearson", "spearman"):
+    for row, g in zip(pr, study_stats.metric(name, pr, yr)):
+      assert g == pytest.approx(regression_metrics(yr, row)[name], abs=1e-12)
+  assert study_stats.metric("matthews_corr", np.zeros(5, int), np.array([0, 1, 0, 1, 1])) == 0.0   # undefined: 0
+  assert study_stats.metric("f1", np.zeros(4, int), np.zeros(4, int)) == 0.0
+  assert study_stats.metric("pearson", np.ones(4), np.arange(4.0)) == 0.0
+  with pytest.raises(ValueError, match="metric 'bleu'"):
+    study_stats.metric("bleu", p2, y2)
+
+
+def test_mean_sd_bootstrap_and_pareto_on_known_answers():
+  assert study_stats.mean_sd([0.5]) == (0.5, None)                          # one seed: no deviation
+  assert study_stats.mean_sd([1.0, 2.0, 3.0]) == (2.0, 1.0)                 # ddof=1
+  y = np.array([0, 1, 2, 1, 0, 2, 2, 1])
+  p = np.array([0, 1, 1, 1, 2, 2, 0, 1])
+  assert study_stats.paired_bootstrap("accuracy", p, p, y) == (0.0, 0.0)    # the same predictions: no difference
+  assert study_stats.paired_bootstrap("accuracy", [p, p], p, y) == (0.0, 0.0)
+  assert study_stats.paired_bootstrap("accuracy", y, (y + 1) % 3, y) == (1.0, 1.0)   # always right vs always wrong
+  # one example of eight differs: the difference is 1/8 times that example's count in the resample
+  q = p.copy()
+  q[1] = 0
+  d = study_stats.bootstrap_differences("accuracy", p, q, y, resamples=50, seed=3)
+  rng = np.random.default_rng(3)
+  counts = np.array([(rng.integers(0, 8, size=8) == 1).sum() for _ in range(50)])
+  np.testing.assert_allclose(d, counts / 8, atol=1e-12)
+  lo, hi = study_stats.paired_bootstrap("accuracy", p, q, y, resamples=50, seed=3)
+  assert (lo, hi) == (np.percentile(counts / 8, 2.5), np.percentile(counts / 8, 97.5)) and lo <= hi
+  # the Pareto front of (metric, speed-up): (0.7, 1.2) is dominated by (0.8, 1.5); equal points both stay
+  pts = [(0.9, 1.0), (0.8, 1.5), (0.7, 1.2), (0.95, 0.5), (0.8, 1.5), (0.6, float("nan"))]
+  assert study_stats.pareto_front(pts) == [True, True, False, True, True, False]
+  # the fastest point keeping >= 95% of a reference metric of 0.8 (>= 0.76)
+  assert study_stats.fastest_keeping([(0.77, 1.3), (0.75, 2.0), (0.79, 1.1)], 0.8) == 0
+  assert study_stats.fastest_keeping([(0.70, 1.3), (0.75, 2.0)], 0.8) is None
+  assert study_stats.fastest_keeping([(0.5, 1.3)], 0.0) is None
+
+
+# --- a two-seed study -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+  """A few-step serial*2 classifier on the embedded data: the study's source checkpoint."""
+  wd = tmp_path_factory.mktemp("source") / "run"
+  run(load_config("tiny", "steps=4", model__hidden_dropout=0.0, model__attention_dropout=0.0), wd)
+  return str(wd)
+
+
+def args(source, workdir, *extra):
+  return ["--init_from", source, "--layouts", "serial*2;fourier*2", "--recipes", "direct", "--data", "embedded",
+          "--workdir", str(workdir), "--finetune_steps", "8", "--lr", "3e-3", "--max_length", "32",
+          "--batch_size", "8", "--max_train_examples", "64", "--infer_batch", "4", "--repeats", "1", "--seeds", "2",
+          *extra]
+
+
+def accuracy(preds, labels):
+  return float(np.mean(np.asarray(preds) == np.asarray(labels)))
+
+
+def test_two_seeds_give_the_statistics_of_their_saved_predictions(source, tmp_path, capsys):
+  out = study.main(args(source, tmp_path))
+  saved = json.loads((tmp_path / "study.json").read_text())
+  assert saved["cells"].keys() == out["cells"].keys() == {"serial*2 | direct", "fourier*2 | direct"}
+  labels = np.asarray(saved["eval_labels"])
+  ref = saved["cells"][saved["reference"]]
+  assert saved["reference"] == "serial*2 | direct" and saved["seeds"] == [0, 1]
+  cell_dirs = {"serial*2 | direct": tmp_path / "cells" / "serial-2-direct",
+               "fourier*2 | direct": tmp_path / "cells" / "fourier-2-direct"}
+  for key, c in saved["cells"].items():
+    assert sorted(c["runs"]) == ["0", "1"] and c["seeds"] == [0, 1]
+    # seed 0 where a one-seed study had it, seed 1 below the cell; other data orders, so other losses
+    assert c["runs"]["0"]["finetune_dir"] == str(cell_dirs[key] / "finetune")
+    assert c["runs"]["1"]["finetune_dir"] == str(cell_dirs[key] / "seed1" / "finetune")
+    assert train_losses(cell_dirs[key] / "finetune") != train_losses(cell_dirs[key] / "seed1" / "finetune")
+    per_seed = []
+    for s in ("0", "1"):
+      r = c["runs"][s]
+      assert len(r["predictions"]) == len(labels) == r["eval_examples"]["validation"]
+      per_seed.append(accuracy(r["predictions"], labels))
+      assert r["metric"] == pytest.approx(per_seed[-1], abs=1e-6)
+      assert r["run_metric"] == pytest.approx(per_seed[-1], abs=1e-6)   # the trainer's own evaluation agrees
+    assert c["metric"] == pytest.approx(np.mean(per_seed), abs=1e-6)
+    assert c["metric_sd"] == pytest.approx(np.std(per_seed, ddof=1), abs=1e-6)
+    # the paired bootstrap, recomputed: 1000 resamples of the examples, seed 1000, seed-averaged accuracies
+    rng = np.random.default_rng(1000)
+    diffs = []
+    for _ in range(1000):
+      idx = rng.integers(0, len(labels), size=len(labels))
+      mine = np.mean([accuracy(np.asarray(c["runs"][s]["predictions"])[idx], labels[idx]) for s in ("0", "1")])
+      theirs = np.mean([accuracy(np.asarray(ref["runs"][s]["predictions"])[idx], labels[idx]) for s in ("0", "1")])
+      diffs.append(mine - theirs)
+    np.testing.assert_allclose(c["diff_ci95"], np.percentile(diffs, [2.5, 97.5]), atol=1e-6)
+    assert c["diff_to_reference"] == pytest.approx(c["metric"] - ref["metric"], abs=1e-12)
+    assert c["speedup"] == pytest.approx(c["infer_tokens_per_s"] / ref["infer_tokens_per_s"])
+  assert ref["diff_ci95"] == [0.0, 0.0]
+  cells = list(saved["cells"].values())
+  front = study_stats.pareto_front([(c["metric"], c["speedup"]) for c in cells])
+  assert [c["pareto"] for c in cells] == front and any(front)
+  assert saved["bootstrap"]["resamples"] == 1000 and saved["bootstrap"]["examples"] == len(labels)
+  f = saved["cells"]["fourier*2 | direct"]
+  keeps = f["metric"] >= 0.95 * ref["metric"]
+  assert saved["fastest_within_95"] == ("fourier*2 | direct" if keeps else None)
+  md = (tmp_path / "study.md").read_text()
+  assert "accuracy (mean ± sd)" in md and f"{ref['metric']:.4f} ± {ref['metric_sd']:.4f}" in md
+  lo, hi = f["diff_ci95"]
+  assert f"{f['diff_to_reference']:+.4f} [{lo:+.4f}, {hi:+.4f}]" in md and "on the front" in md
+  assert saved["conclusion"] in md
+  assert ("`fourier*2` (direct) keeps >= 95%" if keeps else "No layout other than the reference keeps") in md
+  assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+  # a rerun skips every finished (cell, seed); one with --seeds 1 reports seed 0 alone, without a deviation; a cell
+  # saved before seeds (no runs) is scored again from its finished runs, not trained again
+  stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("summary.json")}
+  assert len(stamps) == 4
+  old = dict(saved["cells"]["fourier*2 | direct"])
+  for k in ("runs", "seeds", "metric_sd", "metric_seeds"):
+    old.pop(k)
+  saved["cells"]["fourier*2 | direct"] = old
+  (tmp_path / "study.json").write_text(json.dumps(saved))
+  capsys.readouterr()
+  again = study.main(args(source, tmp_path, "--seeds", "1"))
+  err = capsys.readouterr().err
+  assert "cell fourier*2 | direct has no per-seed runs" in err
+  assert err.count("skip ") == 1 and "skip serial*2 | direct seed 0: finished" in err
+  assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("summary.json")} == stamps
+  f1 = again["cells"]["fourier*2 | direct"]
+  assert f1["runs"]["0"]["predictions"] == f["runs"]["0"]["predictions"] and sorted(f1["runs"]) == ["0"]
+  assert sorted(again["cells"]["serial*2 | direct"]["runs"]) == ["0", "1"]       # kept, though not shown
+  for c in again["cells"].values():
+    assert c["seeds"] == [0] and c["metric_sd"] is None
+    assert c["metric"] == pytest.approx(accuracy(c["runs"]["0"]["predictions"], labels), abs=1e-6)
+  md = (tmp_path / "study.md").read_text()
+  assert " ± " not in md and "seed 0." in md
