@@ -342,7 +342,7 @@ def eval_predictions(c, workdir: Path):
   import jaxformers
   from jaxformers.convert.hf import max_length as model_max_length
   from jaxformers.data import batching, tokenize
-  from jaxformers.runs import load_tokenizer
+  from jaxformers.checkpoints.tokenizers import load_tokenizer
   from jaxformers.train.tasks import forward, make_task
   task = make_task(c)
   examples = task.examples(task.eval_splits[0])
