@@ -340,14 +340,13 @@ def eval_predictions(c, workdir: Path):
   from flax import nnx
 
   import jaxformers
-  from jaxformers.convert.hf import max_length as model_max_length
   from jaxformers.data import batching, tokenize
   from jaxformers.checkpoints.tokenizers import load_tokenizer
   from jaxformers.train.tasks import forward, make_task
   task = make_task(c)
   examples = task.examples(task.eval_splits[0])
   model = jaxformers.from_pretrained(workdir)
-  length = min(c.data.max_length, model_max_length(model.config))
+  length = min(c.data.max_length, model.config.max_length)
   tok = load_tokenizer(workdir)
   quiet = logging.getLogger("jaxformers.data.tokenize")
   level = quiet.level
