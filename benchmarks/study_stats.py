@@ -11,7 +11,9 @@ replacement, ``np.random.default_rng(seed).integers(0, n, size=n)`` once per res
 the cell and the reference; on them it computes the cell's metric averaged over its seeds minus the reference's
 metric averaged over its seeds (every seed of either is scored on the same examples; the seeds need not pair up one
 to one, and with one seed each this is the plain paired bootstrap). The interval is the 2.5 and 97.5 percentiles
-(``np.percentile``, linear interpolation) of those differences.
+(``np.percentile``, linear interpolation) of those differences. :func:`bootstrap_interval` draws the same way for one
+cell's metric alone, and :func:`still_improving` compares a learning curve's last rise with that interval's
+half-width (the study's budget check).
 """
 from __future__ import annotations
 
@@ -111,6 +113,44 @@ def paired_bootstrap(name: str, cell_preds, ref_preds, labels, resamples: int = 
   d = bootstrap_differences(name, cell_preds, ref_preds, labels, resamples, seed)
   lo, hi = np.percentile(d, [50 * (1 - level), 50 * (1 + level)])
   return float(lo), float(hi)
+
+
+def bootstrap_interval(name: str, preds, labels, resamples: int = RESAMPLES, seed: int = BOOTSTRAP_SEED,
+                       level: float = 0.95) -> tuple[float, float]:
+  """The ``level`` percentile interval ``(low, high)`` of one cell's metric (averaged over its seeds) on resampled
+  examples: the same draws as :func:`bootstrap_differences`, the metric alone instead of a difference."""
+  p, y = _rows(preds), np.asarray(labels)
+  n = y.shape[0]
+  if p.shape[-1] != n:
+    raise ValueError(f"{p.shape[-1]} predictions for {n} labels")
+  rng = np.random.default_rng(seed)
+  values = np.empty(resamples, np.float64)
+  for b in range(resamples):
+    idx = rng.integers(0, n, size=n)
+    values[b] = metric(name, p[:, idx], y[idx]).mean()
+  lo, hi = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
+  return float(lo), float(hi)
+
+
+def still_improving(curve: Sequence[tuple[int, float]], half_width: float) -> dict:
+  """Whether a learning curve (``(step, metric)`` evaluations, larger is better) is still rising at its end by more
+  than ``half_width`` (the half-width of the final metric's bootstrap interval: the size of a difference the
+  validation examples can tell from noise).
+
+  The earlier half is the evaluations at steps <= half the last evaluation's step; ``gain`` is the last evaluation
+  minus the best of the earlier half, and ``improving`` is ``gain > half_width``. With no evaluation in the earlier
+  half (a curve of one point), ``improving`` and ``gain`` are None: the curve cannot tell. Returns ``{"steps": the
+  last step, "last", "best_earlier", "gain", "half_width", "improving"}``."""
+  points = sorted((int(s), float(v)) for s, v in curve)
+  if not points:
+    return {"steps": None, "last": None, "best_earlier": None, "gain": None, "half_width": half_width,
+            "improving": None}
+  end, last = points[-1]
+  earlier = [v for s, v in points[:-1] if s <= end / 2]
+  best = max(earlier) if earlier else None
+  gain = last - best if earlier else None
+  return {"steps": end, "last": last, "best_earlier": best, "gain": gain, "half_width": float(half_width),
+          "improving": None if gain is None else bool(gain > half_width)}
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:

@@ -63,6 +63,37 @@ def test_mean_sd_bootstrap_and_pareto_on_known_answers():
   assert study_stats.fastest_keeping([(0.5, 1.3)], 0.0) is None
 
 
+def test_the_budget_check_on_hand_built_learning_curves():
+  """``still_improving``: the last evaluation minus the best of the first half (steps <= half the last step) against
+  the half-width of the metric's interval; rising, flat, peaked and one-point curves."""
+  check = study_stats.still_improving
+  rising = [(10, 0.50), (20, 0.60), (30, 0.70), (40, 0.80)]
+  r = check(rising, 0.05)
+  assert r["improving"] is True and r["steps"] == 40 and r["best_earlier"] == 0.60
+  assert r["gain"] == pytest.approx(0.20) and r["last"] == 0.80
+  flat = [(10, 0.50), (20, 0.80), (30, 0.79), (40, 0.81)]          # the first half already reached it
+  f = check(flat, 0.05)
+  assert f["improving"] is False and f["gain"] == pytest.approx(0.01)
+  assert check(flat, 0.005)["improving"] is True                     # a narrower interval tells the 0.01 apart
+  assert check([(40, 0.81), (10, 0.5), (20, 0.8)], 0.05) == f         # order of the evaluations does not matter
+  assert check([(5, 0.2), (10, 0.9), (15, 0.95), (20, 0.7)], 0.05)["improving"] is False   # peaked, then fell
+  assert check([(10, 0.5), (20, 0.53), (40, 0.56)], 0.05)["improving"] is False  # rising within the noise
+  assert check([(10, 0.5), (20, 0.53), (40, 0.56)], 0.05)["best_earlier"] == 0.53  # step 20 is the first half's
+  for cannot_tell in ([(40, 0.8)], [], [(30, 0.1), (40, 0.9)]):      # nothing at steps <= 20
+    assert check(cannot_tell, 0.05)["improving"] is None and check(cannot_tell, 0.05)["gain"] is None
+  # the half-width comes from the interval of one cell's metric: the paired bootstrap's draws, one metric
+  y = np.array([0, 1, 2, 1, 0, 2, 2, 1])
+  p = np.array([0, 1, 1, 1, 2, 2, 0, 1])
+  rng = np.random.default_rng(7)
+  values = []
+  for _ in range(40):
+    idx = rng.integers(0, 8, size=8)
+    values.append(np.mean([np.mean(row[idx] == y[idx]) for row in (p, y)]))   # two seeds, averaged
+  lo, hi = study_stats.bootstrap_interval("accuracy", [p, y], y, resamples=40, seed=7)
+  np.testing.assert_allclose([lo, hi], np.percentile(values, [2.5, 97.5]), atol=1e-12)
+  assert study_stats.bootstrap_interval("accuracy", y, y) == (1.0, 1.0)
+
+
 # --- a two-seed study -------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
