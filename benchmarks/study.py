@@ -9,7 +9,24 @@ the data order, dropout and the initialisation of new parameters, as the run con
   no labels), then fine-tune from the healed run. The healing losses: hidden-state MSE at every layer (layer i of
   the student against layer i of the source), plus the MiniLM self-attention and value-relation KL where the student
   has attention (at its deepest attention layer); a student without attention (``fourier*N``) heals from hidden
-  states alone. All weights are 1.
+  states alone. All weights are 1;
+* ``healed+kd``: the healed cell's healing run (the same run: trained once, in the healed cell's directory), then
+  fine-tuned on the labels plus the soft labels of a teacher, the fine-tuned model of the reference (below: the
+  source's own layout, recipe direct) of the same seed (``distill.teacher``; ``distill.logits`` = ``--kd_logits``
+  at ``distill.temperature`` = ``--kd_temperature``).
+  It needs the reference cell, which runs before every other cell.
+
+The reference's fine-tuning also evaluates every ``--eval_every`` steps (default a tenth of its steps;
+``train.eval_every``), which leaves its training unchanged and draws its learning curve (from its
+``metrics.jsonl``). The budget check (:func:`benchmarks.study_stats.still_improving`): when the curve's last
+evaluation exceeds the best evaluation of its first half (steps <= half the run) by more than the half-width of the
+95% bootstrap interval of the reference's metric, ``study.md`` says that the reference is still improving and the
+budget may be too small. ``--budget auto`` fine-tunes the reference (first seed) for ``--finetune_steps``, twice as
+many, ... (at most ``--max_finetune_steps``) in ``DIR/budget/finetune-<steps>`` until that check finds the curve flat,
+then fine-tunes every cell for that many steps (``settings.finetune_steps`` and ``budget_search`` in ``study.json``);
+the chosen run becomes the reference's. Every cell is scored, timed and distilled from at its final state
+(``finetune/checkpoints/<step>``), not at the best evaluation of the reference's curve. The reference's train
+tokens/s count the time of its evaluations.
 
 After each run the fine-tuned model predicts every validation example; the predictions go into the run's record in
 ``study.json`` (with the labels once, ``eval_labels``), and the run's metric is recomputed from them
@@ -29,7 +46,9 @@ Writes ``DIR/study.json`` (after every finished run: a rerun skips finished (cel
 larger ``--seeds`` adds only the new seeds), ``DIR/study.md`` (the cell table with mean +- sd and the intervals, the
 Pareto table and its sentence, healing vs direct) and ``DIR/study.png`` (mean metric vs inference speed-up, the
 intervals as error bars). The runs of a cell's first seed live in ``DIR/cells/<layout>-<recipe>/{heal,finetune}``
-(where a one-seed study always had them), those of seed S in ``DIR/cells/<layout>-<recipe>/seedS/{heal,finetune}``.
+(where a one-seed study always had them), those of seed S in ``DIR/cells/<layout>-<recipe>/seedS/{heal,finetune}``
+(every run of characters other than letters and digits as one ``-``: ``cells/fourier-6-healed-kd``, which has no
+``heal`` of its own).
 A ``study.json`` from before ``--seeds`` resumes: its cells are scored again from their finished runs, which are
 not trained again.
 
@@ -56,7 +75,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DEFAULT_LAYOUTS = "serial*6;parallel*6;fourier*6;fourier*4,serial*2;serial*4,ffn*2"
-RECIPES = ("direct", "healed")
+RECIPES = ("direct", "healed", "healed+kd")
+# settings added after the first studies, with the value a study.json saved before them had in effect
+LATER_SETTINGS = {"kd_logits": 1.0, "kd_temperature": 2.0, "eval_every": 0, "budget": "fixed",
+                  "budget_from_steps": None, "max_finetune_steps": None}
+CURVE_POINTS = 10       # evaluations along the reference's fine-tuning when --eval_every is 0
+VERDICTS = {True: "still improving", False: "flat", None: "cannot tell"}   # of study_stats.still_improving
 # keys of study.json's "settings" a resumed study must share with the finished cells
 DATA_KEYS = ("train_file", "eval_file", "text_a_column", "text_b_column", "label_column", "label_names", "num_labels")
 
@@ -67,7 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--init_from", required=True, help="the source checkpoint (any from_pretrained path or run)")
   p.add_argument("--layouts", default=DEFAULT_LAYOUTS,
                  help="';'-separated block layouts; 'search:DIR' = the layout found by the search run in DIR")
-  p.add_argument("--recipes", default="direct,healed", help="comma-separated: direct, healed")
+  p.add_argument("--recipes", default="direct,healed",
+                 help="comma-separated: direct, healed, healed+kd (healed+kd needs the reference cell: the source's "
+                      "layout in --layouts and direct in --recipes)")
   p.add_argument("--data", default="embedded", help="'embedded', a CSV / TSV / JSONL training file (with --eval and "
                                                      "the column flags), or a directory with data.json")
   p.add_argument("--eval", default="", help="with --data FILE: the held-out file (same format and columns)")
@@ -78,12 +104,27 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                    "('': inferred from the training file, sorted)")
   p.add_argument("--workdir", required=True, help="where study.json, study.md, study.png and cells/ go")
   p.add_argument("--heal_steps", type=int, default=200, help="healing (distillation) steps per healed cell")
-  p.add_argument("--finetune_steps", type=int, default=200, help="fine-tuning steps per cell")
+  p.add_argument("--finetune_steps", type=int, default=200,
+                 help="fine-tuning steps per cell (--budget auto: the first step count it tries)")
+  p.add_argument("--budget", default="fixed", choices=("fixed", "auto"),
+                 help="'fixed': every cell fine-tunes --finetune_steps; 'auto': the reference fine-tunes "
+                      "--finetune_steps, then twice as many, ... until its learning curve has flattened (or "
+                      "--max_finetune_steps), and every cell fine-tunes that many steps")
+  p.add_argument("--max_finetune_steps", type=int, default=0,
+                 help="--budget auto: the most fine-tuning steps it tries (0: 8 x --finetune_steps)")
+  p.add_argument("--eval_every", type=int, default=0,
+                 help="the reference's fine-tuning evaluates every N steps, for its learning curve (the budget "
+                      "check); 0: a tenth of the fine-tuning steps")
   p.add_argument("--max_length", type=int, default=128, help="tokens per example (and of the inference batch)")
   p.add_argument("--batch_size", type=int, default=32, help="training batch")
   p.add_argument("--eval_batch_size", type=int, default=64, help="evaluation batch")
   p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning peak learning rate")
   p.add_argument("--heal_lr", type=float, default=3e-4, help="healing peak learning rate")
+  p.add_argument("--kd_logits", type=float, default=1.0,
+                 help="healed+kd: weight of the soft-label KL to the teacher's logits (distill.logits; the labels' "
+                      "loss keeps weight 1)")
+  p.add_argument("--kd_temperature", type=float, default=2.0,
+                 help="healed+kd: temperature of the teacher's soft labels (distill.temperature)")
   p.add_argument("--heal_first_token", type=float, default=0.0,
                  help="weight of the first-token state loss in healing (distill.first_token)")
   p.add_argument("--fourier_norm", default="auto", choices=("auto", "none", "ortho"),
@@ -110,6 +151,17 @@ def parse_args(argv=None) -> argparse.Namespace:
               "resamples"):
     if getattr(a, key) < 1:
       p.error(f"--{key}={getattr(a, key)}: must be at least 1")
+  for key in ("eval_every", "max_finetune_steps", "kd_logits"):
+    if getattr(a, key) < 0:
+      p.error(f"--{key}={getattr(a, key)}: must be at least 0")
+  if not a.kd_temperature > 0:
+    p.error(f"--kd_temperature={a.kd_temperature}: must be positive")
+  a.budget_from_steps = a.finetune_steps      # --budget auto replaces finetune_steps by the budget it chose
+  if a.budget == "auto":
+    a.max_finetune_steps = a.max_finetune_steps or 8 * a.finetune_steps
+    if a.max_finetune_steps < a.finetune_steps:
+      p.error(f"--max_finetune_steps={a.max_finetune_steps}: below --finetune_steps={a.finetune_steps}, the first "
+              f"budget --budget auto tries")
   return a
 
 
@@ -198,9 +250,15 @@ def cell_key(layout: str, recipe: str) -> str:
   return f"{layout} | {recipe}"
 
 
+def slug(text: str) -> str:
+  """``text`` safe as a file name: every run of characters other than ASCII letters and digits becomes one '-'."""
+  return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")
+
+
 def cell_dir(root: Path, layout: str, recipe: str) -> Path:
-  """The directory of one cell's runs: ``DIR/cells/<layout>-<recipe>``."""
-  return root / "cells" / f"{re.sub(r'[^A-Za-z0-9]+', '-', layout).strip('-')}-{recipe}"
+  """The directory of one cell's runs: ``DIR/cells/<layout>-<recipe>``, both as :func:`slug` spells them
+  (``fourier*4,serial*2`` healed+kd: ``fourier-4-serial-2-healed-kd``)."""
+  return root / "cells" / f"{slug(layout)}-{slug(recipe)}"
 
 
 def run_dir(root: Path, layout: str, recipe: str, seed: int, first_seed: int) -> Path:
@@ -248,14 +306,40 @@ def heal_config(a, data: dict, layout: str, seed: int | None = None):
   return c
 
 
-def finetune_config(a, data: dict, init_from: str, layout: str, seed: int | None = None):
-  """The fine-tuning run of a cell: classification from ``init_from`` (re-arranged into ``layout`` when given)."""
-  c = base_config(a, data, a.finetune_steps, a.lr, seed)
+def finetune_config(a, data: dict, init_from: str, layout: str, seed: int | None = None, steps: int | None = None):
+  """The fine-tuning run of a cell: classification from ``init_from`` (re-arranged into ``layout`` when given), for
+  ``steps`` (default ``--finetune_steps``) steps."""
+  c = base_config(a, data, a.finetune_steps if steps is None else steps, a.lr, seed)
   c.task = "classification"
   c.init_from = init_from
   c.model.layout = layout
   if a.fourier_norm != "auto":
     c.model.fourier_norm = a.fourier_norm
+  return c
+
+
+def curve_every(a, steps: int) -> int:
+  """How often the reference's fine-tuning evaluates: ``--eval_every``, else a tenth of ``steps`` (at least 1)."""
+  return a.eval_every or max(1, steps // CURVE_POINTS)
+
+
+def reference_config(a, data: dict, layout: str, seed: int | None = None, steps: int | None = None):
+  """The reference's fine-tuning (the source's own layout, recipe direct): a direct cell's run that also evaluates
+  every :func:`curve_every` steps (``train.eval_every``), which draws its learning curve for the budget check. The
+  evaluations change neither the training nor the final state the study scores."""
+  c = finetune_config(a, data, a.init_from, layout, seed, steps)
+  c.train.eval_every = curve_every(a, c.train.num_steps)
+  return c
+
+
+def kd_config(a, data: dict, init_from: str, teacher: str, seed: int | None = None):
+  """The fine-tuning of a healed+kd cell: from its healing run ``init_from``, on the labels (weight 1) plus the soft
+  labels of ``teacher`` (the reference's fine-tuned model of the same seed): the KL between the teacher's and the
+  student's class distributions at ``--kd_temperature``, weight ``--kd_logits`` (``distill.logits``)."""
+  c = finetune_config(a, data, init_from, "", seed)
+  c.distill.teacher = str(teacher)
+  c.distill.logits = a.kd_logits
+  c.distill.temperature = a.kd_temperature
   return c
 
 
@@ -265,22 +349,30 @@ def settings(a, data: dict) -> dict:
           "max_length": a.max_length, "batch_size": a.batch_size, "eval_batch_size": a.eval_batch_size, "lr": a.lr,
           "heal_lr": a.heal_lr, "heal_first_token": a.heal_first_token, "seed": a.seed,
           "fourier_norm": a.fourier_norm,
-          "max_train_examples": a.max_train_examples}
+          "max_train_examples": a.max_train_examples, "kd_logits": a.kd_logits, "kd_temperature": a.kd_temperature,
+          "eval_every": a.eval_every, "budget": a.budget,
+          "budget_from_steps": a.budget_from_steps if a.budget == "auto" else None,
+          "max_finetune_steps": a.max_finetune_steps if a.budget == "auto" else None}
 
 
-def load_study(path: Path, want: dict) -> dict:
-  """The study saved in ``path`` (a fresh one if there is none), refused when its settings differ from ``want``. A
-  cell saved before studies had seeds (no ``runs``, no predictions) is dropped: its first seed is scored again from
-  the finished runs in its directory, which the trainer finds finished and does not train again."""
+def load_study(path: Path, want: dict, skip: tuple = ()) -> dict:
+  """The study saved in ``path`` (a fresh one if there is none), refused when its settings differ from ``want``
+  (but for the keys of ``skip``; a key of :data:`LATER_SETTINGS` that a study saved before it lacks counts as the
+  value it had in effect). A cell saved before studies had seeds (no ``runs``, no predictions) is dropped: its first
+  seed is scored again from the finished runs in its directory, which the trainer finds finished and does not train
+  again."""
   if not path.is_file():
-    return {"settings": want, "cells": {}}
+    return {"settings": dict(want), "cells": {}}
   try:
     study = json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise SystemExit(f"{path}: not valid JSON ({e}); move it away to start the study afresh")
+  saved = study.setdefault("settings", {})
+  for k, v in LATER_SETTINGS.items():
+    saved.setdefault(k, v)
   for k, v in want.items():
-    if study.get("settings", {}).get(k) != v:
-      raise SystemExit(f"{path}: its finished cells used {k}={study['settings'].get(k)!r}, this run asks for {v!r}; "
+    if k not in skip and saved.get(k) != v:
+      raise SystemExit(f"{path}: its finished cells used {k}={saved.get(k)!r}, this run asks for {v!r}; "
                        f"use another --workdir (or the same settings) so that every cell shares one budget")
   for key in [k for k, c in study.get("cells", {}).items() if "runs" not in c]:
     print(f"{path}: cell {key} has no per-seed runs (saved by an older study.py); its finished runs are scored "
@@ -330,11 +422,40 @@ def run_again_if_unreadable(c, workdir: Path) -> dict:
     return run(c, workdir)
 
 
+def final_state(workdir: Path) -> Path:
+  """The last saved state of a finished run, ``WORKDIR/checkpoints/<step>``: the model at the end of its training,
+  which the study scores, times and distils from. (``from_pretrained(WORKDIR)`` loads ``best/``, which for a run
+  that evaluated along the way, the reference, is the state of its best evaluation: chosen on the very validation
+  examples the study scores.)"""
+  from jaxformers.checkpoints.workdir import saved_steps
+  steps = saved_steps(workdir / "checkpoints")
+  if not steps:
+    raise SystemExit(f"{workdir}: no saved state under checkpoints/ (a run that did not finish?)")
+  return workdir / "checkpoints" / str(steps[-1])
+
+
+def learning_curve(workdir: Path, metric: str) -> list[list]:
+  """``[[step, value], ...]`` by step: the evaluations of ``metric`` (e.g. ``validation/accuracy``) that a run wrote
+  to ``WORKDIR/metrics.jsonl`` (a step evaluated twice, by a run resumed after a kill, keeps its last value)."""
+  points = {}
+  path = workdir / "metrics.jsonl"
+  if path.is_file():
+    for line in path.read_text().splitlines():
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError:
+        continue                          # a line cut short by a kill
+      if rec.get("kind") == "eval" and metric in rec:
+        points[int(rec["step"])] = float(rec[metric])
+  return [[step, points[step]] for step in sorted(points)]
+
+
 def eval_predictions(c, workdir: Path):
   """Every example of the first eval split of run config ``c`` (the one its metric is read from) through the model
-  the run saved in ``workdir``, in data order: ``(predictions, labels)``, the predicted class ids (the output for a
-  regression) and the data's labels. Batches as in the trainer's evaluation (length-sorted, padded, the run's
-  ``eval_batch_size``), so the metric of these predictions is the run's."""
+  saved in ``workdir`` (a run directory or one of its states, :func:`final_state`), in data order: ``(predictions,
+  labels)``, the predicted class ids (the output for a regression) and the data's labels. Batches as in the
+  trainer's evaluation (length-sorted, padded, the run's ``eval_batch_size``), so the metric of these predictions is
+  the run's."""
   import jax
   import numpy as np
   from flax import nnx
@@ -368,29 +489,46 @@ def eval_predictions(c, workdir: Path):
   return preds, np.asarray(examples.label)
 
 
-def run_cell(a, data: dict, root: Path, layout: str, recipe: str, seed: int | None = None) -> tuple[dict, list]:
-  """One seed of one cell: heal (recipe ``healed``), fine-tune, then score the fine-tuned model on every validation
-  example. Returns the run's record (with its per-example ``predictions`` and ``metric``, recomputed from them) and
-  the validation labels."""
+def run_cell(a, data: dict, root: Path, layout: str, recipe: str, seed: int | None = None,
+             ref_layout: str | None = None) -> tuple[dict, list]:
+  """One seed of one cell: heal (recipes ``healed`` and ``healed+kd``, which share the healed cell's healing run of
+  the seed), fine-tune (``healed+kd`` with the soft labels of the reference's fine-tuned model of the seed, which
+  must have run), then score the fine-tuned model's final state on every validation example. ``ref_layout`` is the
+  source's own layout: its direct cell, the reference, also records its learning curve (``curve``). Returns the
+  run's record (with its per-example ``predictions`` and ``metric``, recomputed from them) and the validation
+  labels."""
   from benchmarks import study_stats
   run = run_again_if_unreadable
   seed = a.seed if seed is None else seed
   d = run_dir(root, layout, recipe, seed, a.seed)
   rec = {"seed": seed, "dir": str(d)}
   t0 = time.time()
-  if recipe == "healed":
+  if recipe in ("healed", "healed+kd"):
+    heal_dir = run_dir(root, layout, "healed", seed, a.seed) / "heal"
     hc = heal_config(a, data, layout, seed)
-    hs = run(hc, d / "heal")
+    hs = run(hc, heal_dir)
     losses = {k: hc.distill[k] for k in ("hidden", "first_token", "attention", "value") if hc.distill[k]}
     rec["heal"] = {"losses": losses, "tokens_per_s": hs["tokens_per_s"], "wall_time_s": hs["wall_time_s"],
-                   "eval_loss": hs["eval"].get(hs["best_metric"])}
-    fc = finetune_config(a, data, str(d / "heal"), "", seed)
+                   "eval_loss": hs["eval"].get(hs["best_metric"]), "dir": str(heal_dir)}
+    if recipe == "healed":
+      fc = finetune_config(a, data, str(heal_dir), "", seed)
+    else:
+      teacher = run_dir(root, ref_layout, "direct", seed, a.seed) / "finetune"
+      if ref_layout is None or not (teacher / "summary.json").is_file():
+        raise SystemExit(f"{cell_key(layout, recipe)} seed {seed}: its teacher, the reference's fine-tuned run "
+                         f"{teacher}, has not finished (the reference cell runs first)")
+      fc = kd_config(a, data, str(heal_dir), str(final_state(teacher)), seed)
+      rec["kd"] = {"teacher": fc.distill.teacher, "logits": fc.distill.logits,
+                   "temperature": fc.distill.temperature}
+  elif layout == ref_layout and recipe == "direct":
+    fc = reference_config(a, data, layout, seed)
   else:
     fc = finetune_config(a, data, a.init_from, layout, seed)
   fs = run(fc, d / "finetune")
   name = fs["best_metric"]
   metric_name = name.split("/", 1)[-1]
-  preds, labels = eval_predictions(fc, d / "finetune")
+  model = final_state(d / "finetune")
+  preds, labels = eval_predictions(fc, model)
   score = study_stats.metric(metric_name, preds, labels)
   if abs(score - fs["eval"][name]) > 1e-6:
     print(f"{d / 'finetune'}: {metric_name} of the saved predictions {score:.6f}, the run's evaluation "
@@ -398,9 +536,50 @@ def run_cell(a, data: dict, root: Path, layout: str, recipe: str, seed: int | No
   rec.update(metric_name=metric_name, metric=score, run_metric=fs["eval"][name], eval=fs["eval"],
              train_tokens_per_s=fs["tokens_per_s"], finetune_wall_time_s=fs["wall_time_s"],
              train_examples=fs["train_examples"], eval_examples=fs["eval_examples"],
-             finetune_dir=str(d / "finetune"), finetune_init_from=fc.init_from, wall_time_s=time.time() - t0,
-             predictions=preds.tolist())
+             finetune_dir=str(d / "finetune"), finetune_init_from=fc.init_from, model=str(model),
+             wall_time_s=time.time() - t0, predictions=preds.tolist())
+  if fc.train.eval_every:
+    rec.update(eval_every=fc.train.eval_every, curve=learning_curve(d / "finetune", name))
   return rec, labels.tolist()
+
+
+def try_budget(a, data: dict, root: Path, ref_layout: str, steps: int) -> dict:
+  """One budget of ``--budget auto``: the reference's fine-tuning (first seed) for ``steps`` steps in
+  ``DIR/budget/finetune-<steps>``, its final state scored on every validation example, and the budget check of its
+  learning curve (:func:`benchmarks.study_stats.still_improving` against the half-width of the 95% bootstrap
+  interval of its metric, ``--resamples`` resamples)."""
+  from benchmarks import study_stats
+  wd = root / "budget" / f"finetune-{steps}"
+  c = reference_config(a, data, ref_layout, a.seed, steps)
+  fs = run_again_if_unreadable(c, wd)
+  name = fs["best_metric"]
+  metric_name = name.split("/", 1)[-1]
+  preds, labels = eval_predictions(c, final_state(wd))
+  lo, hi = study_stats.bootstrap_interval(metric_name, preds, labels, a.resamples)
+  curve = learning_curve(wd, name)
+  check = study_stats.still_improving(curve, (hi - lo) / 2)
+  return {"steps": steps, "dir": str(wd), "eval_every": c.train.eval_every, "metric_name": metric_name,
+          "metric": study_stats.metric(metric_name, preds, labels), "ci95": [lo, hi], "curve": curve,
+          "gain": check["gain"], "half_width": check["half_width"], "improving": check["improving"]}
+
+
+def choose_budget(a, data: dict, root: Path, ref_layout: str) -> dict:
+  """``--budget auto``: :func:`try_budget` at ``--finetune_steps``, then twice as many, ... (the last try at most
+  ``--max_finetune_steps``) until the reference's learning curve has flattened (``improving`` False; a curve that
+  cannot tell, None, counts as still improving). Returns ``{"from_steps", "max_steps", "chosen", "plateaued",
+  "trials"}``: ``chosen`` the steps of the last try, ``plateaued`` whether its curve had flattened."""
+  steps, trials = a.budget_from_steps, []
+  while True:
+    t = try_budget(a, data, root, ref_layout, steps)
+    trials.append(t)
+    verdict = VERDICTS[t["improving"]]
+    gain = "-" if t["gain"] is None else f"{t['gain']:+.4f}"
+    print(f"budget: {steps} fine-tuning steps: {t['metric_name']}={t['metric']:.4f}, last evaluation minus the best "
+          f"of the first half {gain}, interval half-width {t['half_width']:.4f}: {verdict}", file=sys.stderr)
+    if t["improving"] is False or steps >= a.max_finetune_steps:
+      return {"from_steps": a.budget_from_steps, "max_steps": a.max_finetune_steps, "chosen": steps,
+              "plateaued": t["improving"] is False, "trials": trials}
+    steps = min(2 * steps, a.max_finetune_steps)
 
 
 def summarize(cell: dict, seeds: list[int]) -> dict:
@@ -422,7 +601,9 @@ def summarize(cell: dict, seeds: list[int]) -> dict:
               train_tokens_per_s=mean([r["train_tokens_per_s"] for r in runs]),
               train_examples=first["train_examples"], eval_examples=first["eval_examples"],
               finetune_dir=first["finetune_dir"], finetune_init_from=first["finetune_init_from"],
-              cell_wall_time_s=sum(r["wall_time_s"] for r in runs))
+              model=first.get("model", first["finetune_dir"]), cell_wall_time_s=sum(r["wall_time_s"] for r in runs))
+  if "kd" in first:
+    cell["kd"] = first["kd"]
   if "heal" in first:
     losses = [r["heal"]["eval_loss"] for r in runs]
     cell["heal"] = {"losses": first["heal"]["losses"],
@@ -449,7 +630,7 @@ def measure(a, cells: dict) -> dict:
   shape = (a.infer_batch, a.max_length)
   fns, out = {}, {}
   for key, rec in cells.items():
-    model = jaxformers.from_pretrained(rec["finetune_dir"])
+    model = jaxformers.from_pretrained(rec.get("model", rec["finetune_dir"]))
     graph, state = nnx.split(model)
     vocab = model.config.vocab_size
     ids = np.random.default_rng(0).integers(min(1000, vocab // 2), vocab, size=shape)
@@ -469,11 +650,15 @@ def measure(a, cells: dict) -> dict:
   return out
 
 
-def reference_key(a, cells: dict) -> str | None:
-  """The cell of the source's own layout, recipe direct (else healed)."""
+def source_layout(a) -> str:
+  """The layout of the source checkpoint ``--init_from``, spelled as :func:`check_layouts` spells layouts."""
   import jaxformers
   from jaxformers.layout import BLOCKS, format_layout, parse_layout
-  src = format_layout(parse_layout(jaxformers.from_pretrained(a.init_from).config.layout, BLOCKS.names()))
+  return format_layout(parse_layout(jaxformers.from_pretrained(a.init_from).config.layout, BLOCKS.names()))
+
+
+def reference_key(src: str, cells: dict) -> str | None:
+  """The cell of the source's own layout ``src``, recipe direct (else healed)."""
   for recipe in ("direct", "healed"):
     if cell_key(src, recipe) in cells:
       return cell_key(src, recipe)
@@ -534,6 +719,45 @@ def statistics(study: dict, keys: list[str], resamples: int) -> None:
   study["conclusion"] = text
 
 
+def budget_check(study: dict, resamples: int) -> None:
+  """Adds ``budget_check`` to the study: the reference's learning curve (its evaluations every ``eval_every`` steps,
+  averaged over its seeds at the steps all of them evaluated), the half-width of the 95% bootstrap interval of its
+  metric (mean over seeds; :func:`benchmarks.study_stats.bootstrap_interval`), the verdict of
+  :func:`benchmarks.study_stats.still_improving` and ``text``, one line saying it."""
+  import numpy as np
+  from benchmarks import study_stats
+  ref = study.get("reference")
+  r = study["cells"].get(ref)
+  if not r:
+    study["budget_check"] = None
+    return
+  name = r["metric_name"]
+  curves = [r["runs"][str(s)].get("curve") or [] for s in r["seeds"]]
+  common = set.intersection(*({step for step, _ in c} for c in curves))
+  curve = [[step, float(np.mean([dict(c)[step] for c in curves]))] for step in sorted(common)]
+  lo, hi = study_stats.bootstrap_interval(name, seed_predictions(r), study["eval_labels"], resamples)
+  check = study_stats.still_improving(curve, (hi - lo) / 2)
+  steps, mean = study["settings"]["finetune_steps"], "" if len(curves) == 1 else f" (mean of {len(curves)} seeds)"
+  if len(curve) < 2:
+    text = (f"No learning curve of the reference to check the budget with: its fine-tuning evaluated {len(curve)} "
+            f"time(s) (only the source layout's direct cell evaluates along the way, every --eval_every steps; its "
+            f"runs trained by a study.py from before that have one evaluation).")
+  elif check["improving"] is None:
+    text = (f"The reference's learning curve cannot tell whether {steps} steps suffice: none of its evaluations is in "
+            f"the first half of its fine-tuning (lower --eval_every).")
+  elif check["improving"]:
+    text = (f"The reference is still improving at {steps} steps: the budget may be too small (its {name}{mean} rose "
+            f"by {check['gain']:.4f} from the best evaluation of the first half of its fine-tuning to the last, more "
+            f"than the half-width {check['half_width']:.4f} of its 95% bootstrap interval).")
+  else:
+    text = (f"The reference's learning curve has flattened by {steps} steps: its last {name}{mean} is "
+            f"{check['gain']:+.4f} from the best evaluation of the first half of its fine-tuning, within the "
+            f"half-width {check['half_width']:.4f} of its 95% bootstrap interval.")
+  every = {r["runs"][str(s)].get("eval_every") for s in r["seeds"]} - {None}
+  study["budget_check"] = {"curve": curve, "eval_every": every.pop() if len(every) == 1 else None,
+                           "ci95": [lo, hi], **check, "text": text}
+
+
 def markdown(study: dict) -> str:
   """``study.md``: the cell table (mean +- sd over seeds, the interval of the difference to the reference), the
   Pareto table with the study's conclusion, and healing vs direct."""
@@ -549,6 +773,19 @@ def markdown(study: dict) -> str:
            f"{s['batch_size']}, max_length {s['max_length']}, {seed_text}. Inference: batch "
            f"{study['inference_shape'][0]}x{study['inference_shape'][1]}, {study['cpu']} ({study['devices']}), "
            f"medians of {study['repeats']} interleaved runs. Reference (marked *): `{ref}`.", ""]
+  chosen = study.get("budget_search")
+  if chosen:
+    tried = ", ".join(f"{t['steps']} ({VERDICTS[t['improving']]})" for t in chosen["trials"])
+    lines += [f"Budget: `--budget auto` chose {chosen['chosen']} fine-tuning steps for every cell (the reference's "
+              f"learning curve at {tried}; at most {chosen['max_steps']}).", ""]
+  if study.get("budget_check"):
+    lines += [study["budget_check"]["text"], ""]
+  kd = {c["kd"]["logits"]: c["kd"] for c in cells.values() if c.get("kd")}
+  if kd:
+    k = next(iter(kd.values()))
+    lines += [f"healed+kd: fine-tuned from the healed cell's healing run on the labels plus the soft labels of the "
+              f"reference's fine-tuned model of the same seed (KL weight {k['logits']}, temperature "
+              f"{k['temperature']}).", ""]
   header = ["layout", "recipe", name if len(seeds) == 1 else f"{name} (mean ± sd)", "% of ref",
             "diff to ref [95% CI]", "infer tok/s", "speed-up", "train tok/s", "heal tok/s", "params (M)",
             "MFLOPs/token"]
@@ -587,17 +824,22 @@ def markdown(study: dict) -> str:
             table(["layout", "recipe", name, "speed-up", "on the front"], pareto)]
   if study.get("conclusion"):
     lines += ["", study["conclusion"]]
+  healed = [x for x in ("healed", "healed+kd") if any(c["recipe"] == x for c in cells.values())]
   gaps = []
   for lay in dict.fromkeys(c["layout"] for c in cells.values()):
-    d, h = cells.get(cell_key(lay, "direct")), cells.get(cell_key(lay, "healed"))
-    if not (d and h and r) or cell_key(lay, "direct") == ref:
+    d, hs = cells.get(cell_key(lay, "direct")), [cells.get(cell_key(lay, x)) for x in healed]
+    if not (d and r and any(hs)) or cell_key(lay, "direct") == ref:
       continue
     gap = r["metric"] - d["metric"]
-    closed = f"{100 * (h['metric'] - d['metric']) / gap:.0f}%" if gap > 0 else "no gap"
-    gaps.append([f"`{lay}`", f"{d['metric']:.4f}", f"{h['metric']:.4f}", f"{r['metric']:.4f}", closed])
+    closed = [("-" if h is None else f"{100 * (h['metric'] - d['metric']) / gap:.0f}%" if gap > 0 else "no gap")
+              for h in hs]
+    gaps.append([f"`{lay}`", f"{d['metric']:.4f}", *("-" if h is None else f"{h['metric']:.4f}" for h in hs),
+                 f"{r['metric']:.4f}", *closed])
   if gaps:
-    lines += ["", "Healing vs direct (means over seeds; gap closed = (healed - direct) / (reference - direct)):", "",
-              table(["layout", "direct", "healed", "reference", "gap closed"], gaps)]
+    lines += ["", f"Healing vs direct (means over seeds; gap closed = ({' or '.join(healed)} - direct) / (reference - "
+                  f"direct)):", "",
+              table(["layout", "direct", *healed, "reference", *(f"gap closed ({x})" if len(healed) > 1 else
+                                                                 "gap closed" for x in healed)], gaps)]
   return "\n".join(lines) + "\n"
 
 
@@ -618,7 +860,7 @@ def plot(study: dict, path: Path) -> None:
       continue
     x = c["speedup"] if relative else c["infer_tokens_per_s"]
     color = colors(layouts.index(c["layout"]) % 10)
-    marker = "o" if c["recipe"] == "direct" else "^"
+    marker = {"direct": "o", "healed": "^"}.get(c["recipe"], "s")
     if r is not None and c.get("diff_ci95"):
       lo, hi = (r["metric"] + v for v in c["diff_ci95"])
       ax.errorbar(x, c["metric"], yerr=[[max(0.0, c["metric"] - lo)], [max(0.0, hi - c["metric"])]], fmt="none",
@@ -634,7 +876,7 @@ def plot(study: dict, path: Path) -> None:
   seeds = study.get("seeds") or [study["settings"]["seed"]]
   ax.set_ylabel((next(iter(cells.values()))["metric_name"] if cells else "metric") +
                 (f", mean of {len(seeds)} seeds" if len(seeds) > 1 else ""))
-  ax.set_title("layout study: held-out metric vs inference speed (o direct, ^ healed)\n"
+  ax.set_title("layout study: held-out metric vs inference speed (o direct, ^ healed, s healed+kd)\n"
                "bars: 95% bootstrap interval of the difference to the reference", fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, loc="best")
@@ -649,13 +891,30 @@ def main(argv=None) -> dict:
   from tqdm import tqdm
   layouts = check_layouts(a.layouts)
   data = data_settings(a.data, a)
+  src = source_layout(a)
+  ref = cell_key(src, "direct")
+  todo = [(lay, rec) for lay in layouts for rec in a.recipes]
+  if "healed+kd" in a.recipes and (src, "direct") not in todo:
+    raise SystemExit(f"--recipes healed+kd distils from the reference, the source's own layout `{src}` with recipe "
+                     f"direct: add it to --layouts and direct to --recipes")
   root = Path(a.workdir)
   root.mkdir(parents=True, exist_ok=True)
   path = root / "study.json"
-  study = load_study(path, settings(a, data))
+  if a.budget == "auto":
+    study = load_study(path, settings(a, data), skip=("finetune_steps",))
+    if not study.get("budget_search"):
+      study["budget_search"] = choose_budget(a, data, root, src)
+      study["settings"]["finetune_steps"] = study["budget_search"]["chosen"]
+      write_json(path, study)
+    a.finetune_steps = study["settings"]["finetune_steps"]
+    adopt_budget_run(study["budget_search"], run_dir(root, src, "direct", a.seed, a.seed) / "finetune",
+                     (src, "direct") in todo)
+    write_json(path, study)
+  else:
+    study = load_study(path, settings(a, data))
   seeds = list(range(a.seed, a.seed + a.seeds))
-  todo = [(lay, rec) for lay in layouts for rec in a.recipes]
-  runs = [(lay, rec, s) for lay, rec in todo for s in seeds]
+  # the reference first: the budget check reads it, and healed+kd cells distil from it
+  runs = sorted([(lay, rec, s) for lay, rec in todo for s in seeds], key=lambda t: cell_key(t[0], t[1]) != ref)
 
   def finished(lay, rec, s):
     return str(s) in study["cells"].get(cell_key(lay, rec), {}).get("runs", {})
@@ -668,7 +927,7 @@ def main(argv=None) -> dict:
       continue
     key = cell_key(lay, rec)
     bar.set_postfix_str(f"{key} seed {s}")
-    out, labels = run_cell(a, data, root, lay, rec, s)
+    out, labels = run_cell(a, data, root, lay, rec, s, src)
     if study.setdefault("eval_labels", labels) != labels:
       raise SystemExit(f"{path}: the validation labels of {key} seed {s} differ from those of the finished runs (did "
                        f"the eval file change?); use another --workdir")
@@ -687,11 +946,12 @@ def main(argv=None) -> dict:
         f"device(s), {os.cpu_count()} cores)", file=sys.stderr)
   for key, m in measure(a, cells).items():
     study["cells"][key].update(m)
-  study.update(reference=reference_key(a, cells), seeds=seeds, cpu=cpu,
+  study.update(reference=reference_key(src, cells), seeds=seeds, cpu=cpu,
                devices=f"{jax.device_count()} {jax.default_backend()} device(s), {os.cpu_count()} cores",
                inference_shape=[a.infer_batch, a.max_length], repeats=a.repeats,
                jax_version=jax.__version__, measured_at=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
   statistics(study, list(cells), a.resamples)
+  budget_check(study, a.resamples)
   write_json(path, study)
   shown = dict(study, cells=cells)
   (root / "study.md").write_text(markdown(shown))
@@ -700,6 +960,18 @@ def main(argv=None) -> dict:
   print(f"wrote {path} (every cell's numbers), {root / 'study.md'} (the table above), {root / 'study.png'} (metric "
         f"vs inference speed); cell runs in {root / 'cells'}")
   return study
+
+
+def adopt_budget_run(search: dict, dst: Path, wanted: bool) -> None:
+  """The chosen budget's run is the reference's first-seed fine-tuning (the same config: :func:`reference_config`):
+  when the reference cell is in the study (``wanted``), move it to the cell's ``dst`` so that it is not trained
+  again; the trial's record keeps where it went (``moved_to``). Nothing moves when ``dst`` exists."""
+  chosen = search["trials"][-1]
+  src = Path(chosen["dir"])
+  if wanted and not dst.exists() and (src / "summary.json").is_file():
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(src, dst)
+    chosen["moved_to"] = str(dst)
 
 
 class Stopped(Exception):

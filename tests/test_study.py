@@ -1,6 +1,7 @@
 """The layout study script: every cell measured, the table and plot written, a rerun skips finished cells."""
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -184,3 +185,90 @@ def test_a_searched_layout_is_one_more_entry(tmp_path, capsys):
     study.check_layouts([f"search:{trained}"])
   with pytest.raises(SystemExit, match=r"cannot read .*missing.*summary\.json"):
     study.check_layouts([f"search:{tmp_path / 'missing'}"])
+
+
+def test_healed_kd_distils_from_the_reference_which_runs_first(source, tmp_path):
+  """healed+kd: the healed cell's healing run, then fine-tuning with the soft labels of the reference's fine-tuned
+  model (same seed); the reference runs first though its layout comes last, and records its learning curve."""
+  from jaxformers.checkpoints.runs import read_meta
+  out = study.main(args(source, tmp_path, "--layouts", "fourier*2;serial*2", "--recipes", "healed+kd,direct"))
+  cells = out["cells"]
+  assert sorted(cells) == ["fourier*2 | direct", "fourier*2 | healed+kd", "serial*2 | direct", "serial*2 | healed+kd"]
+  ref_dir = tmp_path / "cells" / "serial-2-direct" / "finetune"
+  teacher = str(ref_dir / "checkpoints" / "3")               # the reference's final state (3 steps, keep 1)
+  for lay, name in (("fourier*2", "fourier-2"), ("serial*2", "serial-2")):
+    kd = tmp_path / "cells" / f"{name}-healed-kd"             # a file-system-safe directory name
+    heal = tmp_path / "cells" / f"{name}-healed" / "heal"     # healing shared with the healed cell (not run here)
+    assert (kd / "finetune" / "summary.json").is_file() and not (kd / "heal").exists()
+    assert (heal / "summary.json").is_file()
+    c = cells[f"{lay} | healed+kd"]
+    assert c["kd"] == {"teacher": teacher, "logits": 1.0, "temperature": 2.0}
+    assert c["finetune_init_from"] == str(heal) and c["heal"]["losses"]
+    config = read_meta(Path(c["model"]))["config"]           # what the fine-tuning run itself was given
+    assert config["distill"]["teacher"] == teacher and config["distill"]["logits"] == 1.0
+    assert config["distill"]["temperature"] == 2.0 and config["distill"]["task"] == 1.0
+    assert config["init_from"] == str(heal) and config["task"] == "classification"
+    # the teacher had finished before the student started
+    assert (ref_dir / "summary.json").stat().st_mtime_ns < (kd / "finetune" / "metrics.jsonl").stat().st_mtime_ns
+  assert read_meta(Path(cells["serial*2 | direct"]["model"]))["config"]["distill"]["teacher"] == ""
+  # the reference evaluated every step (a tenth of 3, at least 1); the others only at the end
+  ref = out["cells"]["serial*2 | direct"]["runs"]["0"]
+  assert ref["eval_every"] == 1 and [s for s, _ in ref["curve"]] == [1, 2, 3]
+  assert ref["curve"][-1][1] == pytest.approx(ref["run_metric"])
+  assert "curve" not in cells["fourier*2 | direct"]["runs"]["0"]
+  b = out["budget_check"]
+  assert b["curve"] == ref["curve"] and b["half_width"] == pytest.approx((b["ci95"][1] - b["ci95"][0]) / 2)
+  assert b["improving"] == (ref["curve"][-1][1] - ref["curve"][0][1] > b["half_width"])
+  md = (tmp_path / "study.md").read_text()
+  assert b["text"] in md and ("still improving at 3 steps: the budget may be too small" in b["text"]) == \
+      b["improving"]
+  assert "healed+kd: fine-tuned from the healed cell's healing run" in md and "gap closed" in md
+  with pytest.raises(SystemExit, match=r"healed\+kd distils from the reference, the source's own layout `serial\*2`"):
+    study.main(args(source, tmp_path / "b", "--layouts", "fourier*2", "--recipes", "healed+kd,direct"))
+
+
+def test_budget_auto_doubles_the_reference_until_its_curve_flattens(source, tmp_path, monkeypatch, capsys):
+  """``--budget auto`` on a tiny study. The learning curves are hand-made (the curve reader is replaced: a tiny
+  model's curve over a few steps is noise): rising for a 2-step run, flat for a 4-step one, so 4 steps is chosen,
+  recorded, and used by every cell; the chosen run becomes the reference's, and a rerun trains nothing."""
+  def curve(workdir, metric):
+    steps = json.loads((Path(workdir) / "summary.json").read_text())["total_steps"]
+    if steps <= 2:
+      return [[1, 0.1], [2, 0.9]]
+    return [[s, 0.5] for s in range(1, steps + 1)]
+  monkeypatch.setattr(study, "learning_curve", curve)
+  out = study.main(args(source, tmp_path, "--recipes", "direct", "--budget", "auto", "--finetune_steps", "2",
+                        "--max_finetune_steps", "16"))
+  s = out["settings"]
+  assert (s["budget"], s["budget_from_steps"], s["max_finetune_steps"], s["finetune_steps"]) == ("auto", 2, 16, 4)
+  search = out["budget_search"]
+  assert search["chosen"] == 4 and search["plateaued"] is True
+  assert [(t["steps"], t["improving"], t["eval_every"]) for t in search["trials"]] == [(2, True, 1), (4, False, 1)]
+  ref_dir = tmp_path / "cells" / "serial-2-direct" / "finetune"
+  assert search["trials"][-1]["moved_to"] == str(ref_dir) and not (tmp_path / "budget" / "finetune-4").exists()
+  assert (tmp_path / "budget" / "finetune-2" / "summary.json").is_file()
+  for lay in ("serial-2", "fourier-2"):
+    assert json.loads((tmp_path / "cells" / f"{lay}-direct" / "finetune" / "summary.json").read_text())[
+        "total_steps"] == 4
+  assert out["cells"]["serial*2 | direct"]["runs"]["0"]["run_metric"] == pytest.approx(search["trials"][-1]["metric"])
+  assert json.loads((tmp_path / "study.json").read_text())["settings"]["finetune_steps"] == 4
+  md = (tmp_path / "study.md").read_text()
+  assert "`--budget auto` chose 4 fine-tuning steps for every cell" in md and "fine-tune 4 steps" in md
+  assert "2 (still improving), 4 (flat)" in md and "learning curve has flattened by 4 steps" in md
+  err = capsys.readouterr().err
+  assert "budget: 2 fine-tuning steps:" in err and "still improving" in err
+  stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("summary.json")}
+  assert len(stamps) == 3                                   # the 2-step trial and the two cells
+  again = study.main(args(source, tmp_path, "--recipes", "direct", "--budget", "auto", "--finetune_steps", "2",
+                          "--max_finetune_steps", "16"))
+  assert "budget:" not in capsys.readouterr().err and again["budget_search"] == search
+  assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("summary.json")} == stamps
+
+  # a curve that never flattens stops at --max_finetune_steps, and study.md says the budget may be too small
+  monkeypatch.setattr(study, "learning_curve", lambda workdir, metric: [[1, 0.1], [2, 0.5], [3, 0.9]])
+  out = study.main(args(source, tmp_path / "cap", "--recipes", "direct", "--layouts", "serial*2", "--budget", "auto",
+                        "--finetune_steps", "2", "--max_finetune_steps", "3"))
+  assert [t["steps"] for t in out["budget_search"]["trials"]] == [2, 3] and out["settings"]["finetune_steps"] == 3
+  assert out["budget_search"]["plateaued"] is False and out["budget_check"]["improving"] is True
+  assert "The reference is still improving at 3 steps: the budget may be too small" in \
+      (tmp_path / "cap" / "study.md").read_text()
