@@ -12,6 +12,7 @@ from jaxformers.data.sources import SOURCES
 from jaxformers.layout import LayoutError
 from jaxformers.mixers import all_options
 from jaxformers.train.errors import ConfigError
+from jaxformers.train.search import check_search
 from jaxformers.train.sharding import LOGICAL_AXIS_RULES, rules_from
 from jaxformers.train.tasks import TASKS
 
@@ -275,7 +276,6 @@ def check_values(c) -> None:
   if c.task == "heal" and not c.distill.teacher:
     raise ConfigError("config.task='heal' needs config.distill.teacher, the model to heal from")
   if c.search.enabled:
-    from jaxformers.train.search import check_search
     check_search(c)
   try:
     rules_from(c.mesh.rules)
