@@ -81,7 +81,7 @@ def step_time_ratio(cfg_a, cfg_b, wd: Path, reps: int = 15) -> tuple[float, floa
     state = {"params": params, "opt_state": opt_state, "rngs": rest,
              "step": jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(r.mesh))}
     step = jax.jit(r.task.make_train_step(r.gd_train, tx, lr, 1, r.max_segments),
-                   in_shardings=(state_sh, r.task.batch_shardings(r), r.input_shardings()),
+                   in_shardings=(state_sh, r.task.batch_shardings(r.context), r.input_shardings()),
                    out_shardings=(state_sh, sharding.replicated(r.mesh)), donate_argnums=0)
     data = r.tokenized("train")
     b = batching.TrainBatches(data, c.data.batch_size, 0, r.max_length, r.special["pad"])

@@ -257,9 +257,17 @@ def _count(model) -> int:
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+  """The ``jaxformers`` command line: one sub-command a helper."""
   p = argparse.ArgumentParser(prog="jaxformers", description="Convert and export encoder checkpoints.")
   sub = p.add_subparsers(dest="command", required=True)
+  for add in (_add_convert, _add_export, _add_encode, _add_prune, _add_quantize, _add_layouts):
+    add(sub)
+  return p
+
+
+def _add_convert(sub) -> None:
+  """``jaxformers convert SRC DST``."""
   c = sub.add_parser("convert", help="HF PyTorch (or native) checkpoint -> native jaxformers checkpoint",
                      description="Read SRC (an HF directory with config.json and model.safetensors or "
                                  "pytorch_model.bin, a Hugging Face Hub id such as roberta-base, or a jaxformers "
@@ -277,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
   c.add_argument("--overwrite", action="store_true",
                  help="replace the jaxformers checkpoint in a non-empty DST (its other files are kept)")
   c.set_defaults(fn=_convert)
+
+
+def _add_export(sub) -> None:
+  """``jaxformers export SRC DST``."""
   e = sub.add_parser("export", help="jaxformers checkpoint or training run -> HF PyTorch directory (config.json, "
                                     "model.safetensors, tokenizer files)",
                      description="Read SRC (a jaxformers directory, a train.py --workdir, WORKDIR/checkpoints/N) and "
@@ -288,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
   e.add_argument("--overwrite", action="store_true",
                  help="replace config.json, model.safetensors and tokenizer files in a non-empty DST (others are kept)")
   e.set_defaults(fn=_export)
+
+
+def _add_encode(sub) -> None:
+  """``jaxformers encode SRC TEXTS OUT``."""
   n = sub.add_parser("encode", help="texts (one per line) -> vectors (.npy), sentence-transformers settings honoured",
                      description="Encode every line of TEXTS with the model SRC (a jaxformers, run, HF or "
                                  "sentence-transformers directory or a Hub id) and save the vectors to OUT (.npy), "
@@ -304,6 +320,10 @@ def main(argv: list[str] | None = None) -> int:
                                                                    "parameters stay float32)")
   n.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
   n.set_defaults(fn=_encode)
+
+
+def _add_prune(sub) -> None:
+  """``jaxformers prune SRC DST``."""
   pr = sub.add_parser("prune", help="structured pruning: remove attention heads and feed-forward neurons",
                       description="Score SRC's heads and feed-forward neurons (Taylor importance on a sample of the "
                                   "training data of --config: SRC's own when SRC is a train.py run, else the embedded "
@@ -331,6 +351,10 @@ def main(argv: list[str] | None = None) -> int:
                                     "them, a prune with other settings is refused there")
   pr.add_argument("--overwrite", action="store_true", help="replace the jaxformers checkpoint in a non-empty DST")
   pr.set_defaults(fn=_prune)
+
+
+def _add_quantize(sub) -> None:
+  """``jaxformers quantize SRC DST``."""
   q = sub.add_parser("quantize", help="int8 post-training quantization of every dense layer",
                      description="Quantize SRC's dense layers to int8 weights with per-token int8 activations at run "
                                  "time and write the model to DST. "
@@ -340,8 +364,17 @@ def main(argv: list[str] | None = None) -> int:
   q.add_argument("--mode", default="int8", choices=["int8"])
   q.add_argument("--overwrite", action="store_true", help="replace the jaxformers checkpoint in a non-empty DST")
   q.set_defaults(fn=_quantize)
+
+
+def _add_layouts(sub) -> None:
+  """``jaxformers layouts``."""
   l = sub.add_parser("layouts", help="print the layout grammar and the registered blocks")
   l.set_defaults(fn=_layouts)
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Run the sub-command ``argv`` names; 2 (and one ``error:`` line on stderr) for an input it refuses."""
+  p = build_parser()
   args, extra = p.parse_known_args(argv)
   args.overrides = [a[len("--config."):] for a in extra if a.startswith("--config.")]
   if len(args.overrides) != len(extra) or (extra and args.command != "prune"):
@@ -353,7 +386,6 @@ def main(argv: list[str] | None = None) -> int:
     msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
     print(f"jaxformers {args.command}: error: {msg}", file=sys.stderr)
     return 2
-
 
 if __name__ == "__main__":
   sys.exit(main())

@@ -85,26 +85,12 @@ def encode(model_or_path, texts: str | Sequence[str], *, pooling: str | None = N
   time while the device runs the previous block's calls. ``progress``: a progress bar (default: more than 20 calls).
   """
 
-  if dtype is not None and dtype not in DTYPES:
-    raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
-  if tokenize_block < 1:
-    raise ValueError(f"tokenize_block={tokenize_block}: expected a positive number of texts")
-  if max_length is not None and max_length < 2:
-    raise ValueError(f"max_length={max_length}: expected at least 2 tokens a text (its special tokens included)")
+  _check_arguments(dtype, tokenize_block, max_length)
   if isinstance(texts, str):   # one text, not a sequence of one-character texts
     return encode(model_or_path, [texts], pooling=pooling, normalize=normalize, max_length=max_length,
                   batch_tokens=batch_tokens, tokenizer=tokenizer, max_segments=max_segments, dtype=dtype,
                   progress=progress, tokenize_block=tokenize_block, **overrides)[0]
-  st = {}
-  if isinstance(model_or_path, (str, Path)):
-    path = resolve(model_or_path)
-    st = sentence_transformers_config(path)
-    model = from_pretrained(path, **({"dtype": dtype} if dtype else {}), **overrides)
-    tokenizer = tokenizer or load_tokenizer(path)
-  else:
-    model = model_or_path
-    if tokenizer is None:
-      raise ValueError("encode(model, texts) needs tokenizer=: a tokenizers.Tokenizer (jaxformers.load_tokenizer)")
+  model, tokenizer, st = _load(model_or_path, tokenizer, dtype, overrides)
   pooling = pooling or st.get("pooling", "cls")
   if pooling not in POOLINGS:
     raise ValueError(f"pooling={pooling!r}: expected one of {', '.join(POOLINGS)}")
@@ -121,18 +107,56 @@ def encode(model_or_path, texts: str | Sequence[str], *, pooling: str | None = N
   tok = tokenizer.__class__.from_str(tokenizer.to_str())   # a private copy: padding/truncation are per object
   tok.no_padding()
   tok.enable_truncation(max_length)
-  rows = max(1, batch_tokens // max_length)
-  run = chunk_runner(encoder, Pooler(pooling, bool(normalize), max_segments))
-  pad_id = encoder.config.pad_token_id
   bar = None
   if progress or (progress is None and sum(len(t) for t in texts) > 20 * 4 * batch_tokens):   # ~4 characters a token
     bar = tqdm(total=len(texts), desc="encode", unit="text")
+  run = chunk_runner(encoder, Pooler(pooling, bool(normalize), max_segments))
+  try:
+    return _run_blocks(run, tok, texts, rows=max(1, batch_tokens // max_length), max_length=max_length,
+                       max_segments=max_segments, pad_id=encoder.config.pad_token_id, tokenize_block=tokenize_block,
+                       bar=bar)
+  finally:
+    if bar is not None:
+      bar.close()
 
-  # Tokenise a block, pack it, dispatch its full chunks (asynchronously), tokenise the next block meanwhile.
-  # Rows that do not fill a chunk wait for the next block; the last chunk is filled with empty rows.
+
+def _check_arguments(dtype: str | None, tokenize_block: int, max_length: int | None) -> None:
+  """Refuse :func:`encode`'s settings that cannot work, before loading anything."""
+  if dtype is not None and dtype not in DTYPES:
+    raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+  if tokenize_block < 1:
+    raise ValueError(f"tokenize_block={tokenize_block}: expected a positive number of texts")
+  if max_length is not None and max_length < 2:
+    raise ValueError(f"max_length={max_length}: expected at least 2 tokens a text (its special tokens included)")
+
+
+def _load(model_or_path, tokenizer, dtype: str | None, overrides: dict) -> tuple:
+  """``(model, tokenizer, sentence-transformers settings)``: loaded when ``model_or_path`` is a path or Hub id (the
+  settings of its directory, else none), else the model as given with the ``tokenizer`` it needs."""
+  if not isinstance(model_or_path, (str, Path)):
+    if tokenizer is None:
+      raise ValueError("encode(model, texts) needs tokenizer=: a tokenizers.Tokenizer (jaxformers.load_tokenizer)")
+    return model_or_path, tokenizer, {}
+  path = resolve(model_or_path)
+  st = sentence_transformers_config(path)
+  model = from_pretrained(path, **({"dtype": dtype} if dtype else {}), **overrides)
+  return model, tokenizer or load_tokenizer(path), st
+
+
+def _run_blocks(run, tok, texts: list[str], *, rows: int, max_length: int, max_segments: int, pad_id: int,
+                tokenize_block: int, bar) -> np.ndarray:
+  """Tokenise a block, pack it, dispatch its full chunks of ``rows`` rows to ``run`` (asynchronously), tokenise the
+  next block meanwhile. Rows that do not fill a chunk wait for the next block; the last chunk is filled with empty
+  rows. The vectors of ``texts`` in their order."""
   carry = (np.zeros((0, max_length), np.int32), np.zeros((0, max_length), np.int32),
            np.zeros((0, max_segments), np.int64))
   done, in_flight = [], []
+
+  def collect(block):
+    for out, s in block:
+      done.append((np.asarray(out), s))
+      if bar is not None:
+        bar.update(int((s >= 0).sum()))
   for start in range(0, len(texts), tokenize_block):
     last = start + tokenize_block >= len(texts)
     ids = [e.ids for e in tok.encode_batch(texts[start:start + tokenize_block])]
@@ -147,15 +171,7 @@ def encode(model_or_path, texts: str | Sequence[str], *, pooling: str | None = N
     n -= n % rows
     block = [(run(buf[0][c:c + rows], buf[1][c:c + rows]), buf[2][c:c + rows]) for c in range(0, n, rows)]
     carry = [b[n:] for b in buf]
-    for out, s in in_flight:     # keep at most two blocks in flight: bounded memory, an honest progress bar
-      done.append((np.asarray(out), s))
-      if bar is not None:
-        bar.update(int((s >= 0).sum()))
+    collect(in_flight)     # keep at most two blocks in flight: bounded memory, an honest progress bar
     in_flight = block
-  for out, s in in_flight:
-    done.append((np.asarray(out), s))
-    if bar is not None:
-      bar.update(int((s >= 0).sum()))
-  if bar is not None:
-    bar.close()
+  collect(in_flight)
   return scatter_segments(np.concatenate([o for o, _ in done]), np.concatenate([s for _, s in done]), len(texts))

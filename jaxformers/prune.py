@@ -228,36 +228,31 @@ def prune(model, keep_heads: dict[int, np.ndarray] | None = None, keep_ffn: dict
     raise PruneError("prune the float model, then quantize: this model is already int8")
   check_prunable(model)
   keep_heads, keep_ffn = dict(keep_heads or {}), dict(keep_ffn or {})
-  enc = models.encoder_of(model)
+  new_cfg = _pruned_config(model, keep_heads, keep_ffn)
+  new = models.build(models.task_of(model), new_cfg, num_labels=getattr(model, "num_labels", None),
+                     head=model.classifier.style if hasattr(model, "classifier") else None, rngs=rngs)
+  _copy_kept(model, new, keep_heads, keep_ffn)
+  if getattr(model, "label_names", None):
+    new.label_names = model.label_names
+  new.eval()
+  return new
+
+
+def _pruned_config(model, keep_heads: dict, keep_ffn: dict):
+  """The config of ``model`` pruned to ``keep_heads`` / ``keep_ffn`` (checked, and sorted in place): per-block heads
+  and widths, and blocks left without heads or neurons changed to their form without that sublayer."""
+  cfg = model.config
   names = list(cfg.blocks)
   heads, widths = [], []
-  for i, (block, name) in enumerate(zip(enc.blocks, names)):
+  for i, (block, name) in enumerate(zip(models.encoder_of(model).blocks, cfg.blocks)):
     nh = _head_units(block)
     nf = block.mlp.down.kernel.shape[0] if block.mlp is not None else 0
     for what, d, full in (("heads", keep_heads, nh), ("ffn", keep_ffn, nf)):
       if i in d:
-        if full == 0:
-          raise PruneError(f"{what} layer {i}: block {i} ({name}) has no {what} to prune")
-        idx = np.asarray(d[i], np.int64)
-        if idx.ndim != 1 or len(np.unique(idx)) != len(idx) or (len(idx) and (idx.min() < 0 or idx.max() >= full)):
-          raise PruneError(f"{what} layer {i}: kept indices must be distinct integers in 0..{full - 1}")
-        d[i] = np.sort(idx)
+        d[i] = _checked_indices(d[i], what, i, name, full)
     kh = len(keep_heads.get(i, range(nh)))
     kf = len(keep_ffn.get(i, range(nf)))
-    if nh and kh == 0 and nf and kf == 0:
-      raise PruneError(f"block {i} ({name}): removing every head and every feed-forward neuron leaves no sublayer; "
-                       f"keep at least one head or neuron")
-    if nh and kh == 0:
-      if _without(name, "mixer") is None:
-        raise PruneError(f"heads layer {i}: 0 heads left in a {name} block, which has no attention-free form; keep at "
-                         f"least one head")
-      name = _without(name, "mixer")
-    if nf and kf == 0:
-      if _without(name, "mlp") is None:
-        raise PruneError(f"ffn layer {i}: 0 neurons left in a {name} block, which has no form without a "
-                         f"feed-forward sublayer; keep at least one neuron")
-      name = _without(name, "mlp")
-    names[i] = name
+    names[i] = name = _block_left(i, name, nh and kh == 0, nf and kf == 0)
     spec = BLOCKS.get(name)
     with_heads = bool(spec.mixer) and MIXERS.get(spec.mixer).has_heads
     heads.append((kh if nh else cfg.heads_at(i)) if with_heads else 0)
@@ -266,14 +261,43 @@ def prune(model, keep_heads: dict[int, np.ndarray] | None = None, keep_ffn: dict
   has_mlp = [BLOCKS.get(b).mlp for b in names]
   uniform_h = all(h == cfg.num_heads for h, a in zip(heads, has_att) if a)
   uniform_f = all(f == cfg.intermediate_size for f, m in zip(widths, has_mlp) if m)
-  new_cfg = cfg.replace(layout=format_layout(names) if names != list(cfg.blocks) else cfg.layout,
-                        num_heads_per_layer=None if uniform_h else tuple(heads),
-                        intermediate_sizes=None if uniform_f else tuple(widths))
-  task = models.task_of(model)
-  new = models.build(task, new_cfg, num_labels=getattr(model, "num_labels", None),
-                     head=model.classifier.style if hasattr(model, "classifier") else None, rngs=rngs)
+  return cfg.replace(layout=format_layout(names) if names != list(cfg.blocks) else cfg.layout,
+                     num_heads_per_layer=None if uniform_h else tuple(heads),
+                     intermediate_sizes=None if uniform_f else tuple(widths))
+
+
+def _checked_indices(kept, what: str, i: int, name: str, full: int) -> np.ndarray:
+  """``kept`` (the heads or neurons block ``i`` keeps) as sorted indices, checked against the ``full`` it has."""
+  if full == 0:
+    raise PruneError(f"{what} layer {i}: block {i} ({name}) has no {what} to prune")
+  idx = np.asarray(kept, np.int64)
+  if idx.ndim != 1 or len(np.unique(idx)) != len(idx) or (len(idx) and (idx.min() < 0 or idx.max() >= full)):
+    raise PruneError(f"{what} layer {i}: kept indices must be distinct integers in 0..{full - 1}")
+  return np.sort(idx)
+
+
+def _block_left(i: int, name: str, no_heads: bool, no_neurons: bool) -> str:
+  """The block type block ``i`` (a ``name`` block) becomes without its heads and / or feed-forward neurons."""
+  if no_heads and no_neurons:
+    raise PruneError(f"block {i} ({name}): removing every head and every feed-forward neuron leaves no sublayer; "
+                     f"keep at least one head or neuron")
+  if no_heads:
+    if _without(name, "mixer") is None:
+      raise PruneError(f"heads layer {i}: 0 heads left in a {name} block, which has no attention-free form; keep at "
+                       f"least one head")
+    name = _without(name, "mixer")
+  if no_neurons:
+    if _without(name, "mlp") is None:
+      raise PruneError(f"ffn layer {i}: 0 neurons left in a {name} block, which has no form without a "
+                       f"feed-forward sublayer; keep at least one neuron")
+    name = _without(name, "mlp")
+  return name
+
+
+def _copy_kept(model, new, keep_heads: dict, keep_ffn: dict) -> None:
+  """Set ``new``'s parameters to ``model``'s, cut to the kept heads' columns and the kept neurons."""
   old = get_params(model)
-  hd = cfg.head_dim
+  hd = model.config.head_dim
   out = {}
   for path, shape in ((".".join(map(str, k)), v[...].shape) for k, v in nnx.to_flat_state(nnx.state(new, nnx.Param))):
     m = _BLOCK.match(path)
@@ -300,10 +324,6 @@ def prune(model, keep_heads: dict[int, np.ndarray] | None = None, keep_ffn: dict
       raise AssertionError(f"{path}: cut to {a.shape}, the pruned model expects {shape}")
     out[path] = a
   set_params(new, out)
-  if getattr(model, "label_names", None):
-    new.label_names = model.label_names
-  new.eval()
-  return new
 
 
 def check_targets(model, heads=0.0, ffn=0.0, flops=None) -> None:

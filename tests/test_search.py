@@ -245,7 +245,8 @@ def test_heldout_split_is_disjoint_covers_the_training_set_and_has_the_configure
   # the batches: training rows from the training split, held-out rows from the held-out split
   tok = lambda split: {tuple(x) for x in r.tokenized(split).ids}  # noqa: E731
   t_ids, h_ids = tok("train"), tok("search_heldout")
-  batches = r.task.train_batches(r, TrainBatches(r.tokenized("train"), 16, 0, r.max_length, r.special["pad"]))
+  batches = r.task.train_batches(r.context,
+                                 TrainBatches(r.tokenized("train"), 16, 0, r.max_length, r.special["pad"]))
   for _ in range(3):
     b = next(batches)
     for key, want in (("", t_ids), ("heldout/", h_ids)):
@@ -433,7 +434,8 @@ def test_only_the_arch_optimizer_moves_the_logits_and_only_on_heldout_data(tmp_p
   params, rest = r.init_params()
   state = {"params": params, "opt_state": tx.init(params), "rngs": rest, "step": jnp.asarray(0, jnp.int32)}
   step = jax.jit(r.task.make_train_step(r.gd_train, tx, lr, 1, r.max_segments))
-  batches = r.task.train_batches(r, TrainBatches(r.tokenized("train"), 16, 0, r.max_length, r.special["pad"]))
+  batches = r.task.train_batches(r.context,
+                                 TrainBatches(r.tokenized("train"), 16, 0, r.max_length, r.special["pad"]))
   b1, b2 = next(batches), next(batches)
   mixed = {k: (b2[k] if k.startswith("heldout/") else v) for k, v in b1.items()}   # b1's train, b2's held-out
   other = {k: (v if k.startswith("heldout/") else b2[k]) for k, v in b1.items()}   # b2's train, b1's held-out

@@ -7,6 +7,10 @@ import json
 import logging
 import sys
 
+from jaxformers.errors import (CheckpointError, CheckpointMismatch, ConfigError, DataError, Interrupted, NonFiniteLoss,
+                               WorkdirLocked)
+from jaxformers.train.loop import run
+
 log = logging.getLogger("jaxformers.train")
 
 EXIT_ERROR = 1
@@ -74,7 +78,6 @@ def settle_length(config, given: set[str]) -> None:
 def apply_overrides(config, overrides: list[str]) -> set[str]:
   """``["train.num_steps=10", ...]`` set on ``config`` (values parsed as the key's type: int, float, bool, str), as
   train.py's ``--config.KEY=VALUE`` flags do; the keys set. An unknown key names the closest valid ones."""
-  from jaxformers.errors import ConfigError
   given = set()
   for item in overrides:
     key, eq, raw = item.partition("=")
@@ -110,11 +113,6 @@ def apply_overrides(config, overrides: list[str]) -> set[str]:
 def main(config, workdir: str, argv: list[str] = ()) -> int:
   """Run ``config`` in ``workdir``. ``argv`` (train.py's) names the ``--config.KEY`` overrides: they settle the run's
   length, and with ``init_from`` a model field among them that the checkpoint fixes to another value is refused."""
-  from jaxformers.checkpoints.workdir import WorkdirLocked
-  from jaxformers.data.sources import DataError
-  from jaxformers.errors import CheckpointError
-  from jaxformers.train import ConfigError, Interrupted, NonFiniteLoss, run
-  from jaxformers.train.checkpoint import CheckpointMismatch
   given = override_keys(list(argv))
   settle_length(config, given)
   try:

@@ -12,6 +12,7 @@ from jaxformers.data.sources import SOURCES
 from jaxformers.errors import ConfigError
 from jaxformers.layout import LayoutError
 from jaxformers.mixers import all_options
+from jaxformers.train.search import check_search
 from jaxformers.train.sharding import LOGICAL_AXIS_RULES, rules_from
 from jaxformers.train.tasks import TASKS
 
@@ -62,15 +63,27 @@ def encoder_config(model_cfg, **fill) -> EncoderConfig:
 
 
 def base_config() -> ml_collections.ConfigDict:
+  """Every training configuration key with its default, one section a helper (see each for its keys)."""
   c = ml_collections.ConfigDict()
   c.mode = "train"                 # train | eval | predict
   c.seed = 0
   c.task = "classification"        # a name in jaxformers.train.tasks.TASKS; supervised tasks follow the data's labels
   c.init_from = ""                 # a native jaxformers or HF PyTorch checkpoint directory to fine-tune from
-
   c.model = model_defaults()
+  c.data = data_defaults()
+  c.optim = optim_defaults()
+  c.train = train_defaults()
+  c.distill = distill_defaults()
+  c.search = search_defaults()
+  c.mesh = mesh_defaults()
+  c.predict = ml_collections.ConfigDict()
+  c.predict.output_dir = ""        # "": DIR/predictions
+  return c
 
-  c.data = d = ml_collections.ConfigDict()
+
+def data_defaults() -> ml_collections.ConfigDict:
+  """``config.data``: where the examples come from, the tokenizer, lengths, batch sizes and packing."""
+  d = ml_collections.ConfigDict()
   d.source = "embedded"            # embedded | glue_tsv | tfds | files
   d.glue_task = ""                 # cola sst2 mrpc qqp stsb mnli qnli rte wnli (glue_tsv and tfds)
   d.dir = ""                       # GLUE task directory (glue_tsv) or tfds data_dir (tfds)
@@ -99,8 +112,12 @@ def base_config() -> ml_collections.ConfigDict:
   d.pack_max_segments = 16         # most examples one packed row holds (the classifier's slots per row)
   d.pack_rows = 0                  # rows per packed train batch; 0: ceil(batch_size * mean length / max_length)
   d.max_train_examples = 0         # > 0: keep a fixed random subset of N training examples (smoke runs, tests)
+  return d
 
-  c.optim = o = ml_collections.ConfigDict()
+
+def optim_defaults() -> ml_collections.ConfigDict:
+  """``config.optim``: AdamW, its learning-rate schedule, gradient accumulation and magnitude pruning."""
+  o = ml_collections.ConfigDict()
   o.lr = 1e-3
   o.end_lr = 0.0
   o.schedule = "linear"            # linear | cosine | constant (after warmup)
@@ -117,8 +134,12 @@ def base_config() -> ml_collections.ConfigDict:
   # stays exactly zero. No speed-up on dense hardware.
   o.sparsity = 0.0
   o.sparsity_scope = "global"      # global | layer
+  return o
 
-  c.train = t = ml_collections.ConfigDict()
+
+def train_defaults() -> ml_collections.ConfigDict:
+  """``config.train``: the run's length, logging, evaluation and checkpoints."""
+  t = ml_collections.ConfigDict()
   t.num_steps = 1000               # the run's length: num_steps, or num_epochs when that is > 0 (then num_steps
   t.num_epochs = 0.0               # must be 0; on train.py's command line, setting one sets the other to 0)
   t.stop_after = 0                 # > 0: save and stop after this step (the schedule still spans num_steps)
@@ -130,10 +151,14 @@ def base_config() -> ml_collections.ConfigDict:
   t.best_mode = ""                 # max | min; "": min for losses, perplexity and mse, else max
   t.async_checkpoint = True
   t.progress = True
+  return t
 
-  # Distillation from a frozen teacher (jaxformers.distill): with distill.teacher set, the task's loss (weighted by
-  # distill.task) gets the losses below; task=heal trains on the data's texts with these losses alone.
-  c.distill = k = ml_collections.ConfigDict()
+
+def distill_defaults() -> ml_collections.ConfigDict:
+  """``config.distill``: distillation from a frozen teacher (jaxformers.distill): with distill.teacher set, the
+  task's loss (weighted by distill.task) gets the losses below; task=heal trains on the data's texts with these
+  losses alone."""
+  k = ml_collections.ConfigDict()
   k.teacher = ""                   # any checkpoint from_pretrained takes (native, run, HF directory, Hub id)
   k.teacher_dtype = ""             # compute dtype of the teacher ("": its own; "bfloat16")
   k.task = 1.0                     # weight of the task's own loss
@@ -145,11 +170,14 @@ def base_config() -> ml_collections.ConfigDict:
   k.value = 0.0                    # MiniLM value relation KL
   k.layer_map = ""                 # "student:teacher,..." over hidden-state indices (0 = embeddings); "": evenly spaced
   k.relation_heads = 0             # relation heads of the attention/value losses; 0: the student's heads
+  return k
 
-  # Architecture search (jaxformers.search, jaxformers.train.search): every sublayer position of config.model.layout
-  # (or of init_from's layout) chooses among search.candidates; weights learn on the training split, the
-  # architecture logits on a held-out part of it. configs/search.py is a complete example.
-  c.search = s = ml_collections.ConfigDict()
+
+def search_defaults() -> ml_collections.ConfigDict:
+  """``config.search``: architecture search (jaxformers.search, jaxformers.train.search): every sublayer position of
+  config.model.layout (or of init_from's layout) chooses among search.candidates; weights learn on the training
+  split, the architecture logits on a held-out part of it. configs/search.py is a complete example."""
+  s = ml_collections.ConfigDict()
   s.enabled = False
   s.candidates = "attention,ffn,identity"   # comma-separated: attention ffn identity fourier sparse
   s.hard = False                   # straight-through one-hot samples instead of soft Gumbel-softmax weights
@@ -166,18 +194,19 @@ def base_config() -> ml_collections.ConfigDict:
   s.identity_weight = 2.0          # weight of max(0, mean P(identity) - max_identity)
   s.then_train = False             # then train the derived model (weights from the supernet) in DIR/derived_train
   s.then_train_steps = 0           # 0: train.num_steps
+  return s
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1                 # devices on the pure data-parallel axis (-1: the rest)
-  c.mesh.fsdp = 1                  # devices parameters are sharded over (FSDP); -1: all
+
+def mesh_defaults() -> ml_collections.ConfigDict:
+  """``config.mesh``: the device mesh and the logical-axis sharding rules of the parameters."""
+  m = ml_collections.ConfigDict()
+  m.data = -1                      # devices on the pure data-parallel axis (-1: the rest)
+  m.fsdp = 1                       # devices parameters are sharded over (FSDP); -1: all
   # logical parameter axis -> the mesh axis it is sharded over (data | fsdp; "": never sharded). Each parameter is
   # sharded along its first dimension whose axis maps to a mesh axis of size > 1 that divides it; the rest is
   # replicated. Parameters name these axes (jaxformers.train.sharding.LOGICAL_AXIS_RULES holds the defaults).
-  c.mesh.rules = ml_collections.ConfigDict({name: axis or "" for name, axis in LOGICAL_AXIS_RULES})
-
-  c.predict = ml_collections.ConfigDict()
-  c.predict.output_dir = ""        # "": DIR/predictions
-  return c
+  m.rules = ml_collections.ConfigDict({name: axis or "" for name, axis in LOGICAL_AXIS_RULES})
+  return m
 
 
 def fill_from(c: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
@@ -244,7 +273,6 @@ def check_values(c) -> None:
   if c.task == "heal" and not c.distill.teacher:
     raise ConfigError("config.task='heal' needs config.distill.teacher, the model to heal from")
   if c.search.enabled:
-    from jaxformers.train.search import check_search
     check_search(c)
   try:
     rules_from(c.mesh.rules)

@@ -1,29 +1,40 @@
 """``run(config, workdir)``: build data, model, mesh and steps; train, evaluate, checkpoint, predict."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import math
+import shutil
 import signal
 import time
+import types
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
+from jaxformers import models
 from jaxformers.checkpoints import hub
+from jaxformers.checkpoints.pretrained import from_pretrained, saved_layout
 from jaxformers.checkpoints.tokenizers import has_tokenizer, load_tokenizer
+from jaxformers.checkpoints.workdir import Lock
 from jaxformers.config import RUNTIME_FIELDS
 from jaxformers.data import batching, tokenize
 from jaxformers.errors import CheckpointError, DataError, Interrupted, NonFiniteLoss
-from jaxformers.layout import BLOCKS, LayoutError
+from jaxformers.layout import BLOCKS, LayoutError, parse_layout
 from jaxformers.mixers import MIXERS
 from jaxformers.params import param_shapes
+from jaxformers.quant import quantize
 from jaxformers.train import checkpoint as ckpt_lib
 from jaxformers.train import metrics as metrics_lib
 from jaxformers.train import sharding, steps
+from jaxformers.train.context import TaskContext
 from jaxformers.train.defaults import ConfigError, check_keys, check_values, encoder_config, set_fields
 from jaxformers.train.tasks import make_task
 
@@ -45,14 +56,24 @@ class Run:
     self.mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
     self.rules = sharding.rules_from(c.mesh.rules)
     n_batch_dev = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-    for name, b in (("batch_size", c.data.batch_size // c.optim.accum_steps), ("eval_batch_size", c.data.eval_batch_size)):
+    per_batch = (("batch_size", c.data.batch_size // c.optim.accum_steps), ("eval_batch_size", c.data.eval_batch_size))
+    for name, b in per_batch:
       if b % n_batch_dev:
         raise ConfigError(f"config.data.{name} (per micro-batch {b}) must be divisible by the {n_batch_dev} "
                           f"devices of the batch axes")
     self._build_tokenizer()
     self._build_model()
-    self.task.prepare(self)
+    self.context = self.task_context()
+    self.task.prepare(self.context)
     self.inputs = self.task.inputs()
+
+  def task_context(self) -> TaskContext:
+    """The plain, frozen values the task's hooks are given (:class:`jaxformers.train.context.TaskContext`)."""
+    return TaskContext(
+        workdir=self.workdir, data=ml_collections.FrozenConfigDict(self.c.data), init_from=self.c.init_from,
+        model_config=self.cfg, max_length=self.max_length, tokenizer=self.tok,
+        special=types.MappingProxyType(dict(self.special)), mesh=self.mesh, rules=self.rules, graphdef=self.gd_eval,
+        blocks_with_attention=tuple(bool(b.has_attention) for b in models.encoder_of(self.abstract).blocks))
 
   # --- tokenizer and model ---------------------------------------------------------------------------------
   def _build_tokenizer(self):
@@ -99,26 +120,12 @@ class Run:
     self.tok.save(str(saved))
 
   def _build_model(self):
+    """The model config, the model's abstract graph and its parameters' shardings, and (``init_from``) the
+    loaded model, made the one the task trains."""
     c = self.c
     self.pretrained = None
     if c.init_from:
-      import jaxformers
-      runtime = {k: v for k, v in set_fields(c.model).items() if k in RUNTIME_FIELDS}
-      try:
-        runtime.update(self._introduced(runtime))
-        self.pretrained, report = jaxformers.from_pretrained(
-            c.init_from, layout=c.model.layout or None, task=self.task.model_task, num_labels=self.task.head_labels,
-            rngs=nnx.Rngs(params=c.seed, dropout=c.seed + 1), return_report=True, **runtime)
-      except LayoutError as e:
-        raise ConfigError(f"config.model.layout: {e}".replace("\n", " ")) from None
-      if report is not None:
-        log.info("init_from %s -> layout %s, task %s:\n  %s", c.init_from,
-                 self.pretrained.config.layout, self.task.model_task, report.summary().replace("\n", "\n  "))
-      self.cfg = self.pretrained.config
-      self._refuse_dropped_overrides()
-      if c.mode == "train" and c.task != "heal" and not c.search.enabled and c.optim.lr >= 5e-4:
-        log.warning("config.optim.lr=%g is a from-scratch learning rate; fine-tuning a pretrained checkpoint usually "
-                    "takes 2e-5 to 5e-5 (configs/finetune.py uses 3e-5)", c.optim.lr)
+      self._load_init_from()
     else:
       self.cfg = encoder_config(c.model, vocab_size=self.tok.get_vocab_size(), pad_token_id=self.special["pad"])
     # int8 (config.model.quantization) is applied to the restored float model in eval / predict (see _quantized)
@@ -131,22 +138,14 @@ class Run:
     if self.tok.get_vocab_size() > self.cfg.vocab_size:
       raise ConfigError(f"tokenizer has {self.tok.get_vocab_size()} tokens but the model's vocab_size is "
                         f"{self.cfg.vocab_size}")
-    limit = self.cfg.max_position_embeddings - self.cfg.position_offset
-    self.max_length = c.data.max_length
-    if c.data.max_length > limit:
-      msg = (f"config.data.max_length={c.data.max_length} is longer than the model's {limit} positions "
-             f"(max_position_embeddings={self.cfg.max_position_embeddings})")
-      if c.data.on_too_long == "error":
-        raise ConfigError(msg + "; lower data.max_length or set data.on_too_long='truncate'")
-      log.warning("%s; sequences are truncated to %d tokens", msg, limit)
-      self.max_length = limit
+    self.max_length = self._max_length()
 
     def make():
       return self.task.build_model(self.cfg, nnx.Rngs(params=c.seed, dropout=c.seed + 1))
     self._make = make
     self.abstract = abstract = nnx.eval_shape(make)
     abstract.train()
-    self.param_filter = getattr(self.task, "param_filter", nnx.Param)   # what the optimizer learns
+    self.param_filter = self.task.param_filter   # what the optimizer learns
     self.gd_train, abs_params, abs_rest = nnx.split(abstract, self.param_filter, ...)
     abstract.eval()
     self.gd_eval = nnx.split(abstract, self.param_filter, ...)[0]
@@ -155,10 +154,47 @@ class Run:
     self.abs_params, self.abs_rest = abs_params, abs_rest
     self.num_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(abs_params)))
     self._check_packing()
+    if self.pretrained is not None:
+      self.pretrained = self.task.adapt_pretrained(self.pretrained)
     self.meta = {"model_config": self.cfg.to_dict(), "task": self.task.name, "model_task": self.task.model_task,
                  "num_labels": self.task.num_labels,
                  "label_names": list(self.task.label_names) if self.task.label_names else None,
                  "param_shapes": param_shapes(abs_params)}
+
+  def _load_init_from(self):
+    """``self.pretrained`` and ``self.cfg`` from ``config.init_from`` (with the config's runtime fields and
+    layout), refusing command-line model fields the checkpoint fixes to other values."""
+    c = self.c
+    runtime = {k: v for k, v in set_fields(c.model).items() if k in RUNTIME_FIELDS}
+    try:
+      runtime.update(self._introduced(runtime))
+      self.pretrained, report = from_pretrained(
+          c.init_from, layout=c.model.layout or None, task=self.task.model_task, num_labels=self.task.head_labels,
+          rngs=nnx.Rngs(params=c.seed, dropout=c.seed + 1), return_report=True, **runtime)
+    except LayoutError as e:
+      raise ConfigError(f"config.model.layout: {e}".replace("\n", " ")) from None
+    if report is not None:
+      log.info("init_from %s -> layout %s, task %s:\n  %s", c.init_from,
+               self.pretrained.config.layout, self.task.model_task, report.summary().replace("\n", "\n  "))
+    self.cfg = self.pretrained.config
+    self._refuse_dropped_overrides()
+    if c.mode == "train" and c.task != "heal" and not c.search.enabled and c.optim.lr >= 5e-4:
+      log.warning("config.optim.lr=%g is a from-scratch learning rate; fine-tuning a pretrained checkpoint usually "
+                  "takes 2e-5 to 5e-5 (configs/finetune.py uses 3e-5)", c.optim.lr)
+
+  def _max_length(self) -> int:
+    """``data.max_length``, or the model's positions when it is longer (``data.on_too_long``: refused or
+    truncated)."""
+    c = self.c
+    limit = self.cfg.max_position_embeddings - self.cfg.position_offset
+    if c.data.max_length <= limit:
+      return c.data.max_length
+    msg = (f"config.data.max_length={c.data.max_length} is longer than the model's {limit} positions "
+           f"(max_position_embeddings={self.cfg.max_position_embeddings})")
+    if c.data.on_too_long == "error":
+      raise ConfigError(msg + "; lower data.max_length or set data.on_too_long='truncate'")
+    log.warning("%s; sequences are truncated to %d tokens", msg, limit)
+    return limit
 
   def _refuse_dropped_overrides(self):
     """With ``init_from`` the checkpoint fixes every model field but the runtime ones, ``layout`` (a re-arrangement)
@@ -184,8 +220,6 @@ class Run:
     c = self.c
     if not c.model.layout:
       return {}
-    from jaxformers.checkpoints.pretrained import saved_layout
-    from jaxformers.layout import parse_layout
     target = {BLOCKS.get(b).mixer for b in parse_layout(c.model.layout, BLOCKS.names())} - {None}
     wanted = [m for m in sorted(target) if MIXERS.get(m).introduced]
     if not wanted:
@@ -260,11 +294,8 @@ class Run:
     return jax.tree.map(lambda x: x.sharding, self.inputs)
 
   def batch_shardings(self):
-    two = sharding.batch_sharding(self.mesh, 2)
-    if self.c.data.packing:   # labels / weights per slot [rows, max_segments] or per token [rows, length]
-      return {"input_ids": two, "token_type_ids": two, "segment_ids": two, "labels": two, "weights": two}
-    one = two if self.task.per_token else sharding.batch_sharding(self.mesh, 1)
-    return {"input_ids": two, "token_type_ids": two, "attention_mask": two, "labels": one, "weights": one}
+    """The shardings of an eval batch's arrays."""
+    return sharding.batch_shardings(self.mesh, packed=bool(self.c.data.packing), per_token=self.task.per_token)
 
   # --- steps -------------------------------------------------------------------------------------------------------
   def eval_step(self):
@@ -355,6 +386,57 @@ def _abstract_with(sh_tree, abs_tree):
 
 
 def train(r: Run) -> dict:
+  """Train the run from its latest checkpoint (or from the start) to ``train.num_steps`` (or ``train.stop_after``),
+  evaluating and saving on the way; its summary, also written to DIR/summary.json."""
+  c = r.c
+  train_data, eval_sets, batches, padding = _training_data(r)
+  total = _run_length(c, batches.batches_per_epoch)
+  tx, lr_fn = r.task.optimizer(c, total)
+  abs_state = {"params": r.abs_params, "opt_state": jax.eval_shape(tx.init, r.abs_params), "rngs": r.abs_rest,
+               "step": jax.ShapeDtypeStruct((), jnp.int32)}
+  state_sh = sharding.state_shardings(abs_state, r.param_sh, r.mesh)
+  best_name, best_mode = r.best_metric()
+  ckpts = ckpt_lib.Checkpoints(r.workdir, keep=c.train.keep, best_metric=best_name, best_mode=best_mode,
+                               async_save=c.train.async_checkpoint)
+  meta = dict(r.meta, config=json.loads(c.to_json()))
+  stop_at = min(total, c.train.stop_after) if c.train.stop_after > 0 else total
+  restored = ckpts.restore_latest(_abstract_with(state_sh, abs_state), meta)
+  r.save_tokenizer()
+  if restored is None:
+    state, start = _initial_state(r, tx, state_sh), 0
+  else:
+    state, saved, start = restored
+    try:
+      batches.restore(saved["data_state"])
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    if start >= stop_at and (r.workdir / "summary.json").is_file():
+      ckpts.close()
+      return dict(json.loads((r.workdir / "summary.json").read_text()), already_done=True)
+    log.info("resumed from %s at step %d", ckpts.dir, start)
+  train_step = _compile_train_step(r, tx, lr_fn, state_sh)
+  writer = metrics_lib.Writer(r.workdir, enabled=jax.process_index() == 0)
+  progress = _Progress(r, ckpts, writer, batches, start=start, total=total, stop_at=stop_at)
+  t0 = time.time()
+  state, step, eval_results = _train_steps(r, state, train_step, batches, eval_sets, ckpts, meta, progress,
+                                           start=start, total=total, stop_at=stop_at)
+  wall = time.time() - t0
+  summary = {"mode": "train", "steps": step, "total_steps": total, "steps_this_run": step - start,
+             "finished": step >= total, "eval": eval_results,
+             "examples_per_s": progress.totals["examples"] / wall if wall else 0.0,
+             "tokens_per_s": progress.totals["tokens"] / wall if wall else 0.0,
+             "num_params": r.num_params, "wall_time_s": wall, "devices": jax.device_count(),
+             "mesh": dict(r.mesh.shape), "train_examples": len(train_data),
+             "eval_examples": {k: len(v) for k, v in eval_sets.items()}, "best_metric": best_name,
+             "padding": padding}
+  summary.update(r.task.finish(r.context, state, summary))
+  _write_summary(r.workdir, summary)
+  return summary
+
+
+def _training_data(r: Run) -> tuple:
+  """``(training split, eval splits, training batches, padding report)``: the splits tokenized, the batches the
+  task's (:meth:`jaxformers.train.tasks.Task.train_batches`), the report of every split's padding logged."""
   c = r.c
   train_data = r.tokenized("train")
   eval_sets = {s: r.tokenized(s) for s in r.task.eval_splits}
@@ -365,9 +447,13 @@ def train(r: Run) -> dict:
   except ValueError as e:
     raise ConfigError(str(e)) from None
   padding = {"train": r.padding_report("train", train_data, batches)}
-  batches = r.task.train_batches(r, batches)
+  batches = r.task.train_batches(r.context, batches)
   padding.update({s: r.padding_report(s, d) for s, d in eval_sets.items()})
-  steps_per_epoch = batches.batches_per_epoch
+  return train_data, eval_sets, batches, padding
+
+
+def _run_length(c, steps_per_epoch: int) -> int:
+  """The run's steps: ``train.num_epochs`` epochs of ``steps_per_epoch``, else ``train.num_steps`` (logged)."""
   total = int(math.ceil(c.train.num_epochs * steps_per_epoch)) if c.train.num_epochs > 0 else c.train.num_steps
   if total < 1:
     raise ConfigError("the run has no steps: raise train.num_steps or train.num_epochs")
@@ -377,41 +463,29 @@ def train(r: Run) -> dict:
   else:
     log.info("run length: %d steps from train.num_steps (about %.2g epochs of %d steps; train.num_epochs is not "
              "used)", total, total / max(steps_per_epoch, 1), steps_per_epoch)
-  tx, lr_fn = r.task.optimizer(c, total)
+  return total
 
-  abs_state = {"params": r.abs_params, "opt_state": jax.eval_shape(tx.init, r.abs_params), "rngs": r.abs_rest,
-               "step": jax.ShapeDtypeStruct((), jnp.int32)}
-  state_sh = sharding.state_shardings(abs_state, r.param_sh, r.mesh)
-  best_name, best_mode = r.best_metric()
-  ckpts = ckpt_lib.Checkpoints(r.workdir, keep=c.train.keep, best_metric=best_name, best_mode=best_mode,
-                               async_save=c.train.async_checkpoint)
-  meta = dict(r.meta, config=json.loads(c.to_json()))
-  stop_at = min(total, c.train.stop_after) if c.train.stop_after > 0 else total
-  restored = ckpts.restore_latest(_abstract_with(state_sh, abs_state), meta)
-  if restored is not None:
-    state, saved, start = restored
-    r.save_tokenizer()
-    try:
-      batches.restore(saved["data_state"])
-    except ValueError as e:
-      raise ConfigError(str(e)) from None
-    if start >= stop_at and (r.workdir / "summary.json").is_file():
-      ckpts.close()
-      return dict(json.loads((r.workdir / "summary.json").read_text()), already_done=True)
-    log.info("resumed from %s at step %d", ckpts.dir, start)
-  else:
-    r.save_tokenizer()
-    params, rest = r.init_params()
-    init_opt = jax.jit(tx.init, in_shardings=(state_sh["params"],), out_shardings=state_sh["opt_state"])
-    state = {"params": params, "opt_state": init_opt(params), "rngs": rest,
-             "step": jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(r.mesh))}
-    start = 0
-  train_step = jax.jit(sharding.traced_in(r.mesh, r.task.make_train_step(r.gd_train, tx, lr_fn, c.optim.accum_steps,
-                                                                          r.max_segments)),
-                       in_shardings=(state_sh, r.task.batch_shardings(r), r.input_shardings()),
-                       out_shardings=(state_sh, sharding.replicated(r.mesh)), donate_argnums=0)
-  writer = metrics_lib.Writer(r.workdir, enabled=jax.process_index() == 0)
 
+def _initial_state(r: Run, tx, state_sh) -> dict:
+  """The train state at step 0: the run's first parameters and the optimizer's state, in their shardings."""
+  params, rest = r.init_params()
+  init_opt = jax.jit(tx.init, in_shardings=(state_sh["params"],), out_shardings=state_sh["opt_state"])
+  return {"params": params, "opt_state": init_opt(params), "rngs": rest,
+          "step": jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(r.mesh))}
+
+
+def _compile_train_step(r: Run, tx, lr_fn, state_sh):
+  """The task's train step, jitted over the run's mesh; it donates the state it is given."""
+  step = r.task.make_train_step(r.gd_train, tx, lr_fn, r.c.optim.accum_steps, r.max_segments)
+  return jax.jit(sharding.traced_in(r.mesh, step),
+                 in_shardings=(state_sh, r.task.batch_shardings(r.context), r.input_shardings()),
+                 out_shardings=(state_sh, sharding.replicated(r.mesh)), donate_argnums=0)
+
+
+@contextlib.contextmanager
+def _stop_signals():
+  """While inside: SIGTERM / SIGINT set ``stop["signum"]`` (the yielded dict) instead of stopping the process, so
+  the loop saves a checkpoint first; the previous handlers are put back after."""
   stop = {"signum": None}
   previous = {}
 
@@ -422,99 +496,141 @@ def train(r: Run) -> dict:
       previous[s] = signal.signal(s, on_signal)
     except ValueError:  # not the main thread
       pass
-
-  bar = None
-  if c.train.progress and jax.process_index() == 0:
-    from tqdm import tqdm
-    bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
-  step, t0 = start, time.time()
-  totals = {"tokens": 0, "examples": 0}
-  window = {"loss": 0.0, "accuracy": 0.0, "n": 0, "tokens": 0, "t": time.time()}
-  eval_results = {}
-  pending = []   # (step, metrics, tokens, examples) of steps dispatched but not yet read back
-
-  def account():
-    """Read back the pending steps' metrics: the NaN check, progress bar and logs. Steps are read one
-    step late, so the host prepares the next batch while the device runs this one; every eval or
-    checkpoint save reads them all first, so a non-finite loss is caught before its state is saved."""
-    nonlocal window
-    while pending:
-      at, m, n_tok, n_ex = pending.pop(0)
-      loss = float(m["loss"])
-      if not math.isfinite(loss):
-        ckpts.wait()
-        last = ckpts.latest_step()
-        raise NonFiniteLoss(f"training loss became {loss} at step {at}; stopped without saving that state. "
-                            f"The last good checkpoint is "
-                            + (f"step {last} in {ckpts.dir}" if last is not None else "none (no save yet)")
-                            + "; lower optim.lr or raise optim.warmup_steps before resuming")
-      totals["tokens"] += n_tok
-      totals["examples"] += n_ex
-      window["loss"] += loss
-      window["accuracy"] += float(m["accuracy"])
-      window["n"] += 1
-      window["tokens"] += n_tok
-      if bar is not None:
-        dt = max(time.time() - window["t"], 1e-9)
-        bar.set_postfix(loss=f"{window['loss'] / window['n']:.4f}", lr=f"{float(m['lr']):.2e}",
-                        tok_s=f"{window['tokens'] / dt:.0f}", refresh=False)
-        bar.update(1)
-      if at % c.train.log_every == 0 or at == stop_at:
-        dt = max(time.time() - window["t"], 1e-9)
-        writer.write(at, "train", {"loss": window["loss"] / window["n"],
-                                   "accuracy": window["accuracy"] / window["n"], "lr": float(m["lr"]),
-                                   "grad_norm": float(m["grad_norm"]), "tokens_per_s": window["tokens"] / dt,
-                                   "epoch": batches.epoch, **r.task.log_metrics(m)})
-        window = {"loss": 0.0, "accuracy": 0.0, "n": 0, "tokens": 0, "t": time.time()}
-
   try:
-    while step < stop_at:
-      batch = next(batches)
-      sharded = sharding.shard_batch(batch, r.mesh)
-      account()                                   # the previous step, while this batch was prepared
-      state, m = train_step(state, sharded, r.inputs)
-      step += 1
-      pending.append((step, m, batching.num_tokens(batch), batching.num_examples(batch)))
-      evaluate_now = (c.train.eval_every and step % c.train.eval_every == 0) or step == total
-      save_now = step % c.train.checkpoint_every == 0 or step == stop_at or stop["signum"] is not None
-      if evaluate_now or save_now:
-        account()
-        saved_meta = dict(meta, data_state=batches.state())
-      if evaluate_now:
-        eval_results = r.evaluate(state["params"], state["rngs"], eval_sets)
-        writer.write(step, "eval", eval_results)
-        log.info("step %d eval %s", step, _fmt(eval_results))
-        if bar is not None:
-          bar.write(f"step {step}: " + _fmt(eval_results))
-        ckpts.save_best(step, state, saved_meta, eval_results)
-      if save_now:
-        ckpts.save(step, state, saved_meta, force=True)
-      if stop["signum"] is not None:
-        ckpts.wait()
-        raise Interrupted(stop["signum"], step)
-    account()
-    if step == total and not eval_results:   # finished earlier, but killed before its summary was written
-      eval_results = r.evaluate(state["params"], state["rngs"], eval_sets)
+    yield stop
   finally:
-    if bar is not None:
-      bar.close()
-    ckpts.wait()
-    ckpts.close()
-    writer.close()
     for s, h in previous.items():
       signal.signal(s, h)
-  wall = time.time() - t0
-  summary = {"mode": "train", "steps": step, "total_steps": total, "steps_this_run": step - start,
-             "finished": step >= total, "eval": eval_results,
-             "examples_per_s": totals["examples"] / wall if wall else 0.0,
-             "tokens_per_s": totals["tokens"] / wall if wall else 0.0,
-             "num_params": r.num_params, "wall_time_s": wall, "devices": jax.device_count(),
-             "mesh": dict(r.mesh.shape), "train_examples": len(train_data),
-             "eval_examples": {k: len(v) for k, v in eval_sets.items()}, "best_metric": best_name,
-             "padding": padding}
-  r.task.finish(r, state, summary)
+
+
+def _train_steps(r: Run, state, train_step, batches, eval_sets: dict, ckpts, meta: dict, progress: _Progress, *,
+                 start: int, total: int, stop_at: int) -> tuple:
+  """Steps ``start + 1 .. stop_at``: evaluate every ``train.eval_every`` steps and at ``total``, save every
+  ``train.checkpoint_every`` steps, at ``stop_at`` and on a stop signal (then raise :class:`Interrupted`).
+  ``(state, last step, last eval results)``; the checkpoints and the writer are closed on the way out."""
+  c = r.c
+  step, eval_results = start, {}
+  with _stop_signals() as stop:
+    try:
+      while step < stop_at:
+        batch = next(batches)
+        sharded = sharding.shard_batch(batch, r.mesh)
+        progress.account()                          # the previous step, while this batch was prepared
+        state, m = train_step(state, sharded, r.inputs)
+        step += 1
+        progress.add(step, m, batch)
+        evaluate_now = (c.train.eval_every and step % c.train.eval_every == 0) or step == total
+        save_now = step % c.train.checkpoint_every == 0 or step == stop_at or stop["signum"] is not None
+        if evaluate_now or save_now:
+          progress.account()
+          saved_meta = dict(meta, data_state=batches.state())
+        if evaluate_now:
+          eval_results = r.evaluate(state["params"], state["rngs"], eval_sets)
+          progress.writer.write(step, "eval", eval_results)
+          log.info("step %d eval %s", step, _fmt(eval_results))
+          progress.note(f"step {step}: " + _fmt(eval_results))
+          ckpts.save_best(step, state, saved_meta, eval_results)
+        if save_now:
+          ckpts.save(step, state, saved_meta, force=True)
+        if stop["signum"] is not None:
+          ckpts.wait()
+          raise Interrupted(stop["signum"], step)
+      progress.account()
+      if step == total and not eval_results:   # finished earlier, but killed before its summary was written
+        eval_results = r.evaluate(state["params"], state["rngs"], eval_sets)
+    finally:
+      progress.close()
+      ckpts.wait()
+      ckpts.close()
+      progress.writer.close()
+  return state, step, eval_results
+
+
+class _Progress:
+  """The train steps' metrics, read back one step late, so the host prepares the next batch while the device runs
+  this one: the NaN check, the progress bar, the train log lines and the run's token and example counts. Every
+  eval or checkpoint save reads them all first (:meth:`account`), so a non-finite loss is caught before its state
+  is saved."""
+
+  def __init__(self, r: Run, ckpts, writer, batches, *, start: int, total: int, stop_at: int):
+    self.task, self.ckpts, self.writer, self.batches = r.task, ckpts, writer, batches
+    self.log_every, self.stop_at = r.c.train.log_every, stop_at
+    self.bar = None
+    if r.c.train.progress and jax.process_index() == 0:
+      self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+    self.totals = {"tokens": 0, "examples": 0}
+    self.pending = []   # (step, metrics, tokens, examples) of steps dispatched but not yet read back
+    self._new_window()
+
+  def _new_window(self):
+    self.window = {"loss": 0.0, "accuracy": 0.0, "n": 0, "tokens": 0, "t": time.time()}
+
+  def add(self, step: int, metrics: dict, batch: dict) -> None:
+    """A step dispatched: its (device) metrics and the host batch it ran on."""
+    self.pending.append((step, metrics, batching.num_tokens(batch), batching.num_examples(batch)))
+
+  def account(self) -> None:
+    """Read back the pending steps' metrics; raise :class:`NonFiniteLoss` at the first NaN or Inf loss."""
+    while self.pending:
+      at, m, n_tok, n_ex = self.pending.pop(0)
+      loss = float(m["loss"])
+      if not math.isfinite(loss):
+        self.ckpts.wait()
+        last = self.ckpts.latest_step()
+        raise NonFiniteLoss(f"training loss became {loss} at step {at}; stopped without saving that state. "
+                            f"The last good checkpoint is "
+                            + (f"step {last} in {self.ckpts.dir}" if last is not None else "none (no save yet)")
+                            + "; lower optim.lr or raise optim.warmup_steps before resuming")
+      self.totals["tokens"] += n_tok
+      self.totals["examples"] += n_ex
+      w = self.window
+      w["loss"] += loss
+      w["accuracy"] += float(m["accuracy"])
+      w["n"] += 1
+      w["tokens"] += n_tok
+      if self.bar is not None:
+        dt = max(time.time() - w["t"], 1e-9)
+        self.bar.set_postfix(loss=f"{w['loss'] / w['n']:.4f}", lr=f"{float(m['lr']):.2e}",
+                             tok_s=f"{w['tokens'] / dt:.0f}", refresh=False)
+        self.bar.update(1)
+      if at % self.log_every == 0 or at == self.stop_at:
+        self._log(at, m)
+
+  def _log(self, at: int, m: dict) -> None:
+    """One train log line: the window's mean loss and accuracy since the last one, the step's lr and norm."""
+    w = self.window
+    dt = max(time.time() - w["t"], 1e-9)
+    self.writer.write(at, "train", {"loss": w["loss"] / w["n"], "accuracy": w["accuracy"] / w["n"],
+                                    "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+                                    "tokens_per_s": w["tokens"] / dt, "epoch": self.batches.epoch,
+                                    **self.task.log_metrics(m)})
+    self._new_window()
+
+  def note(self, text: str) -> None:
+    """A line under the progress bar (none without one)."""
+    if self.bar is not None:
+      self.bar.write(text)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+def _write_summary(workdir: Path, summary: dict) -> None:
+  """DIR/summary.json (process 0), without the keys that only describe this call (``already_done``, ``updated``)."""
   if jax.process_index() == 0:
-    (r.workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    saved = {k: v for k, v in summary.items() if k not in ("already_done", "updated")}
+    (workdir / "summary.json").write_text(json.dumps(saved, indent=2) + "\n")
+
+
+def _follow_up(r: Run, summary: dict) -> dict:
+  """Start the run the task asks for once training has finished (:meth:`jaxformers.train.tasks.Task.follow_up`),
+  if any; the summary with its result recorded (summary.json rewritten with it)."""
+  follow = r.task.follow_up(r.context, summary)
+  if follow is None:
+    return summary
+  summary = r.task.record_follow_up(r.context, summary, follow, run(follow.config, follow.workdir))
+  _write_summary(r.workdir, summary)
   return summary
 
 
@@ -533,12 +649,12 @@ def _restore_for_inference(r: Run):
 
 def _quantized(r: Run, params, rest):
   """The restored model quantized to int8 (jaxformers.quant); the run's eval step then runs the int8 graph."""
-  from jaxformers.quant import quantize
   model = quantize(nnx.merge(r.gd_eval, params, rest))
   r.gd_eval, params, rest = nnx.split(model, nnx.Param, ...)
   r.param_sh = sharding.param_shardings(params, r.mesh, r.rules)
   r.rest_sh = jax.tree.map(lambda _: sharding.replicated(r.mesh), rest)
   r.__dict__.pop("_eval_step", None)
+  r.context = dataclasses.replace(r.context, graphdef=r.gd_eval)
   log.info("evaluating the int8 model (config.model.quantization='int8')")
   return jax.device_put(params, r.param_sh), jax.device_put(rest, r.rest_sh)
 
@@ -575,7 +691,6 @@ def run(config, workdir: str | Path, given=()) -> dict:
   ``given``: the config keys set on the command line (see :class:`Run`).
   Training holds ``workdir``'s lock (:class:`jaxformers.checkpoints.workdir.Lock`): a second process training there is refused.
   A run that fails leaves no workdir behind that it created and wrote nothing into."""
-  from jaxformers.checkpoints.workdir import Lock
   workdir = Path(workdir)
   existed = workdir.exists()
   lock = None
@@ -587,13 +702,12 @@ def run(config, workdir: str | Path, given=()) -> dict:
         log.warning("%s: took over the lock of pid %s on host %s (since %s), which ended without releasing it",
                     workdir, lock.stale.get("pid"), lock.stale.get("host"), lock.stale.get("started"))
     if config.mode == "train":
-      return r.task.after_training(r, train(r), run)
+      return _follow_up(r, train(r))
     if config.mode == "eval":
       return evaluate_checkpoint(r)
     return predict(r)
   except BaseException:
     if not existed and workdir.is_dir() and not any(p.is_file() for p in workdir.rglob("*")):
-      import shutil
       shutil.rmtree(workdir, ignore_errors=True)
       if lock is not None:
         lock.path.unlink(missing_ok=True)     # no workdir, no lock beside it

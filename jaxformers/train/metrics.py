@@ -34,7 +34,7 @@ class Writer:
     self.path = Path(workdir) / "metrics.jsonl"
     self.tb = None
     if enabled:
-      from tensorboardX import SummaryWriter   # slow to import; only runs that log to TensorBoard need it
+      from tensorboardX import SummaryWriter  # slow to import; only runs that log to TensorBoard need it
       self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
   def write(self, step: int, kind: str, values: dict) -> None:

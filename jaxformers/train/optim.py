@@ -4,6 +4,8 @@ from __future__ import annotations
 import jax
 import optax
 
+from jaxformers.prune import masked_updates
+
 
 def schedule(cfg, total_steps: int) -> optax.Schedule:
   """Linear warmup to ``cfg.lr`` over ``warmup_steps`` (or ``warmup_ratio`` of the run), then decay."""
@@ -35,6 +37,5 @@ def adamw(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Sc
     parts.append(optax.clip_by_global_norm(cfg.clip_norm))
   parts.append(optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask))
   if cfg.get("sparsity", 0.0) > 0:
-    from jaxformers.prune import masked_updates
     parts.append(masked_updates(cfg.sparsity, cfg.get("sparsity_scope", "global")))
   return optax.chain(*parts), lr

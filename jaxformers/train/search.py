@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +31,12 @@ import optax
 from flax import nnx
 
 from jaxformers import search as S
-from jaxformers.data import batching
+from jaxformers.checkpoints.pretrained import save_pretrained
+from jaxformers.data import batching, tokenize
 from jaxformers.errors import ConfigError
 from jaxformers.train import optim, steps
+from jaxformers.train.context import FollowUp, TaskContext
+from jaxformers.train.task_base import Task, TaskWrapper
 
 log = logging.getLogger("jaxformers.train")
 HELD = "heldout/"
@@ -100,8 +104,14 @@ class _WithHeldout:
   def __init__(self, train, heldout):
     self.train, self.heldout = train, heldout
 
-  def __getattr__(self, name):
-    return getattr(self.train, name)
+  @property
+  def batches_per_epoch(self) -> int:
+    """The training batcher's (an epoch is one of the training examples)."""
+    return self.train.batches_per_epoch
+
+  @property
+  def epoch(self) -> int:
+    return self.train.epoch
 
   def __iter__(self):
     return self
@@ -121,20 +131,16 @@ class _WithHeldout:
     self.heldout.restore(state["heldout"])
 
 
-class Searched:
+class Searched(TaskWrapper):
   """The run's task, searched: same data, loss, metrics and head; a supernet model and a bi-level step."""
 
   param_filter = (nnx.Param, S.ArchParam)
 
-  def __init__(self, inner, c):
-    self.inner = inner
+  def __init__(self, inner: Task, c):
+    super().__init__(inner)
     self.c = c
     self.s = c.search
     self.candidates = candidates_of(c)
-    self._split = None
-
-  def __getattr__(self, name):
-    return getattr(self.inner, name)
 
   # --- model and data ------------------------------------------------------------------------------------------
   def build_model(self, cfg, rngs):
@@ -143,6 +149,12 @@ class Searched:
     except ValueError as e:
       raise ConfigError(f"config.model.layout={cfg.layout!r}: {e}") from None
     return S.to_supernet(self.inner.build_model(cfg, rngs), self.candidates, hard=bool(self.s.hard), rngs=rngs)
+
+  def adapt_pretrained(self, model):
+    """The checkpoint made a supernet: candidates take its sublayers (the same mapping as for a new model)."""
+    model = self.inner.adapt_pretrained(model)
+    return S.to_supernet(model, self.candidates, hard=bool(self.s.hard),
+                         rngs=nnx.Rngs(params=self.c.seed, dropout=self.c.seed + 1))
 
   def _indices(self, n: int) -> tuple[np.ndarray, np.ndarray]:
     perm = np.random.default_rng(self.c.seed + 7919).permutation(n)
@@ -158,16 +170,13 @@ class Searched:
     train, held = self._indices(len(ex))
     return ex.subset(train if split == "train" else held)
 
-  def prepare(self, run) -> None:
-    self.inner.prepare(run)
-    if run.pretrained is not None:    # candidates take the checkpoint's sublayers (same mapping as for a new model)
-      S.to_supernet(run.pretrained, self.candidates, hard=bool(self.s.hard),
-                    rngs=nnx.Rngs(params=self.c.seed, dropout=self.c.seed + 1))
-    self.cfg = run.cfg
-    self.length = run.max_length
-    self.costs = S.cost_table(run.cfg, self.candidates, run.max_length)
-    self.source_cost = S.source_flops(run.cfg, run.max_length)
-    self.positions = len(S.positions_of(run.cfg.blocks))
+  def prepare(self, ctx: TaskContext) -> None:
+    self.inner.prepare(ctx)
+    self.cfg = ctx.model_config
+    self.length = ctx.max_length
+    self.costs = S.cost_table(self.cfg, self.candidates, self.length)
+    self.source_cost = S.source_flops(self.cfg, self.length)
+    self.positions = len(S.positions_of(self.cfg.blocks))
 
   # --- the trainer's hooks ---------------------------------------------------------------------------------------
   def optimizer(self, c, total_steps: int):
@@ -175,33 +184,40 @@ class Searched:
     weights, lr = optim.adamw(c.optim, total_steps)
     return BiLevel(weights, optax.adam(self.s.arch_lr, b1=0.5, b2=0.999)), lr
 
-  def train_batches(self, run, batches):
-    held = run.tokenized("search_heldout")
+  def train_batches(self, ctx: TaskContext, batches):
+    """The inner task's training batches (``batches``) with a held-out batch each (:class:`_WithHeldout`)."""
+    batches = self.inner.train_batches(ctx, batches)
+    held = tokenize.encode(ctx.tokenizer, self.examples("search_heldout"), ctx.max_length, ctx.data.on_too_long)
     bs = self.s.heldout_batch_size or self.c.data.batch_size
-    hb = batching.TrainBatches(held, bs, self.c.seed + 1, run.max_length, run.special["pad"], mlm=run.mlm_opts())
+    hb = batching.TrainBatches(held, bs, self.c.seed + 1, ctx.max_length, ctx.special["pad"],
+                               mlm=self.mlm_options(ctx.tokenizer, ctx.special))
     # every batch padded to max_length: one compiled shape for the (large) search step instead of one per bucket
     hb.buckets = hb.buckets[-1:]
     batches.buckets = batches.buckets[-1:]
     return _WithHeldout(batches, hb)
 
-  def batch_shardings(self, run) -> dict:
-    base = run.batch_shardings()
+  def batch_shardings(self, ctx: TaskContext) -> dict:
+    base = self.inner.batch_shardings(ctx)
     return {**base, **{HELD + k: v for k, v in base.items()}}
 
   def make_train_step(self, graphdef, tx: BiLevel, lr_fn, accum_steps: int = 1, max_segments: int | None = None):
     return make_search_step(graphdef, tx, lr_fn, self.inner, accum_steps, max_segments, self)
 
-  def after_training(self, run, summary: dict, run_fn) -> dict:
-    """With ``search.then_train``, train the derived model once the search has finished (also when a finished
-    search is run again and its derived model has not been trained yet: then ``summary.json`` gains
-    ``search.derived_train``, the rest kept as it was, and the returned summary's ``updated`` names that key)."""
+  def follow_up(self, ctx: TaskContext, summary: dict) -> FollowUp | None:
+    """With ``search.then_train``, training the derived model once the search has finished (also when a finished
+    search is run again and its derived model has not been trained yet)."""
     search = summary.get("search")
     if self.s.then_train and search and "derived_train" not in search and jax.process_index() == 0:
-      search["derived_train"] = then_train(self.c, run.workdir, run_fn)
-      saved = {k: v for k, v in summary.items() if k not in ("already_done", "updated")}
-      (run.workdir / "summary.json").write_text(json.dumps(saved, indent=2) + "\n")
-      if summary.get("already_done"):    # a finished search run again: say what its summary.json gained
-        summary["updated"] = ["search.derived_train"]
+      return FollowUp(derived_config(self.c, ctx.workdir), ctx.workdir / "derived_train")
+    return None
+
+  def record_follow_up(self, ctx: TaskContext, summary: dict, follow: FollowUp, result: dict) -> dict:
+    """``summary["search"]["derived_train"]``: the derived model's training; a finished search run again also says
+    what its summary.json gained (``updated``)."""
+    derived = {"workdir": str(follow.workdir), "eval": result.get("eval", {}), "wall_time_s": result.get("wall_time_s")}
+    summary = dict(summary, search=dict(summary["search"], derived_train=derived))
+    if summary.get("already_done"):
+      summary["updated"] = ["search.derived_train"]
     return summary
 
   def log_metrics(self, m: dict) -> dict:
@@ -214,40 +230,40 @@ class Searched:
         out[f"arch/p{p}/{name}"] = float(probs[p, k])
     return out
 
-  def finish(self, run, state, summary: dict) -> None:
-    """Read off the layout, save the derived model and the heat-map, and (with ``then_train``) train it; nothing
-    while the search is unfinished (``train.stop_after``: the resumed run does it)."""
+  def finish(self, ctx: TaskContext, state, summary: dict) -> dict:
+    """Read off the layout, save the derived model, its train.py config and the heat-map; ``{"search": ...}`` for
+    the summary. Nothing while the search is unfinished (``train.stop_after``: the resumed run does it)."""
     if jax.process_index() != 0 or not summary.get("finished"):
-      return
+      return {}
     logits = np.asarray(jax.device_get(S.arch_logits(state["params"])))
     probs = np.asarray(S.probabilities(logits))
     chosen = S.choose(logits, self.candidates, self.s.max_identity)
     layout = S.read_off(logits, self.candidates, self.s.max_identity)
     found = S.layout_flops(self.cfg, [b for b, _ in S.chosen_blocks(chosen)], self.length)
-    supernet = nnx.merge(run.gd_eval, jax.device_get(state["params"]), jax.device_get(state["rngs"]))
+    supernet = nnx.merge(ctx.graphdef, jax.device_get(state["params"]), jax.device_get(state["rngs"]))
     derived, layout2 = S.derive(supernet, self.s.max_identity,
                                 rngs=nnx.Rngs(params=self.c.seed, dropout=self.c.seed + 1))
     assert layout2 == layout
-    from jaxformers.checkpoints.pretrained import save_pretrained
-    out_dir = run.workdir / "derived"
-    save_pretrained(derived, out_dir, overwrite=out_dir.exists(), tokenizer=run.workdir)
-    steps_, hist = heat_history(run.workdir / "metrics.jsonl", len(self.candidates), self.positions, self.candidates)
-    png = run.workdir / "search_heatmap.png"
+    workdir = ctx.workdir
+    out_dir = workdir / "derived"
+    save_pretrained(derived, out_dir, overwrite=out_dir.exists(), tokenizer=workdir)
+    steps_, hist = heat_history(workdir / "metrics.jsonl", len(self.candidates), self.positions, self.candidates)
+    png = workdir / "search_heatmap.png"
     if steps_:
       S.heatmap(steps_, hist, self.candidates, png, title=f"search: {layout}")
-    cmd = write_derived_config(self.c, run.workdir)
-    summary["search"] = {
-        "layout": layout, "chosen": chosen, "candidates": list(self.candidates), "source_layout": self.cfg.layout,
-        "probabilities": probs.round(6).tolist(), "flops_per_token": found, "source_flops_per_token": self.source_cost,
-        "flops_ratio": found / self.source_cost, "sequence_length": self.length,
-        "expected_flops_ratio": float((probs * self.costs).sum() / self.source_cost),
-        "derived_dir": str(out_dir), "heatmap": str(png) if steps_ else None, "train_command": cmd}
+    cmd = write_derived_config(self.c, workdir)
     log.info("search found layout %s (%.1f%% of the source's FLOPs/token); derived model in %s", layout,
              100 * found / self.source_cost, out_dir)
     print(f"found layout: {layout}  ({100 * found / self.source_cost:.1f}% of {self.cfg.layout}'s FLOPs/token)\n"
           f"wrote {out_dir} (the derived model), {png if steps_ else '(no heat-map: no logged steps)'}, "
-          f"{run.workdir / 'summary.json'} (summary['search']) and {run.workdir / 'derived_config.py'}\n"
+          f"{workdir / 'summary.json'} (summary['search']) and {workdir / 'derived_config.py'}\n"
           f"train it: {cmd}", flush=True)
+    return {"search": {
+        "layout": layout, "chosen": chosen, "candidates": list(self.candidates), "source_layout": self.cfg.layout,
+        "probabilities": probs.round(6).tolist(), "flops_per_token": found, "source_flops_per_token": self.source_cost,
+        "flops_ratio": found / self.source_cost, "sequence_length": self.length,
+        "expected_flops_ratio": float((probs * self.costs).sum() / self.source_cost),
+        "derived_dir": str(out_dir), "heatmap": str(png) if steps_ else None, "train_command": cmd}}
 
 
 def heat_history(path, n_cand: int, n_pos: int, candidates) -> tuple[list[int], np.ndarray]:
@@ -285,19 +301,11 @@ def get_config(arg=None):
 
 def write_derived_config(c, workdir: Path) -> str:
   """``DIR/derived_config.py`` (and the .json it reads): the train.py config that trains the derived model as
-  :func:`then_train` does; the command that runs it."""
+  ``search.then_train`` does (:meth:`Searched.follow_up`); the command that runs it."""
   path, out = workdir / "derived_config.py", workdir / "derived_train"
   (workdir / "derived_config.json").write_text(derived_config(c, workdir).to_json(indent=2) + "\n")
   path.write_text(DERIVED_CONFIG.format(path=path, workdir=out))
   return f"python train.py --config {path} --workdir {out}"
-
-
-def then_train(c, workdir, run) -> dict:
-  """Train the derived model (``DIR/derived``) on the same data in ``DIR/derived_train`` with ``run``
-  (:func:`jaxformers.train.run`); its summary."""
-  out = run(derived_config(c, workdir), workdir / "derived_train")
-  return {"workdir": str(workdir / "derived_train"), "eval": out.get("eval", {}),
-          "wall_time_s": out.get("wall_time_s")}
 
 
 def derived_config(c, workdir):

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
@@ -99,6 +100,16 @@ def param_shardings(abstract_params: nnx.State, mesh: Mesh, rules=LOGICAL_AXIS_R
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def batch_shardings(mesh: Mesh, packed: bool, per_token: bool) -> dict:
+  """The shardings of a host batch's arrays: tokens ``[rows, length]``; labels and weights per token, per packed
+  slot ``[rows, max_segments]`` or per example ``[rows]``."""
+  two = batch_sharding(mesh, 2)
+  if packed:
+    return {"input_ids": two, "token_type_ids": two, "segment_ids": two, "labels": two, "weights": two}
+  one = two if per_token else batch_sharding(mesh, 1)
+  return {"input_ids": two, "token_type_ids": two, "attention_mask": two, "labels": one, "weights": one}
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -19,7 +19,6 @@ import optax
 from flax import nnx
 
 
-
 def make_grads(graphdef, task, accum_steps: int = 1, max_segments: int | None = None, param_filter=nnx.Param):
   """``grads(params, rngs, batch, inputs) -> (loss_sum, weight_sum, correct_sum, rngs, summed gradient)``;
   ``accum_steps`` micro-batches are summed, which gives exactly the gradient of the whole batch."""
