@@ -26,8 +26,7 @@ from tqdm import tqdm
 from jaxformers import models
 from jaxformers.checkpoints.hub import resolve
 from jaxformers.checkpoints.pretrained import from_pretrained
-from jaxformers.checkpoints.tokenizers import (POOLINGS, load_tokenizer,  # noqa: F401 (read here)
-                                               sentence_transformers_config)
+from jaxformers.checkpoints.tokenizers import POOLINGS, load_tokenizer, sentence_transformers_config
 from jaxformers.config import DTYPES
 from jaxformers.packing import chunk_runner, pack, scatter_segments
 
