@@ -233,8 +233,8 @@ TASKS = {
 }
 
 
-# The model each of the trainer's tasks (``config.task``) trains, for runs saved before their metadata said so
-# ("model_task"); a trainer task declares its own as ``Task.model_task``.
+# The model each of the trainer's supervised and MLM tasks (``config.task``) trains: their ``Task.model_task``, and
+# what a run saved before its metadata named the head ("model_task") is read as.
 TRAINER_TASKS = {"classification": "classification", "regression": "classification", "mlm": "masked_lm"}
 
 

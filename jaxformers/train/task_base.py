@@ -160,7 +160,8 @@ class Task:
 
 @TASKS.register("classification")
 class Classification(Task):
-  name = model_task = "classification"
+  name = "classification"
+  model_task = models.TRAINER_TASKS[name]
 
   def examples(self, split: str) -> sources.Examples:
     ex = super().examples(split)
@@ -177,7 +178,7 @@ class Classification(Task):
 class Regression(Task):
   """One real-valued target per example (a classification head with one output), squared error."""
   name = "regression"
-  model_task = "classification"
+  model_task = models.TRAINER_TASKS[name]
 
   def loss_terms(self, logits, batch):
     w = batch["weights"]
@@ -223,7 +224,7 @@ class TextTask(Task):
 class MaskedLM(TextTask):
   """Masked-LM training on the source's texts: dynamic masking (``data.mlm_probability``, 80/10/10)."""
   name = "mlm"
-  model_task = "masked_lm"
+  model_task = models.TRAINER_TASKS[name]
   per_token = True
 
   def mlm_options(self, tok, special: dict) -> dict:
