@@ -6,12 +6,12 @@ import sys
 import numpy as np
 import pytest
 
-from jaxformers.train import run
-from tests.train_helpers import ROOT, load_config, train_losses
+from tests.train_helpers import ROOT, train_losses
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import study  # noqa: E402
 import study_stats  # noqa: E402
+from tests.test_study import source  # noqa: E402,F401 (the study tests' source checkpoint, built once per module)
 
 
 # --- the functions ------------------------------------------------------------------------------------------------
@@ -95,14 +95,6 @@ def test_the_budget_check_on_hand_built_learning_curves():
 
 
 # --- a two-seed study -------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-  """A few-step serial*2 classifier on the embedded data: the study's source checkpoint."""
-  wd = tmp_path_factory.mktemp("source") / "run"
-  run(load_config("tiny", "steps=4", model__hidden_dropout=0.0, model__attention_dropout=0.0), wd)
-  return str(wd)
-
-
 def args(source, workdir, *extra):
   return ["--init_from", source, "--layouts", "serial*2;fourier*2", "--recipes", "direct", "--data", "embedded",
           "--workdir", str(workdir), "--finetune_steps", "8", "--lr", "3e-3", "--max_length", "32",
