@@ -44,14 +44,7 @@ def assert_starts_from(wd, source, layout, steps=6):
 
 
 def test_finetune_from_native_checkpoint_in_another_layout(tmp_path):
-  data = write_rte(tmp_path / "RTE")
-  ckpt = tmp_path / "native"
-  ckpt.mkdir()
-  vocab = _tokenizer_for(data, ckpt)
-  cfg = EncoderConfig(vocab_size=vocab, hidden_size=32, num_heads=2, intermediate_size=64,
-                      max_position_embeddings=64, layout="serial*2")
-  # ckpt already holds the tokenizer: overwrite=True adds the model next to it
-  jaxformers.save_pretrained(models.MaskedLM(cfg, rngs=nnx.Rngs(params=3, dropout=4)), ckpt, overwrite=True)
+  data, ckpt = _native_checkpoint(tmp_path)
   wd = tmp_path / "run"
   out = run(glue_tiny("rte", data, init_from=str(ckpt), model__layout="parallel*2", **FROM_STEP_ONE), wd)
   assert out["steps"] == 6
@@ -110,6 +103,7 @@ def _native_checkpoint(tmp_path):
   vocab = _tokenizer_for(data, ckpt)
   cfg = EncoderConfig(vocab_size=vocab, hidden_size=32, num_heads=2, intermediate_size=64,
                       max_position_embeddings=64, layout="serial*2")
+  # ckpt already holds the tokenizer: overwrite=True adds the model next to it
   jaxformers.save_pretrained(models.MaskedLM(cfg, rngs=nnx.Rngs(params=3, dropout=4)), ckpt, overwrite=True)
   return data, ckpt
 
