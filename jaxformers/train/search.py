@@ -40,6 +40,7 @@ from jaxformers.train.task_base import Task, TaskWrapper
 
 log = logging.getLogger("jaxformers.train")
 HELD = "heldout/"
+READ_OFFS = ("target", "argmax")
 
 
 def candidates_of(c) -> tuple[str, ...]:
@@ -69,6 +70,10 @@ def check_search(c) -> None:
   if not 0.0 < s.target_flops_ratio <= 1.0:
     raise ConfigError(f"config.search.target_flops_ratio={s.target_flops_ratio}: must be in (0, 1] (the expected "
                       f"FLOPs per token relative to the source layout's)")
+  if s.read_off not in READ_OFFS:
+    raise ConfigError(f"config.search.read_off={s.read_off!r}: expected one of {', '.join(READ_OFFS)} ('target': the "
+                      f"most probable layout within target_flops_ratio; 'argmax': each position's most probable "
+                      f"candidate)")
   if not 0.0 < s.heldout_fraction < 1.0:
     raise ConfigError(f"config.search.heldout_fraction={s.heldout_fraction}: must be in (0, 1)")
   if not 0.0 <= s.max_identity < 1.0:
@@ -81,6 +86,10 @@ def check_search(c) -> None:
   for key in ("arch_lr", "cost_weight", "identity_weight"):
     if s[key] < 0:
       raise ConfigError(f"config.search.{key}={s[key]}: must be at least 0")
+  if c.distill.teacher and (c.distill.attention or c.distill.value):
+    raise ConfigError(f"config.distill.attention={c.distill.attention}, distill.value={c.distill.value} with "
+                      f"config.search.enabled: a supernet position mixes several candidates and has no one attention "
+                      f"to compare with the teacher's; distil a search with distill.logits and distill.hidden")
   if c.mode == "train" and c.data.packing:
     raise ConfigError("config.search.enabled with config.data.packing=True: the search runs on padded batches; set "
                       "data.packing=False")
@@ -230,6 +239,10 @@ class Searched(TaskWrapper):
         out[f"arch/p{p}/{name}"] = float(probs[p, k])
     return out
 
+  def _flops(self, chosen: list[str]) -> float:
+    """Forward FLOPs per token of the layout ``chosen`` (one candidate per position) reads off as."""
+    return S.layout_flops(self.cfg, [b for b, _ in S.chosen_blocks(chosen)], self.length)
+
   def finish(self, ctx: TaskContext, state, summary: dict) -> dict:
     """Read off the layout, save the derived model, its train.py config and the heat-map; ``{"search": ...}`` for
     the summary. Nothing while the search is unfinished (``train.stop_after``: the resumed run does it)."""
@@ -237,13 +250,18 @@ class Searched(TaskWrapper):
       return {}
     logits = np.asarray(jax.device_get(S.arch_logits(state["params"])))
     probs = np.asarray(S.probabilities(logits))
-    chosen = S.choose(logits, self.candidates, self.s.max_identity)
-    layout = S.read_off(logits, self.candidates, self.s.max_identity)
-    found = S.layout_flops(self.cfg, [b for b, _ in S.chosen_blocks(chosen)], self.length)
+    argmax = S.choose(logits, self.candidates, self.s.max_identity)
+    budget = self.s.target_flops_ratio * self.source_cost
+    chosen = argmax if self.s.read_off == "argmax" else S.choose(logits, self.candidates, self.s.max_identity,
+                                                                  self.costs, budget)
+    found = self._flops(chosen)
+    if found > budget * (1 + 1e-9):
+      log.warning("search: the read-off layout costs %.1f%% of the source's FLOPs/token, above "
+                  "search.target_flops_ratio=%.3g%s", 100 * found / self.source_cost, self.s.target_flops_ratio,
+                  "" if self.s.read_off == "argmax" else " (no layout within the identity cap fits)")
     supernet = nnx.merge(ctx.graphdef, jax.device_get(state["params"]), jax.device_get(state["rngs"]))
-    derived, layout2 = S.derive(supernet, self.s.max_identity,
-                                rngs=nnx.Rngs(params=self.c.seed, dropout=self.c.seed + 1))
-    assert layout2 == layout
+    derived, layout = S.derive(supernet, self.s.max_identity, chosen=chosen,
+                               rngs=nnx.Rngs(params=self.c.seed, dropout=self.c.seed + 1))
     workdir = ctx.workdir
     out_dir = workdir / "derived"
     save_pretrained(derived, out_dir, overwrite=out_dir.exists(), tokenizer=workdir)
@@ -254,12 +272,18 @@ class Searched(TaskWrapper):
     cmd = write_derived_config(self.c, workdir)
     log.info("search found layout %s (%.1f%% of the source's FLOPs/token); derived model in %s", layout,
              100 * found / self.source_cost, out_dir)
-    print(f"found layout: {layout}  ({100 * found / self.source_cost:.1f}% of {self.cfg.layout}'s FLOPs/token)\n"
+    held = "" if chosen == argmax else (f"; each position's most probable candidate would read "
+                                          f"{S.format_chosen(argmax)}, {100 * self._flops(argmax) / self.source_cost:.1f}%")
+    print(f"found layout: {layout}  ({100 * found / self.source_cost:.1f}% of {self.cfg.layout}'s FLOPs/token, target "
+          f"{100 * self.s.target_flops_ratio:.1f}%{held})\n"
           f"wrote {out_dir} (the derived model), {png if steps_ else '(no heat-map: no logged steps)'}, "
           f"{workdir / 'summary.json'} (summary['search']) and {workdir / 'derived_config.py'}\n"
           f"train it: {cmd}", flush=True)
     return {"search": {
         "layout": layout, "chosen": chosen, "candidates": list(self.candidates), "source_layout": self.cfg.layout,
+        "source": ctx.init_from or "", "read_off": self.s.read_off,
+        "target_flops_ratio": float(self.s.target_flops_ratio), "within_target": found <= budget * (1 + 1e-9),
+        "argmax_layout": S.format_chosen(argmax), "argmax_flops_ratio": self._flops(argmax) / self.source_cost,
         "probabilities": probs.round(6).tolist(), "flops_per_token": found, "source_flops_per_token": self.source_cost,
         "flops_ratio": found / self.source_cost, "sequence_length": self.length,
         "expected_flops_ratio": float((probs * self.costs).sum() / self.source_cost),
