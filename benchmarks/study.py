@@ -771,9 +771,47 @@ def statistics(study: dict, keys: list[str], resamples: int) -> None:
     text = f"No layout other than the reference keeps >= 95% of the reference's {name} (mean over seeds)."
   else:
     c = cells[others[best]]
+    lo, hi = share_interval(c, r)
     text = (f"`{c['layout']}` ({c['recipe']}) keeps >= 95% of the reference's {name} at the highest speed-up: "
-            f"{100 * c['metric'] / r['metric']:.1f}% at {c['speedup']:.2f}x (means over seeds).")
+            f"{100 * c['metric'] / r['metric']:.1f}% [{lo:.1f}%, {hi:.1f}%] at {c['speedup']:.2f}x (means over "
+            f"seeds; 95% interval).")
   study["conclusion"] = text
+  study["goal"] = goal(cells, others, r)
+
+
+GOAL = {"share": 95.0, "lower": 93.0, "speedup": 1.5}   # % of the reference, its interval's lower end, speed-up
+
+
+def share_interval(c: dict, r: dict) -> tuple[float, float]:
+  """The cell's 95% interval as a percentage of the reference's mean metric: ``100 (ref + diff bound) / ref``."""
+  lo, hi = c.get("diff_ci95") or (float("nan"), float("nan"))
+  return 100 * (r["metric"] + lo) / r["metric"], 100 * (r["metric"] + hi) / r["metric"]
+
+
+def goal(cells: dict, others: list[str], r: dict | None) -> dict:
+  """Whether a cell other than the reference keeps >= GOAL["share"]% of the reference's mean metric, with its
+  interval's lower end >= GOAL["lower"]%, at >= GOAL["speedup"] x its inference speed: ``{"met", "cell", "text"}``
+  (the fastest such cell; else the fastest cell keeping the share, or none)."""
+  what = (f"Goal: >= {GOAL['share']:.0f}% of the reference (the lower end of the interval >= {GOAL['lower']:.0f}%) at "
+          f">= {GOAL['speedup']}x its inference speed")
+  if not r or not r["metric"] > 0:
+    return {"met": False, "cell": None, "text": f"{what}: no reference to compare with."}
+  rows = []
+  for k in others:
+    c = cells[k]
+    if c.get("speedup") is None or not c.get("diff_ci95"):
+      continue
+    share, (lo, hi) = 100 * c["metric"] / r["metric"], share_interval(c, r)
+    rows.append((k, share, lo, hi, c["speedup"]))
+  hits = [x for x in rows if x[1] >= GOAL["share"] and x[2] >= GOAL["lower"] and x[4] >= GOAL["speedup"]]
+  near = hits or [x for x in rows if x[4] >= GOAL["speedup"]]
+  if not near:
+    return {"met": False, "cell": None, "text": f"{what}: not met; no layout is {GOAL['speedup']}x faster."}
+  k, share, lo, hi, up = max(near, key=lambda x: (x[1], x[4]) if not hits else (x[4], x[1]))
+  verdict = "met" if hits else "not met; the best layout that fast"
+  return {"met": bool(hits), "cell": k,
+          "text": f"{what}: {verdict}: `{cells[k]['layout']}` ({cells[k]['recipe']}) keeps {share:.1f}% "
+                  f"[{lo:.1f}%, {hi:.1f}%] at {up:.2f}x."}
 
 
 def budget_check(study: dict, resamples: int) -> None:
@@ -815,9 +853,43 @@ def budget_check(study: dict, resamples: int) -> None:
                            "ci95": [lo, hi], **check, "text": text}
 
 
+def pareto_lines(study: dict, name: str) -> list[str]:
+  """The Pareto table (every cell by inference speed-up: mean metric ± sd, share of the reference with its 95%
+  interval, speed-up, FLOPs per token relative to the reference's, on the front or not), the conclusion and the
+  goal's verdict, as markdown lines."""
+  from benchmarks.common import table
+  cells, ref = study["cells"], study.get("reference")
+  r = cells.get(ref)
+  rows = []
+  for k in sorted(cells, key=lambda k: -(cells[k].get("speedup") or 0.0)):
+    c = cells[k]
+    value = f"{c['metric']:.4f}" + (f" ± {c['metric_sd']:.4f}" if c.get("metric_sd") is not None else "")
+    if r and r["metric"] > 0 and k != ref and c.get("diff_ci95"):
+      lo, hi = share_interval(c, r)
+      share = f"{100 * c['metric'] / r['metric']:.1f} [{lo:.1f}, {hi:.1f}]"
+    else:
+      share = "100 (reference)" if k == ref else "-"
+    flops = (f"{100 * c['flops_per_token'] / r['flops_per_token']:.0f}%" if r and c.get("flops_per_token")
+             and r.get("flops_per_token") else "-")
+    rows.append([f"`{c['layout']}`" + (" *" if k == ref else ""), c["recipe"], value, share,
+                 f"{c['speedup']:.2f}x" if c.get("speedup") is not None else "-", flops,
+                 "yes" if c.get("pareto") else "no"])
+  out = [f"Pareto front of mean {name} vs inference speed-up (a cell is on it when no other cell is at least as good "
+         f"in both and better in one); % of ref with the 95% interval of the difference:", "",
+         table(["layout", "recipe", name, "% of ref [95% CI]", "speed-up", "FLOPs/token vs ref", "on the front"],
+               rows)]
+  for key in ("conclusion", "goal"):
+    text = study.get(key)
+    if isinstance(text, dict):
+      text = text.get("text")
+    if text:
+      out += ["", text]
+  return out
+
+
 def markdown(study: dict) -> str:
-  """``study.md``: the cell table (mean +- sd over seeds, the interval of the difference to the reference), the
-  Pareto table with the study's conclusion, and healing vs direct."""
+  """``study.md``: the Pareto table with the study's conclusion and the goal's verdict first, then the cell table
+  (mean +- sd over seeds, the interval of the difference to the reference) and healing vs direct."""
   from benchmarks.common import table
   cells, ref = study["cells"], study.get("reference")
   s = study["settings"]
@@ -830,6 +902,7 @@ def markdown(study: dict) -> str:
            f"{s['batch_size']}, max_length {s['max_length']}, {seed_text}. Inference: batch "
            f"{study['inference_shape'][0]}x{study['inference_shape'][1]}, {study['cpu']} ({study['devices']}), "
            f"medians of {study['repeats']} interleaved runs. Reference (marked *): `{ref}`.", ""]
+  lines += pareto_lines(study, name) + [""]
   chosen = study.get("budget_search")
   if chosen:
     tried = ", ".join(f"{t['steps']} ({VERDICTS[t['improving']]})" for t in chosen["trials"])
@@ -845,6 +918,7 @@ def markdown(study: dict) -> str:
     lines += [f"healed+kd: fine-tuned from the healed cell's healing run on the labels plus the soft labels of the "
               f"reference's fine-tuned model of the same seed (KL weight {k['logits']}, temperature "
               f"{k['temperature']}).", ""]
+  lines += ["All cells:", ""]
   header = ["layout", "recipe", name if len(seeds) == 1 else f"{name} (mean ± sd)", "% of ref",
             "diff to ref [95% CI]", "infer tok/s", "speed-up", "train tok/s", "heal tok/s", "params (M)",
             "MFLOPs/token"]
@@ -874,15 +948,6 @@ def markdown(study: dict) -> str:
                            f"examples with replacement, RNG seed {b['seed']}; per resample the cell's {name} "
                            f"averaged over its seeds minus the reference's, on the same examples; percentiles 2.5 and "
                            f"97.5)."]
-  order = sorted(cells, key=lambda k: -(cells[k].get("speedup") or 0.0))
-  pareto = [[f"`{cells[k]['layout']}`" + (" *" if k == ref else ""), cells[k]["recipe"], f"{cells[k]['metric']:.4f}",
-             f"{cells[k]['speedup']:.2f}x" if cells[k].get("speedup") is not None else "-",
-             "yes" if cells[k].get("pareto") else "no"] for k in order]
-  lines += ["", f"Pareto front of mean {name} vs inference speed-up (a cell is on it when no other cell is at least "
-                f"as good in both and better in one):", "",
-            table(["layout", "recipe", name, "speed-up", "on the front"], pareto)]
-  if study.get("conclusion"):
-    lines += ["", study["conclusion"]]
   healed = [x for x in ("healed", "healed+kd") if any(c["recipe"] == x for c in cells.values())]
   gaps = []
   for lay in dict.fromkeys(c["layout"] for c in cells.values()):
@@ -902,18 +967,17 @@ def markdown(study: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def plot(study: dict, path: Path) -> None:
-  """``study.png``: every cell's mean metric against its inference speed-up (tokens/s without a reference), the
-  reference starred; the error bars span the reference's mean plus the cell's 95% interval of the difference."""
-  import matplotlib
-  matplotlib.use("Agg")
+def draw(ax, study: dict, title: str = "") -> None:
+  """One study on ``ax``: every cell's mean metric against its inference speed-up (tokens/s without a reference),
+  the reference starred, the Pareto front joined by a line; the error bars span the reference's mean plus the
+  cell's 95% interval of the difference."""
   import matplotlib.pyplot as plt
   cells, ref = study["cells"], study.get("reference")
   r = cells.get(ref)
   layouts = list(dict.fromkeys(c["layout"] for c in cells.values()))
   colors = plt.get_cmap("tab10")
-  fig, ax = plt.subplots(figsize=(7.5, 5))
   relative = r is not None and all(c.get("speedup") is not None for c in cells.values())
+  front = []
   for key, c in cells.items():
     if "infer_tokens_per_s" not in c:
       continue
@@ -928,6 +992,11 @@ def plot(study: dict, path: Path) -> None:
     if key == ref:
       ax.scatter(x, c["metric"], facecolors="none", edgecolors="black", marker="*", s=400,
                  zorder=4, label="source layout (reference)")
+    if c.get("pareto"):
+      front.append((x, c["metric"]))
+  if len(front) > 1:
+    xs, ys = zip(*sorted(front))
+    ax.plot(xs, ys, color="gray", linestyle="--", linewidth=1, zorder=1, label="Pareto front")
   where = (f"batch {study['inference_shape'][0]}x{study['inference_shape'][1]}, "
            f"{study['cpu'].split(';')[0]}")
   ax.set_xlabel(f"inference speed-up over the reference\n({where})" if relative else f"inference tokens/s\n({where})",
@@ -935,10 +1004,19 @@ def plot(study: dict, path: Path) -> None:
   seeds = study.get("seeds") or [study["settings"]["seed"]]
   ax.set_ylabel((next(iter(cells.values()))["metric_name"] if cells else "metric") +
                 (f", mean of {len(seeds)} seeds" if len(seeds) > 1 else ""))
-  ax.set_title("layout study: held-out metric vs inference speed (o direct, ^ healed, s healed+kd)\n"
+  ax.set_title(title or "layout study: held-out metric vs inference speed (o direct, ^ healed, s healed+kd)\n"
                "bars: 95% bootstrap interval of the difference to the reference", fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, loc="best")
+
+
+def plot(study: dict, path: Path) -> None:
+  """``study.png``: :func:`draw` on a figure of its own."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7.5, 5))
+  draw(ax, study)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

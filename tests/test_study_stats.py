@@ -150,6 +150,16 @@ def test_two_seeds_give_the_statistics_of_their_saved_predictions(source, tmp_pa
   keeps = f["metric"] >= 0.95 * ref["metric"]
   assert saved["fastest_within_95"] == ("fourier*2 | direct" if keeps else None)
   md = (tmp_path / "study.md").read_text()
+  # study.md leads with the Pareto table; benchmarks/study_summary.py puts the same table on one page per task
+  import study_summary
+  pareto = "\n".join(study.pareto_lines(saved, "accuracy"))
+  assert md.split("\n\n", 1)[1].startswith(pareto)
+  text = study_summary.main([f"Tiny={tmp_path}", f"Again={tmp_path}", "--out", str(tmp_path / "summary")])
+  assert text.count(pareto) == 2 and text.startswith("### Tiny\n") and "\n### Again\n" in text
+  assert "2 seed(s) a cell" in text and (tmp_path / "summary" / "summary.md").read_text() == text
+  assert (tmp_path / "summary" / "summary.png").stat().st_size > 20000
+  with pytest.raises(SystemExit, match="expected TASK=DIR"):
+    study_summary.main([str(tmp_path), "--out", str(tmp_path / "x")])
   assert "accuracy (mean ± sd)" in md and f"{ref['metric']:.4f} ± {ref['metric_sd']:.4f}" in md
   lo, hi = f["diff_ci95"]
   assert f"{f['diff_to_reference']:+.4f} [{lo:+.4f}, {hi:+.4f}]" in md and "on the front" in md
@@ -180,3 +190,34 @@ def test_two_seeds_give_the_statistics_of_their_saved_predictions(source, tmp_pa
     assert c["metric"] == pytest.approx(accuracy(c["runs"]["0"]["predictions"], labels), abs=1e-6)
   md = (tmp_path / "study.md").read_text()
   assert " ± " not in md and "seed 0." in md
+
+
+def goal_cells(**cells):
+  out = {"ref": {"layout": "serial*6", "recipe": "direct", "metric": 0.8, "speedup": 1.0, "diff_ci95": [0.0, 0.0],
+                 "flops_per_token": 20e6, "pareto": True}}
+  for k, (metric, lo, hi, up) in cells.items():
+    out[k] = {"layout": k, "recipe": "healed", "metric": metric, "speedup": up, "diff_ci95": [lo, hi],
+              "flops_per_token": 10e6, "pareto": False}
+  return out
+
+
+def test_goal_needs_the_share_the_intervals_lower_end_and_the_speed_up():
+  # a: 97.5% of 0.8, interval [96.25%, 98.75%], 1.6x: met
+  cells = goal_cells(a=(0.78, -0.03, -0.01, 1.6), b=(0.79, -0.07, 0.01, 2.0), c=(0.80, -0.01, 0.01, 1.2))
+  assert study.share_interval(cells["a"], cells["ref"]) == pytest.approx((96.25, 98.75))
+  g = study.goal(cells, ["a", "b", "c"], cells["ref"])
+  assert g["met"] and g["cell"] == "a"
+  assert g["text"].endswith("met: `a` (healed) keeps 97.5% [96.25%, 98.75%] at 1.60x.".replace("96.25", "96.2")
+                            .replace("98.75", "98.8"))
+  # without a: b is faster and keeps 98.75% but its interval reaches 91.25% < 93%; c keeps 100% at 1.2x only
+  g = study.goal(cells, ["b", "c"], cells["ref"])
+  assert not g["met"] and g["cell"] == "b" and "not met; the best layout that fast: `b`" in g["text"]
+  g = study.goal(cells, ["c"], cells["ref"])
+  assert not g["met"] and g["cell"] is None and "no layout is 1.5x faster" in g["text"]
+  # the Pareto lines lead with the fastest cell, its share and interval, FLOPs relative to the reference
+  study_ = {"cells": cells, "reference": "ref", "goal": study.goal(cells, ["a", "b", "c"], cells["ref"])}
+  lines = study.pareto_lines(study_, "accuracy")
+  rows = [line for line in "\n".join(lines).splitlines() if line.startswith("| `")]
+  assert rows[0].startswith("| `b` | healed | 0.7900 | 98.8 [91.2, 101.2] | 2.00x | 50% | no |")
+  assert rows[-1].startswith("| `serial*6` * | direct | 0.8000 | 100 (reference) | 1.00x | 100% | yes |")
+  assert lines[-1] == study_["goal"]["text"]
