@@ -205,6 +205,19 @@ def test_arrange_as_searched_takes_the_sublayers_each_position_started_from():
                                ["ffn"] * 3)
 
 
+def test_the_search_reads_off_within_the_flops_target(tmp_path):
+  """Two warm-up steps leave the logits at zero, so each position's most probable candidate is attention (ties go
+  to the first): attention*4, 120% of the source's FLOPs (attention 8d^2 + 4Ld = 12288, ffn 4dF = 8192). Held to a 45% target, the read-off is two feed-forwards and
+  two identities (40%), the only choice within the target and the identity cap."""
+  out = run(load_config("tiny", "steps=2", search__target_flops_ratio=0.45, **SEARCH), tmp_path / "s")
+  s = out["search"]
+  assert s["argmax_layout"] == "attention*4" and s["argmax_flops_ratio"] == pytest.approx(4 * 12288 / 40960)
+  assert s["layout"] == "ffn*2" and s["flops_ratio"] == pytest.approx(0.4) and s["within_target"]
+  assert sorted(s["chosen"]) == ["ffn", "ffn", "identity", "identity"]
+  from jaxformers.checkpoints.pretrained import from_pretrained
+  assert from_pretrained(str(tmp_path / "s" / "derived")).config.layout == "ffn*2"
+
+
 def test_a_search_with_a_teacher_distils_weights_and_architecture(tmp_path):
   """The run's distillation reaches both updates of the search: at the first step (before any update) the loss and
   the held-out architecture loss grow by exactly distill.logits x the soft-label KL, so doubling the weight

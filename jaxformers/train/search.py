@@ -272,8 +272,9 @@ class Searched(TaskWrapper):
     cmd = write_derived_config(self.c, workdir)
     log.info("search found layout %s (%.1f%% of the source's FLOPs/token); derived model in %s", layout,
              100 * found / self.source_cost, out_dir)
+    argmax_share = 100 * self._flops(argmax) / self.source_cost
     held = "" if chosen == argmax else (f"; each position's most probable candidate would read "
-                                          f"{S.format_chosen(argmax)}, {100 * self._flops(argmax) / self.source_cost:.1f}%")
+                                        f"{S.format_chosen(argmax)}, {argmax_share:.1f}%")
     print(f"found layout: {layout}  ({100 * found / self.source_cost:.1f}% of {self.cfg.layout}'s FLOPs/token, target "
           f"{100 * self.s.target_flops_ratio:.1f}%{held})\n"
           f"wrote {out_dir} (the derived model), {png if steps_ else '(no heat-map: no logged steps)'}, "
