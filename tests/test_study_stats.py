@@ -156,6 +156,8 @@ def test_two_seeds_give_the_statistics_of_their_saved_predictions(source, tmp_pa
   assert md.split("\n\n", 1)[1].startswith(pareto)
   text = study_summary.main([f"Tiny={tmp_path}", f"Again={tmp_path}", "--out", str(tmp_path / "summary")])
   assert text.count(pareto) == 2 and text.startswith("### Tiny\n") and "\n### Again\n" in text
+  wall = sum(r["wall_time_s"] for c in saved["cells"].values() for r in c["runs"].values())
+  assert f"; {wall / 60:.0f} minutes of training and scoring;" in text
   assert "2 seed(s) a cell" in text and (tmp_path / "summary" / "summary.md").read_text() == text
   assert (tmp_path / "summary" / "summary.png").stat().st_size > 20000
   with pytest.raises(SystemExit, match="expected TASK=DIR"):
