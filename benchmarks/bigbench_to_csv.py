@@ -21,13 +21,12 @@ first N of each split's (shuffled) order. Writes ``OUT/train.csv``, ``OUT/valida
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
-from collections import Counter
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from task_files import grouped_split, write_task  # noqa: E402
 
 
 def load_examples(path: Path, separator: str) -> tuple[list[tuple[str, ...]], list[str], list[str]]:
@@ -61,28 +60,6 @@ def load_examples(path: Path, separator: str) -> tuple[list[tuple[str, ...]], li
   return texts, labels, names
 
 
-def split(texts: list[tuple[str, ...]], seed: int, fraction: float) -> tuple[list[int], list[int]]:
-  """Train and validation indices: groups of equal first text, shuffled with ``seed``; a group stays whole."""
-  groups: dict[str, list[int]] = {}
-  for i, t in enumerate(texts):
-    groups.setdefault(t[0], []).append(i)
-  keys = sorted(groups)
-  order = np.random.default_rng(seed).permutation(len(keys))
-  want = round(fraction * len(texts))
-  train, val = [], []
-  for k in order:
-    (val if len(val) < want else train).extend(groups[keys[k]])
-  rng = np.random.default_rng(seed + 1)
-  return [train[i] for i in rng.permutation(len(train))], [val[i] for i in rng.permutation(len(val))]
-
-
-def write_csv(path: Path, columns: list[str], rows: list[tuple[str, ...]]) -> None:
-  with path.open("w", newline="", encoding="utf-8") as f:
-    w = csv.writer(f)
-    w.writerow(columns)
-    w.writerows(rows)
-
-
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("task_json", type=Path)
@@ -94,28 +71,15 @@ def main(argv=None) -> None:
   p.add_argument("--max-examples", type=int, default=0, help="> 0: keep this many training examples")
   p.add_argument("--max-validation", type=int, default=0, help="> 0: keep this many validation examples")
   a = p.parse_args(argv)
-  if not 0 < a.validation_fraction < 1:
-    raise SystemExit(f"--validation-fraction={a.validation_fraction}: expected a number between 0 and 1")
   columns = [c.strip() for c in a.columns.split(",")]
   if len(columns) != (2 if a.separator else 1) or "label" in columns:
     raise SystemExit(f"--columns={a.columns!r}: expected {2 if a.separator else 1} comma-separated names other than "
                      f"'label'")
   texts, labels, names = load_examples(a.task_json, a.separator)
-  train, val = split(texts, a.seed, a.validation_fraction)
-  if a.max_examples > 0:
-    train = train[:a.max_examples]
-  if a.max_validation > 0:
-    val = val[:a.max_validation]
-  a.out.mkdir(parents=True, exist_ok=True)
-  for name, idx in (("train", train), ("validation", val)):
-    write_csv(a.out / f"{name}.csv", columns + ["label"], [texts[i] + (labels[i],) for i in idx])
-    counts = Counter(labels[i] for i in idx)
-    print(f"{name}: {len(idx)} examples; " + ", ".join(f"{n}={counts.get(n, 0)}" for n in names))
-  meta = {"train_file": "train.csv", "eval_file": "validation.csv", "text_a_column": columns[0],
-          "text_b_column": columns[1] if len(columns) > 1 else "", "label_column": "label",
-          "label_names": ",".join(names), "num_labels": len(names), "source": str(a.task_json), "seed": a.seed}
-  (a.out / "data.json").write_text(json.dumps(meta, indent=2) + "\n")
-  print(f"wrote {a.out}/train.csv, validation.csv, data.json", file=sys.stderr)
+  train, val = grouped_split([t[0] for t in texts], a.seed, a.validation_fraction)
+  splits = {"train": train[:a.max_examples] if a.max_examples > 0 else train,
+            "validation": val[:a.max_validation] if a.max_validation > 0 else val}
+  write_task(a.out, columns, texts, labels, names, splits, str(a.task_json), a.seed)
 
 
 if __name__ == "__main__":

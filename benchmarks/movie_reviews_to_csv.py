@@ -23,12 +23,11 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
-import json
 import sys
-from collections import Counter
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from task_files import grouped_split, write_task  # noqa: E402
 
 SOURCES = ("rotten_tomatoes", "imdb")
 LABEL_NAMES = {"0": "negative", "1": "positive"}
@@ -71,20 +70,6 @@ def load_examples(path: Path, source: str) -> tuple[list[str], list[str]]:
   return texts, labels
 
 
-def split(texts: list[str], seed: int, fraction: float) -> tuple[list[int], list[int]]:
-  """Train and validation indices: groups of identical texts, shuffled with ``seed``; a group stays whole."""
-  groups: dict[str, list[int]] = {}
-  for i, t in enumerate(texts):
-    groups.setdefault(t, []).append(i)
-  keys = list(groups)
-  want = round(fraction * len(texts))
-  train, val = [], []
-  for k in np.random.default_rng(seed).permutation(len(keys)):
-    (val if len(val) < want else train).extend(groups[keys[k]])
-  rng = np.random.default_rng(seed + 1)
-  return [train[i] for i in rng.permutation(len(train))], [val[i] for i in rng.permutation(len(val))]
-
-
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--source", required=True, choices=SOURCES, help="which corpus of the package")
@@ -95,29 +80,13 @@ def main(argv=None) -> None:
   p.add_argument("--max-examples", type=int, default=0, help="> 0: keep this many training examples")
   p.add_argument("--max-validation", type=int, default=0, help="> 0: keep this many validation examples")
   a = p.parse_args(argv)
-  if not 0 < a.validation_fraction < 1:
-    raise SystemExit(f"--validation-fraction={a.validation_fraction}: expected a number between 0 and 1")
   path = corpus_path(a.csv)
   texts, labels = load_examples(path, a.source)
-  train, val = split(texts, a.seed, a.validation_fraction)
-  if a.max_examples > 0:
-    train = train[:a.max_examples]
-  if a.max_validation > 0:
-    val = val[:a.max_validation]
-  a.out.mkdir(parents=True, exist_ok=True)
-  names = list(LABEL_NAMES.values())
-  for name, idx in (("train", train), ("validation", val)):
-    with (a.out / f"{name}.csv").open("w", newline="", encoding="utf-8") as f:
-      w = csv.writer(f)
-      w.writerow(["text", "label"])
-      w.writerows((texts[i], labels[i]) for i in idx)
-    counts = Counter(labels[i] for i in idx)
-    print(f"{name}: {len(idx)} examples; " + ", ".join(f"{n}={counts.get(n, 0)}" for n in names))
-  meta = {"train_file": "train.csv", "eval_file": "validation.csv", "text_a_column": "text", "text_b_column": "",
-          "label_column": "label", "label_names": ",".join(names), "num_labels": len(names),
-          "source": f"{path} ({a.source})", "seed": a.seed}
-  (a.out / "data.json").write_text(json.dumps(meta, indent=2) + "\n")
-  print(f"wrote {a.out}/train.csv, validation.csv, data.json", file=sys.stderr)
+  train, val = grouped_split(texts, a.seed, a.validation_fraction)
+  splits = {"train": train[:a.max_examples] if a.max_examples > 0 else train,
+            "validation": val[:a.max_validation] if a.max_validation > 0 else val}
+  write_task(a.out, ["text"], [(t,) for t in texts], labels, list(LABEL_NAMES.values()), splits,
+             f"{path} ({a.source})", a.seed)
 
 
 if __name__ == "__main__":
