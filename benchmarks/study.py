@@ -997,6 +997,11 @@ def draw(ax, study: dict, title: str = "") -> None:
   if len(front) > 1:
     xs, ys = zip(*sorted(front))
     ax.plot(xs, ys, color="gray", linestyle="--", linewidth=1, zorder=1, label="Pareto front")
+  if relative and r["metric"] > 0:        # the goal's corner: >= 95% of the reference at >= 1.5x
+    ax.axhline(GOAL["share"] / 100 * r["metric"], color="green", linestyle=":", linewidth=1, zorder=0,
+               label=f"{GOAL['share']:.0f}% of the reference")
+    ax.axvline(GOAL["speedup"], color="green", linestyle="-.", linewidth=0.8, zorder=0,
+               label=f"{GOAL['speedup']}x the reference's speed")
   where = (f"batch {study['inference_shape'][0]}x{study['inference_shape'][1]}, "
            f"{study['cpu'].split(';')[0]}")
   ax.set_xlabel(f"inference speed-up over the reference\n({where})" if relative else f"inference tokens/s\n({where})",
