@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import sys
 from pathlib import Path
@@ -177,15 +178,20 @@ def _try_steps(manager, restore_one, where: str):
   none restores."""
   skipped = []
   for step in sorted(manager.all_steps(), reverse=True):
+    probe = f"{where}/{step}/"
+    # filtered from the start: asyncio may report an abandoned read of this step while the restore still runs
+    _quiet_failures(unreadable=probe)
     try:
       with _quiet_orbax():
         out = restore_one(step)
     except CheckpointMismatch:
+      _REPORTED.unreadable.discard(probe)
       raise
     except Exception as e:   # tensorstore raises bare Exceptions; orbax ValueError, KeyError, OSError, ...
-      _quiet_failures(unreadable=f"{where}/{step}/")
+      gc.collect()           # abandoned reads of the step report now, while their records are dropped
       skipped.append((step, _cause(e)))
       continue
+    _REPORTED.unreadable.discard(probe)
     return out, step, skipped
   if skipped:
     raise CheckpointError(f"no checkpoint in {where} restores: " + "; ".join(f"step {s}: {c}" for s, c in skipped)
