@@ -254,8 +254,9 @@ class Searched(TaskWrapper):
     budget = self.s.target_flops_ratio * self.source_cost
     chosen = argmax if self.s.read_off == "argmax" else S.choose(logits, self.candidates, self.s.max_identity,
                                                                   self.costs, budget)
-    found = self._flops(chosen)
-    if found > budget * (1 + 1e-9):
+    found, argmax_flops = self._flops(chosen), self._flops(argmax)
+    within = found <= budget * (1 + 1e-9)
+    if not within:
       log.warning("search: the read-off layout costs %.1f%% of the source's FLOPs/token, above "
                   "search.target_flops_ratio=%.3g%s", 100 * found / self.source_cost, self.s.target_flops_ratio,
                   "" if self.s.read_off == "argmax" else " (no layout within the identity cap fits)")
@@ -272,9 +273,8 @@ class Searched(TaskWrapper):
     cmd = write_derived_config(self.c, workdir)
     log.info("search found layout %s (%.1f%% of the source's FLOPs/token); derived model in %s", layout,
              100 * found / self.source_cost, out_dir)
-    argmax_share = 100 * self._flops(argmax) / self.source_cost
     held = "" if chosen == argmax else (f"; each position's most probable candidate would read "
-                                        f"{S.format_chosen(argmax)}, {argmax_share:.1f}%")
+                                        f"{S.format_chosen(argmax)}, {100 * argmax_flops / self.source_cost:.1f}%")
     print(f"found layout: {layout}  ({100 * found / self.source_cost:.1f}% of {self.cfg.layout}'s FLOPs/token, target "
           f"{100 * self.s.target_flops_ratio:.1f}%{held})\n"
           f"wrote {out_dir} (the derived model), {png if steps_ else '(no heat-map: no logged steps)'}, "
@@ -283,8 +283,8 @@ class Searched(TaskWrapper):
     return {"search": {
         "layout": layout, "chosen": chosen, "candidates": list(self.candidates), "source_layout": self.cfg.layout,
         "source": ctx.init_from or "", "read_off": self.s.read_off,
-        "target_flops_ratio": float(self.s.target_flops_ratio), "within_target": found <= budget * (1 + 1e-9),
-        "argmax_layout": S.format_chosen(argmax), "argmax_flops_ratio": self._flops(argmax) / self.source_cost,
+        "target_flops_ratio": float(self.s.target_flops_ratio), "within_target": within,
+        "argmax_layout": S.format_chosen(argmax), "argmax_flops_ratio": argmax_flops / self.source_cost,
         "probabilities": probs.round(6).tolist(), "flops_per_token": found, "source_flops_per_token": self.source_cost,
         "flops_ratio": found / self.source_cost, "sequence_length": self.length,
         "expected_flops_ratio": float((probs * self.costs).sum() / self.source_cost),
