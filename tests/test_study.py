@@ -205,6 +205,82 @@ def test_movie_reviews_to_csv_splits_one_corpus_and_the_study_reads_it(tmp_path,
     mr.main(["--source", "imdb", "--csv", str(tmp_path / "empty.csv"), "--out", str(tmp_path / "e")])
 
 
+def _vader_sdist(path, files: dict[str, str]):
+  """A stand-in for the vaderSentiment source distribution: ``files`` inside the nested ground-truth archive."""
+  import io
+  import tarfile
+
+  def add(tar, name, data: bytes):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+  inner = io.BytesIO()
+  with tarfile.open(fileobj=inner, mode="w:gz") as t:
+    for name, text in files.items():
+      add(t, f"hutto_ICWSM_2014/{name}", text.encode())
+  with tarfile.open(path, "w:gz") as t:
+    add(t, "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz", inner.getvalue())
+    add(t, "vaderSentiment-3.3.2/setup.py", b"")
+
+
+def test_vader_corpora_give_a_polarity_task_with_whole_documents_and_a_pair_task(tmp_path, capsys):
+  import csv
+  import vader_to_csv as vd
+  ratings = {f"{d}_{s}": (-1) ** d * (0.3 + 0.4 * s) for d in range(1, 11) for s in range(4)}
+  amazon = "".join(f"{k}\t{v:.3f}\tdoc {k.split('_')[0]} says   &quot;{k}&quot;\r\n" for k, v in ratings.items())
+  tweets = "".join(f"{i}\t{(i % 9 - 4) * 0.9:.2f}\ttweet {i} &amp; more\r\n" for i in range(1, 61))
+  sdist = tmp_path / "vaderSentiment-3.3.2.tar.gz"
+  _vader_sdist(sdist, {vd.FILES["amazon"]: amazon, vd.FILES["tweets"]: tweets})
+  vd.main(["--source", "amazon", "--sdist", str(sdist), "--out", str(tmp_path / "a"), "--margin", "0.5"])
+  rows = {s: list(csv.DictReader((tmp_path / "a" / f"{s}.csv").open())) for s in ("train", "validation")}
+  kept = {k: v for k, v in ratings.items() if abs(v) > 0.5}                   # 0.3 and 0.7 ... : 30 of 40
+  assert sum(map(len, rows.values())) == len(kept) == 30
+  for r in rows["train"] + rows["validation"]:
+    key = r["text"].split('"')[1]
+    assert r["text"] == f'doc {key.split("_")[0]} says "{key}"'                # entities decoded, spaces collapsed
+    assert r["label"] == ("positive" if kept[key] > 0 else "negative")
+  docs = {s: {r["text"].split()[1] for r in rs} for s, rs in rows.items()}
+  assert not docs["train"] & docs["validation"] and len(docs["validation"]) == 2   # a review stays whole
+  assert study.data_settings(str(tmp_path / "a"))["label_names"] == "negative,positive"
+
+  capsys.readouterr()
+  vd.main(["--source", "tweets", "--sdist", str(sdist), "--out", str(tmp_path / "p"), "--task", "compare",
+           "--partners", "3", "--gap", "1.5"])
+  rating = {f"tweet {i} & more": (i % 9 - 4) * 0.9 for i in range(1, 61)}
+  pairs = {s: list(csv.DictReader((tmp_path / "p" / f"{s}.csv").open())) for s in ("train", "validation")}
+  assert pairs["train"][0].keys() == {"first", "second", "label"}
+  texts = {s: {t for r in rs for t in (r["first"], r["second"])} for s, rs in pairs.items()}
+  assert not texts["train"] & texts["validation"]                           # no validation text is trained on
+  for r in pairs["train"] + pairs["validation"]:
+    a, b = rating[r["first"]], rating[r["second"]]
+    assert abs(a - b) >= 1.5 and r["label"] == ("first" if a > b else "second")
+  keys = [frozenset((r["first"], r["second"])) for rs in pairs.values() for r in rs]
+  assert len(keys) == len(set(keys)) > 60                                  # 60 texts x 3 partners, gap kept
+  labels = [r["label"] for rs in pairs.values() for r in rs]
+  assert 0.3 < labels.count("first") / len(labels) < 0.7                     # random order
+  data = study.data_settings(str(tmp_path / "p"))
+  assert (data["text_a_column"], data["text_b_column"], data["label_names"]) == ("first", "second", "first,second")
+
+  _vader_sdist(tmp_path / "empty.tar.gz", {})
+  with pytest.raises(SystemExit, match="holds no additional_resources/hutto_ICWSM_2014.tar.gz"):
+    vd.read_ground_truth(_plain_tar(tmp_path), "tweets")
+  with pytest.raises(SystemExit, match="holds no tweets_GroundTruth.txt"):
+    vd.read_ground_truth(tmp_path / "empty.tar.gz", "tweets")
+  with pytest.raises(SystemExit, match=r"nyt.*line 2: expected 'id<TAB>mean rating<TAB>text'"):
+    _vader_sdist(tmp_path / "bad.tar.gz", {vd.FILES["nyt"]: "1_1\t0.5\tfine\n1_2\tnot a number\tx\n"})
+    vd.read_ground_truth(tmp_path / "bad.tar.gz", "nyt")
+
+
+def _plain_tar(tmp_path):
+  """A source distribution without the corpora (what a wheel-only package would give)."""
+  import tarfile
+  path = tmp_path / "plain.tar.gz"
+  with tarfile.open(path, "w:gz") as t:
+    t.add(__file__, arcname="pkg/setup.py")
+  return path
+
+
 def test_a_searched_layout_is_one_more_entry(tmp_path, capsys):
   """``search:DIR`` takes the layout a finished architecture search wrote to its summary; anything else is named."""
   found = tmp_path / "search"
