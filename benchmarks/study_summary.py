@@ -5,7 +5,7 @@ conclusion and the goal's verdict, as the README shows them.
 
 Each argument is ``TASK=DIR`` with ``DIR`` a finished ``benchmarks/study.py`` workdir (its ``study.json``). Writes
 ``OUT/summary.md`` (per task: data, budget, seeds and the machine, then :func:`study.pareto_lines`) and
-``OUT/summary.png`` (one panel per task, :func:`study.draw`), and prints the markdown.
+``OUT/summary.png`` (one panel per task, three a row, :func:`study.draw`), and prints the markdown.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import study as S  # noqa: E402
+
+PANELS_A_ROW = 3
 
 
 def load(spec: str) -> tuple[str, dict]:
@@ -66,9 +68,13 @@ def main(argv=None) -> str:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, len(studies), figsize=(6.5 * len(studies), 5), squeeze=False)
-  for ax, (name, study) in zip(axes[0], studies):
+  cols = min(len(studies), PANELS_A_ROW)
+  rows = -(-len(studies) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 5 * rows), squeeze=False)
+  for ax, (name, study) in zip(axes.flat, studies):
     S.draw(ax, study, title=f"{name}: metric vs inference speed-up\n(o direct, ^ healed, s healed+kd; 95% intervals)")
+  for ax in list(axes.flat)[len(studies):]:
+    ax.set_axis_off()
   fig.tight_layout()
   fig.savefig(a.out / "summary.png", dpi=110)
   plt.close(fig)
