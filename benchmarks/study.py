@@ -604,8 +604,9 @@ def try_budget(a, data: dict, root: Path, ref_layout: str, steps: int) -> dict:
   """One budget of ``--budget auto``: the reference's fine-tuning (first seed) for ``steps`` steps in
   ``DIR/budget/finetune-<steps>``, its final state scored on every validation example, and the budget check of its
   learning curve (:func:`benchmarks.study_stats.still_improving` against the half-width of the 95% bootstrap
-  interval of its metric, ``--resamples`` resamples)."""
+  interval of its metric, ``--resamples`` resamples); ``wall_time_s`` the seconds this try took."""
   from benchmarks import study_stats
+  start = time.perf_counter()
   wd = root / "budget" / f"finetune-{steps}"
   c = reference_config(a, data, ref_layout, a.seed, steps)
   fs = run_again_if_unreadable(c, wd)
@@ -617,7 +618,8 @@ def try_budget(a, data: dict, root: Path, ref_layout: str, steps: int) -> dict:
   check = study_stats.still_improving(curve, (hi - lo) / 2)
   return {"steps": steps, "dir": str(wd), "eval_every": c.train.eval_every, "metric_name": metric_name,
           "metric": study_stats.metric(metric_name, preds, labels), "ci95": [lo, hi], "curve": curve,
-          "gain": check["gain"], "half_width": check["half_width"], "improving": check["improving"]}
+          "gain": check["gain"], "half_width": check["half_width"], "improving": check["improving"],
+          "wall_time_s": time.perf_counter() - start}
 
 
 def choose_budget(a, data: dict, root: Path, ref_layout: str) -> dict:

@@ -8,7 +8,6 @@ import random
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 import jaxformers

@@ -267,8 +267,8 @@ def test_vader_corpora_give_a_polarity_task_with_whole_documents_and_a_pair_task
     vd.read_ground_truth(_plain_tar(tmp_path), "tweets")
   with pytest.raises(SystemExit, match="holds no tweets_GroundTruth.txt"):
     vd.read_ground_truth(tmp_path / "empty.tar.gz", "tweets")
+  _vader_sdist(tmp_path / "bad.tar.gz", {vd.FILES["nyt"]: "1_1\t0.5\tfine\n1_2\tnot a number\tx\n"})
   with pytest.raises(SystemExit, match=r"nyt.*line 2: expected 'id<TAB>mean rating<TAB>text'"):
-    _vader_sdist(tmp_path / "bad.tar.gz", {vd.FILES["nyt"]: "1_1\t0.5\tfine\n1_2\tnot a number\tx\n"})
     vd.read_ground_truth(tmp_path / "bad.tar.gz", "nyt")
 
 
@@ -406,6 +406,19 @@ def test_budget_auto_doubles_the_reference_until_its_curve_flattens(source, tmp_
   again = study.main(args(source, tmp_path, "--recipes", "direct", "--budget", "auto", "--finetune_steps", "2",
                           "--max_finetune_steps", "16"))
   assert "budget:" not in capsys.readouterr().err and again["budget_search"] == search
+  # the one-page summary counts the budget tries in the study's wall time
+  import study_summary
+  assert all(t["wall_time_s"] > 0 for t in search["trials"])
+  timed = json.loads(json.dumps(out))
+  for t in timed["budget_search"]["trials"]:
+    t["wall_time_s"] = 300.0
+  cells = sum(r["wall_time_s"] for c in out["cells"].values() for r in c["runs"].values())
+  head = study_summary.header("Auto", timed)
+  assert "fine-tune 4 steps (chosen by `--budget auto`)" in head
+  assert f"; {(cells + 600) / 60:.0f} minutes of training and scoring;" in head
+  del timed["budget_search"]["trials"][0]["wall_time_s"]
+  assert (f"; {(cells + 300) / 60:.0f} minutes of training and scoring (and 1 budget try not timed);"
+          in study_summary.header("Auto", timed))
   assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("summary.json")} == stamps
 
   # a curve that never flattens stops at --max_finetune_steps, and study.md says the budget may be too small
