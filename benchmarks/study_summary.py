@@ -40,17 +40,17 @@ def header(name: str, study: dict) -> str:
   seeds = study.get("seeds") or [s["seed"]]
   data = s["data"].get("train_file", s["data"]["source"])
   cell = next(iter(study["cells"].values()))
-  wall = sum(r.get("wall_time_s", 0.0) for c in study["cells"].values() for r in c.get("runs", {}).values())
   tries = (study.get("budget_search") or {}).get("trials", [])
-  wall += sum(t.get("wall_time_s", 0.0) for t in tries)
+  timed = [r for c in study["cells"].values() for r in c.get("runs", {}).values()] + tries
+  wall = sum(r.get("wall_time_s", 0.0) for r in timed)
   untimed = sum("wall_time_s" not in t for t in tries)
   budget = f" (and {untimed} budget {'try' if untimed == 1 else 'tries'} not timed)" if untimed else ""
   chosen = " (chosen by `--budget auto`)" if tries else ""
   return (f"### {name}\n\nData `{data}` ({cell['runs'][str(seeds[0])].get('train_examples', '?')} training, "
           f"{len(study['eval_labels'])} validation examples); heal {s['heal_steps']} steps, fine-tune "
-          f"{s['finetune_steps']} steps{chosen}, batch {s['batch_size']}, max_length {s['max_length']}, {len(seeds)} seed(s) a "
-          f"cell; inference batch {study['inference_shape'][0]}x{study['inference_shape'][1]} on {study['cpu']} "
-          f"({study['devices']}); {wall / 60:.0f} minutes of training and scoring{budget}; measured "
+          f"{s['finetune_steps']} steps{chosen}, batch {s['batch_size']}, max_length {s['max_length']}, "
+          f"{len(seeds)} seed(s) a cell; inference batch {study['inference_shape'][0]}x{study['inference_shape'][1]} "
+          f"on {study['cpu']} ({study['devices']}); {wall / 60:.0f} minutes of training and scoring{budget}; measured "
           f"{study.get('measured_at', '?')}.")
 
 

@@ -141,7 +141,8 @@ def main(argv=None) -> None:
                  help="where a fetched source distribution is kept")
   p.add_argument("--task", default="polarity", choices=tuple(LABEL_NAMES), help="one text's polarity, or which of "
                  "two texts is rated more positive")
-  p.add_argument("--margin", type=float, default=0.0, help="polarity: texts rated within [-margin, margin] are left out")
+  p.add_argument("--margin", type=float, default=0.0,
+                 help="polarity: texts rated within [-margin, margin] are left out")
   p.add_argument("--partners", type=int, default=2, help="compare: partners drawn for each text")
   p.add_argument("--gap", type=float, default=1.0, help="compare: least difference of the two mean ratings")
   p.add_argument("--seed", type=int, default=0, help="fixes the split")

@@ -406,6 +406,7 @@ def test_budget_auto_doubles_the_reference_until_its_curve_flattens(source, tmp_
   again = study.main(args(source, tmp_path, "--recipes", "direct", "--budget", "auto", "--finetune_steps", "2",
                           "--max_finetune_steps", "16"))
   assert "budget:" not in capsys.readouterr().err and again["budget_search"] == search
+  assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("summary.json")} == stamps
   # the one-page summary counts the budget tries in the study's wall time
   import study_summary
   assert all(t["wall_time_s"] > 0 for t in search["trials"])
@@ -419,7 +420,6 @@ def test_budget_auto_doubles_the_reference_until_its_curve_flattens(source, tmp_
   del timed["budget_search"]["trials"][0]["wall_time_s"]
   assert (f"; {(cells + 300) / 60:.0f} minutes of training and scoring (and 1 budget try not timed);"
           in study_summary.header("Auto", timed))
-  assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("summary.json")} == stamps
 
   # a curve that never flattens stops at --max_finetune_steps, and study.md says the budget may be too small
   monkeypatch.setattr(study, "learning_curve", lambda workdir, metric: [[1, 0.1], [2, 0.5], [3, 0.9]])
