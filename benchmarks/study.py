@@ -33,9 +33,10 @@ After each run the fine-tuned model predicts every validation example; the predi
 (:mod:`benchmarks.study_stats`). Then, in one process over every finished cell: the held-out metric (the task's
 official one) as mean and sample standard deviation over the seeds, the fine-tuning runs' train throughput
 (tokens/s from their summaries), inference throughput (the jit-compiled forward of each cell's first-seed
-classifier on one fixed ``[infer_batch, max_length]`` batch, medians of interleaved runs), parameters and the
-blocks' forward FLOPs per token at ``max_length`` (:func:`jaxformers.flops.model_flops`, the FLOPs model search and
-pruning use: the blocks' matmuls). The cell whose layout is the source's own, recipe ``direct``, is the reference.
+classifier on one fixed ``[infer_batch, max_length]`` batch, medians of interleaved runs; a layout's speed is the
+median over its cells, whose recipes give one architecture), parameters and the blocks' forward FLOPs per token
+at ``max_length`` (:func:`jaxformers.flops.model_flops`, the FLOPs model search and pruning use: the blocks'
+matmuls). The cell whose layout is the source's own, recipe ``direct``, is the reference.
 Each cell's difference to it comes with a 95% paired bootstrap interval over the validation examples
 (``--resamples`` resamples, a fixed RNG seed; per resample the cell's metric averaged over its seeds minus the
 reference's, on the same examples: :func:`benchmarks.study_stats.paired_bootstrap`), and every cell is marked on or
@@ -730,29 +731,44 @@ def seed_predictions(cell: dict):
   return np.asarray([cell["runs"][str(s)]["predictions"] for s in cell["seeds"]])
 
 
+def layout_speeds(cells: dict, keys: list[str]) -> dict[str, float]:
+  """Inference tokens/s per layout: the median of its cells' measurements. The recipes of a layout give models of
+  one architecture, whose inference costs the same; their measured speeds differ only by the machine's noise."""
+  import numpy as np
+  measured: dict[str, list[float]] = {}
+  for k in keys:
+    if "infer_tokens_per_s" in cells[k]:
+      measured.setdefault(cells[k]["layout"], []).append(cells[k]["infer_tokens_per_s"])
+  return {layout: float(np.median(v)) for layout, v in measured.items()}
+
+
 def statistics(study: dict, keys: list[str], resamples: int) -> None:
-  """Adds to every cell of ``keys``: ``speedup`` (inference tokens/s over the reference's), ``diff_to_reference``
+  """Adds to every cell of ``keys``: ``layout_tokens_per_s`` (its layout's inference tokens/s,
+  :func:`layout_speeds`), ``speedup`` (that over the reference layout's), ``diff_to_reference``
   (mean metric minus the reference's) and ``diff_ci95`` (its paired bootstrap interval over the validation
-  examples, :func:`benchmarks.study_stats.paired_bootstrap`), ``pareto`` (on the front of mean metric vs inference
-  speed); and to the study ``bootstrap`` (how the intervals were drawn), ``fastest_within_95`` (the non-reference
-  cell of highest speed-up keeping >= 95% of the reference's mean metric, or None) and ``conclusion`` (that, in a
-  sentence)."""
+  examples, :func:`benchmarks.study_stats.paired_bootstrap`), ``pareto`` (on the front of mean metric vs its
+  layout's inference speed); and to the study ``bootstrap`` (how the intervals were drawn), ``fastest_within_95``
+  (the non-reference cell of highest speed-up keeping >= 95% of the reference's mean metric, or None; of one
+  layout's cells, the best metric) and ``conclusion`` (that, in a sentence)."""
   import numpy as np
   from benchmarks import study_stats
   cells, ref = study["cells"], study.get("reference")
   r = cells.get(ref)
   labels = np.asarray(study["eval_labels"])
   name = cells[keys[0]]["metric_name"] if keys else "metric"
+  speeds = layout_speeds(cells, keys)
   for k in keys:
     c = cells[k]
-    c["speedup"] = c["infer_tokens_per_s"] / r["infer_tokens_per_s"] if r and "infer_tokens_per_s" in c else None
+    c["layout_tokens_per_s"] = speeds.get(c["layout"])
+    c["speedup"] = (c["layout_tokens_per_s"] / r["layout_tokens_per_s"]
+                    if r and c["layout_tokens_per_s"] and r.get("layout_tokens_per_s") else None)
     if r:
       c["diff_to_reference"] = c["metric"] - r["metric"]
       c["diff_ci95"] = list(study_stats.paired_bootstrap(name, seed_predictions(c), seed_predictions(r), labels,
                                                          resamples, study_stats.BOOTSTRAP_SEED))
     else:
       c["diff_to_reference"] = c["diff_ci95"] = None
-  speed = [cells[k].get("infer_tokens_per_s", float("nan")) for k in keys]
+  speed = [cells[k]["layout_tokens_per_s"] or float("nan") for k in keys]
   for k, on in zip(keys, study_stats.pareto_front([(cells[k]["metric"], v) for k, v in zip(keys, speed)])):
     cells[k]["pareto"] = on
   study["bootstrap"] = {"resamples": resamples, "seed": study_stats.BOOTSTRAP_SEED, "level": 0.95,
@@ -950,6 +966,8 @@ def markdown(study: dict) -> str:
                            f"examples with replacement, RNG seed {b['seed']}; per resample the cell's {name} "
                            f"averaged over its seeds minus the reference's, on the same examples; percentiles 2.5 and "
                            f"97.5)."]
+  lines += ["", "Infer tok/s: each cell's model, measured; speed-up: its layout's tokens/s (the median over the "
+                "layout's cells, whose recipes give one architecture) over the reference layout's."]
   healed = [x for x in ("healed", "healed+kd") if any(c["recipe"] == x for c in cells.values())]
   gaps = []
   for lay in dict.fromkeys(c["layout"] for c in cells.values()):
