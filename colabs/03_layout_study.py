@@ -153,8 +153,9 @@ result = study.main(argv)
 # %% [markdown]
 # ## The table
 #
-# `% of ref` is each cell's accuracy relative to the reference, `speed-up` its inference speed relative to the
-# reference's. "Gap closed" says how much of the accuracy the direct recipe lost healing wins back.
+# `% of ref` is each cell's accuracy relative to the reference, `speed-up` its layout's inference speed (the
+# median over the layout's cells: its recipes give one architecture) relative to the reference's. "Gap closed"
+# says how much of the accuracy the direct recipe lost healing wins back.
 
 # %%
 from IPython.display import Image, Markdown, display
