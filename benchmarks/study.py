@@ -760,8 +760,8 @@ def statistics(study: dict, keys: list[str], resamples: int) -> None:
   for k in keys:
     c = cells[k]
     c["layout_tokens_per_s"] = speeds.get(c["layout"])
-    c["speedup"] = (c["layout_tokens_per_s"] / r["layout_tokens_per_s"]
-                    if r and c["layout_tokens_per_s"] and r.get("layout_tokens_per_s") else None)
+    ref_speed = speeds.get(r["layout"]) if r else None
+    c["speedup"] = c["layout_tokens_per_s"] / ref_speed if c["layout_tokens_per_s"] and ref_speed else None
     if r:
       c["diff_to_reference"] = c["metric"] - r["metric"]
       c["diff_ci95"] = list(study_stats.paired_bootstrap(name, seed_predictions(c), seed_predictions(r), labels,
