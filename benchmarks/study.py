@@ -757,10 +757,10 @@ def statistics(study: dict, keys: list[str], resamples: int) -> None:
   labels = np.asarray(study["eval_labels"])
   name = cells[keys[0]]["metric_name"] if keys else "metric"
   speeds = layout_speeds(cells, keys)
+  ref_speed = speeds.get(r["layout"]) if r else None
   for k in keys:
     c = cells[k]
     c["layout_tokens_per_s"] = speeds.get(c["layout"])
-    ref_speed = speeds.get(r["layout"]) if r else None
     c["speedup"] = c["layout_tokens_per_s"] / ref_speed if c["layout_tokens_per_s"] and ref_speed else None
     if r:
       c["diff_to_reference"] = c["metric"] - r["metric"]
