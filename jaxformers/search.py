@@ -438,18 +438,21 @@ def arrange_as_searched(model, candidates: tuple[str, ...], chosen: list[str], r
 
 # --- plots ------------------------------------------------------------------------------------------------------
 
-def heatmap(steps: list[int], probs_TPC: np.ndarray, candidates: tuple[str, ...], path, title: str = "") -> None:
-  """One panel per candidate: its probability at each position (rows, first layer on top) over steps. Drawn on a
-  figure of its own, without pyplot, so the process's matplotlib backend (a notebook's inline one) is left alone."""
+def heatmap(steps: list[int], probs_TPC: np.ndarray, candidates: tuple[str, ...], path, title: str = ""):
+  """One panel per candidate: its probability at each position (rows, first layer on top) over steps, each column
+  centred on its step. Drawn on a figure of its own, without pyplot, so the process's matplotlib backend (a
+  notebook's inline one) is left alone. Returns the figure."""
   from matplotlib.figure import Figure   # optional: the study extra, for plots only
   probs = np.asarray(probs_TPC)
   n_c = len(candidates)
   fig = Figure(figsize=(3.2 * n_c + 1, 0.35 * probs.shape[1] + 2))
+  first, last = (steps[0], steps[-1]) if steps else (0, probs.shape[0] - 1)
+  half = (last - first) / (2 * (probs.shape[0] - 1)) if probs.shape[0] > 1 and last > first else 0.5  # column centres
   axes = fig.subplots(1, n_c, squeeze=False, sharey=True)
   for k, c in enumerate(candidates):
     ax = axes[0, k]
     im = ax.imshow(probs[:, :, k].T, aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis", interpolation="nearest",
-                   extent=(steps[0] if steps else 0, steps[-1] if steps else 1, probs.shape[1] - 0.5, -0.5))
+                   extent=(first - half, last + half, probs.shape[1] - 0.5, -0.5))
     ax.set_title(f"P({c})")
     ax.set_xlabel("step")
     if k == 0:
@@ -458,3 +461,4 @@ def heatmap(steps: list[int], probs_TPC: np.ndarray, candidates: tuple[str, ...]
   if title:
     fig.suptitle(title)
   fig.savefig(path, dpi=110)
+  return fig

@@ -175,7 +175,8 @@ def test_relation_losses_use_the_deepest_mapped_pair_with_attention_on_both_side
   def kl(s_pair, t_pair):
     ls, lt = logrel(*s_pair), logrel(*t_pair)
     keys = mask[:, None, None, :] > 0
-    per = np.where(keys, np.exp(lt) * (lt - np.where(keys, ls, 0.0)), 0.0).sum(-1).mean(1)   # [B, L]
+    ls, lt = np.where(keys, ls, 0.0), np.where(keys, lt, 0.0)     # padded keys: -inf, outside the sum
+    per = np.where(keys, np.exp(lt) * (lt - ls), 0.0).sum(-1).mean(1)   # [B, L]
     return (per * mask).sum()
 
   hs, ht = hidden(student), hidden(t_model)

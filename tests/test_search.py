@@ -103,6 +103,17 @@ def test_temperature_schedule():
   assert all(t(a) > t(a + 1) for a in range(10, 110))
 
 
+@pytest.mark.parametrize("steps,xlim", [([2, 4, 6], (1.0, 7.0)), ([10], (9.5, 10.5))])
+def test_heatmap_columns_are_centred_on_their_steps(tmp_path, steps, xlim):
+  """A record of one step (a search stopped early) draws one column of width 1, without matplotlib's warning about
+  a singular x range."""
+  import warnings
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    fig = search.heatmap(steps, np.full((len(steps), 4, 3), 1 / 3), CANDS, tmp_path / "h.png")
+  assert [ax.get_xlim() for ax in fig.axes[:3]] == [xlim] * 3
+
+
 def test_heatmap_writes_the_png_and_leaves_the_matplotlib_backend_alone(tmp_path):
   import matplotlib
   import matplotlib.image
