@@ -987,14 +987,15 @@ def markdown(study: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def draw(ax, study: dict, title: str = "") -> None:
+def draw(ax, study: dict, title: str = "", layouts: list[str] | None = None) -> None:
   """One study on ``ax``: every cell's mean metric against its inference speed-up (tokens/s without a reference),
   the reference starred, the Pareto front joined by a line; the error bars span the reference's mean plus the
-  cell's 95% interval of the difference."""
+  cell's 95% interval of the difference. A layout's colour is its place in ``layouts`` (default: the study's own
+  order), so panels drawn with one list colour a layout alike."""
   import matplotlib.pyplot as plt
   cells, ref = study["cells"], study.get("reference")
   r = cells.get(ref)
-  layouts = list(dict.fromkeys(c["layout"] for c in cells.values()))
+  layouts = list(layouts or []) + [c["layout"] for c in cells.values() if c["layout"] not in (layouts or [])]
   colors = plt.get_cmap("tab10")
   relative = r is not None and all(c.get("speedup") is not None for c in cells.values())
   front = []

@@ -76,8 +76,10 @@ def main(argv=None) -> str:
   cols = min(len(studies), PANELS_A_ROW)
   rows = -(-len(studies) // cols)
   fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 5 * rows), squeeze=False)
-  for ax, (name, study) in zip(axes.flat, studies):
-    S.draw(ax, study, title=f"{name}: metric vs inference speed-up\n(o direct, ^ healed, s healed+kd; 95% intervals)")
+  layouts = list(dict.fromkeys(c["layout"] for _, study in studies for c in study["cells"].values()))
+  for ax, (name, study) in zip(axes.flat, studies):     # one colour a layout on every panel
+    S.draw(ax, study, title=f"{name}: metric vs inference speed-up\n(o direct, ^ healed, s healed+kd; 95% intervals)",
+           layouts=layouts)
   for ax in list(axes.flat)[len(studies):]:
     ax.set_axis_off()
   fig.tight_layout()

@@ -226,6 +226,32 @@ def test_the_recipes_of_a_layout_share_its_median_speed_so_the_better_recipe_is_
   assert s["conclusion"].endswith("] at 1.96x (means over seeds; 95% interval).")
 
 
+def test_panels_drawn_with_one_layout_list_colour_a_layout_alike():
+  """A summary's panels come from studies whose layouts differ in order and number; given the union of their layouts,
+  ``draw`` colours each layout the same on every panel (tab10 by its place in that list)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  def one(*layouts):
+    cells = {f"{lay} | direct": {"layout": lay, "recipe": "direct", "metric": 0.5 + i / 10, "metric_name": "accuracy",
+                                 "infer_tokens_per_s": 100.0 + i, "speedup": 1.0 + i / 10}
+             for i, lay in enumerate(layouts)}
+    return {"cells": cells, "reference": f"{layouts[0]} | direct", "inference_shape": [2, 8], "cpu": "cpu",
+            "settings": {"seed": 0}}
+  studies = [one("serial*2", "ffn*2", "fourier*2"), one("serial*2", "fourier*2")]
+  union = ["serial*2", "ffn*2", "fourier*2"]
+  fig, axes = plt.subplots(1, 2)
+  for ax, s in zip(axes, studies):
+    study.draw(ax, s, layouts=union)
+  tab10 = plt.get_cmap("tab10")
+  for ax, s in zip(axes, studies):
+    drawn = {c.get_label(): tuple(c.get_facecolor()[0]) for c in ax.collections if " (direct)" in c.get_label()}
+    assert drawn == {f"{lay} (direct)": tuple(tab10(union.index(lay))) for lay in
+                     (c["layout"] for c in s["cells"].values())}
+  plt.close(fig)
+
+
 def goal_cells(**cells):
   out = {"ref": {"layout": "serial*6", "recipe": "direct", "metric": 0.8, "speedup": 1.0, "diff_ci95": [0.0, 0.0],
                  "flops_per_token": 20e6, "pareto": True}}
