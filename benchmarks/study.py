@@ -995,7 +995,7 @@ def draw(ax, study: dict, title: str = "", layouts: list[str] | None = None) -> 
   import matplotlib.pyplot as plt
   cells, ref = study["cells"], study.get("reference")
   r = cells.get(ref)
-  layouts = list(layouts or []) + [c["layout"] for c in cells.values() if c["layout"] not in (layouts or [])]
+  layouts = list(dict.fromkeys([*(layouts or []), *(c["layout"] for c in cells.values())]))
   colors = plt.get_cmap("tab10")
   relative = r is not None and all(c.get("speedup") is not None for c in cells.values())
   front = []
